@@ -9,6 +9,7 @@ the slide, thumbnails streamed in strips, MPP validation) lives once in
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from tilscore.errors import MissingMppError, UsageError
+
+log = logging.getLogger(__name__)
 
 MPP_MIN_UM = 0.05  # µm/px; finer than any optical scanner (40x ≈ 0.25)
 MPP_MAX_UM = 20.0  # µm/px; coarser is a thumbnail, not a slide
@@ -95,12 +98,19 @@ class Slide:
         self.level_downsamples = tuple(
             (w0 / w + h0 / h) / 2.0 for (w, h) in self.level_dimensions
         )
+        self._mpp_problem = None  # why metadata gave no usable mpp (for the error message)
         if mpp is not None:
             self._mpp = validate_mpp(mpp, "--mpp")
             self.mpp_source = "override"
         elif backend.metadata_mpp is not None:
-            self._mpp = validate_mpp(backend.metadata_mpp, f"the metadata of {self.path.name}")
-            self.mpp_source = "metadata"
+            try:
+                self._mpp = validate_mpp(backend.metadata_mpp, "the file metadata")
+                self.mpp_source = "metadata"
+            except UsageError as exc:
+                # Implausible metadata (often a 72-dpi default written by image software) is
+                # a fact about the file, not a usage error: open it; `mpp` raises later.
+                log.warning("%s: %s", self.path.name, exc)
+                self._mpp, self.mpp_source, self._mpp_problem = None, None, str(exc)
         else:
             self._mpp = None
             self.mpp_source = None
@@ -110,6 +120,8 @@ class Slide:
     def mpp(self) -> float:
         """µm per pixel at level 0."""
         if self._mpp is None:
+            if self._mpp_problem:
+                raise MissingMppError(f"{self.path.name}: {self._mpp_problem}")
             raise MissingMppError(
                 f"{self.path.name}: no pixel size (µm/px) in the file metadata; "
                 "give it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x)"

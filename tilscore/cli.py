@@ -1,0 +1,168 @@
+"""Command line: thin wrappers that parse, call library functions, map errors to exits.
+
+Exit codes (DESIGN.md): 0 all inputs done; 1 some input failed (the others were still
+processed); 2 bad usage or configuration. Errors are one line on stderr; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tilscore.errors import TilscoreError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Score tumour-infiltrating lymphocytes on whole-slide images.",
+)
+_state = {"debug": False}
+log = logging.getLogger("tilscore")
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+):
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    mpp: Annotated[float | None, typer.Option(help="Override µm/px at level 0.")] = None,
+):
+    """Show a slide's format, size, pyramid levels and pixel size."""
+    from tilscore.slide_info import slide_info
+
+    data = slide_info(slide, mpp=mpp)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if key == "levels":
+            for k, lv in enumerate(value):
+                typer.echo(f"  level {k}: {lv['width']} x {lv['height']} (x{lv['downsample']:.2f})")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output .tiff path.")],
+    stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
+    seed: Annotated[int, typer.Option(help="Random seed (layout and cells).")] = 0,
+    size: Annotated[tuple[int, int], typer.Option(help="Width and height in px.")] = (8192, 8192),
+    mpp: Annotated[float, typer.Option(help="µm/px at level 0.")] = 0.25,
+    pen: Annotated[bool, typer.Option("--pen", help="Draw pen marks.")] = False,
+    blur: Annotated[float, typer.Option(help="Gaussian blur sigma in px (QC tests).")] = 0.0,
+):
+    """Write a synthetic pyramidal TIFF slide with exact ground truth beside it."""
+    from tilscore.synth import write_synthetic_slide
+
+    _check_stain(stain)
+    res = write_synthetic_slide(
+        out, stain=stain, seed=seed, size_px=size, mpp=mpp, pen_marks=pen, blur_sigma_px=blur
+    )
+    typer.echo(f"wrote {res.slide_path} (truth: {res.truth_path})")
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="Slides, images, folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
+    mpp: Annotated[float | None, typer.Option(help="Override µm/px (plain images).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Tile decoding threads.")] = 2,
+):
+    """Score slides; writes DIR/<slide_id>/summary.json and DIR/scores.csv."""
+    from tilscore.pipeline import score_inputs
+
+    _check_stain(stain)
+    result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, workers=workers)
+    for row in result.rows:
+        typer.echo(f"{row['slide']}: {_headline(row)}")
+    for failure in result.failures:
+        typer.echo(f"error: {failure['input']}: {failure['error']}", err=True)
+    typer.echo(f"outputs in {out.resolve()}")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+    size: Annotated[int, typer.Option(help="Side of the synthetic slide in px.")] = 4096,
+):
+    """Generate a synthetic H&E slide and score it (the quick-start job)."""
+    from tilscore.pipeline import score_inputs
+    from tilscore.synth import write_synthetic_slide
+
+    out.mkdir(parents=True, exist_ok=True)
+    slide_path = out / "demo_slide.tiff"
+    if not slide_path.exists():
+        write_synthetic_slide(slide_path, stain="he", seed=0, size_px=(size, size), mpp=0.25)
+    result = score_inputs([str(slide_path)], out, stain="he")
+    for row in result.rows:
+        typer.echo(f"{row['slide']}: {_headline(row)}")
+    typer.echo(f"outputs in {(out / 'demo_slide').resolve()}")
+    if result.failures:
+        raise TilscoreError(result.failures[0]["error"])
+
+
+def _headline(row: dict) -> str:
+    keys = ("stromal_til_percent", "areas_mm2.tissue", "tiles", "runtime_s")
+    parts = [f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))]
+    return ", ".join(parts)
+
+
+STAINS = ("he", "cd20", "foxp3")
+
+
+def _check_stain(stain: str) -> None:
+    if stain not in STAINS:
+        raise UsageError(f"unknown stain {stain!r}; valid: {', '.join(STAINS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except TilscoreError as exc:
+        if _state["debug"]:
+            raise
+        print(f"tilscore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("tilscore: aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click usage errors are ClickException subclasses
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if _state["debug"]:
+            raise
+        print(f"tilscore: error: {type(exc).__name__}: {exc} (use --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

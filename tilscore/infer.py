@@ -1,0 +1,142 @@
+"""Device selection and batched prediction: uint8 tiles in, region maps and cell peaks out.
+
+All post-processing runs on the device (softmax/argmax, region pooling, heatmap peak
+finding by max-pool non-maximum suppression); only small results cross back to the host.
+On CUDA: bf16 autocast, channels_last, pinned host memory and non-blocking copies.
+On CPU: float32 through the same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tilscore.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec} requested but CUDA is not available on this machine "
+                             "(use --device cpu or auto)")
+        index = 0 if spec == "cuda" else spec.split(":", 1)[1]
+        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: no such GPU (found {torch.cuda.device_count()})")
+        return torch.device(f"cuda:{int(index)}")
+    raise UsageError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def configure_cpu_threads(reserve_for_loader: int = 0) -> int:
+    """Use every core we are allowed for intra-op parallelism (affinity-aware)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    n = max(1, cores - reserve_for_loader)
+    torch.set_num_threads(n)
+    return n
+
+
+@dataclass
+class TilePredictions:
+    """Host-side results for a batch of B tiles, restricted to their cores.
+
+    ``regions``: uint8 (B, core/f, core/f) region labels at the region-map resolution
+    (f = region_factor); ``cells``: float32 (N, 5) rows of (tile_in_batch, class,
+    x_px, y_px, score), x/y in tile pixels (pixel centres, .5); ``nucleus_fraction``:
+    float32 (B, core/f, core/f) fraction of each region pixel covered by predicted
+    lymphocyte nuclei (None when the model has no nucleus channel).
+    """
+
+    regions: np.ndarray
+    cells: np.ndarray
+    nucleus_fraction: np.ndarray | None
+
+
+class Predictor:
+    """Runs a TilNet on batches of uint8 NHWC tiles and decodes them on the device."""
+
+    def __init__(self, model, card, device: torch.device, region_factor: int = 4):
+        self.card = card
+        self.device = device
+        self.model = model.to(device).to(memory_format=torch.channels_last).eval()
+        self.region_factor = int(region_factor)
+        self.n_regions = len(card.region_classes)
+        self.n_cells = len(card.cell_classes)
+        self.core = card.tile_px - 2 * card.overlap_px
+        if self.core % self.region_factor:
+            raise UsageError(f"tile core {self.core} px is not divisible by the region factor "
+                             f"{self.region_factor}")
+        nms_px = card.heatmap.nms_radius_um / card.input_mpp
+        self.nms_kernel = 2 * max(1, int(round(nms_px))) + 1
+        self.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            images = images.pin_memory() if not images.is_pinned() else images
+            images = images.to(self.device, non_blocking=True)
+        # NHWC memory permuted to NCHW is exactly channels_last: no copy.
+        return images.permute(0, 3, 1, 2)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> TilePredictions:
+        """`images`: torch.uint8 (B, tile, tile, 3). See :class:`TilePredictions`."""
+        x = self._to_device(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = self.model(x)
+        logits = logits.float()
+        ov, core, f = self.card.overlap_px, self.core, self.region_factor
+        r, c = self.n_regions, self.n_cells
+        # Regions: average class probabilities over f x f pixels of the core, then argmax.
+        probs = logits[:, :r, ov : ov + core, ov : ov + core].softmax(dim=1)
+        regions = F.avg_pool2d(probs, f).argmax(dim=1).to(torch.uint8)
+        cells = self._peaks(torch.sigmoid(logits[:, r : r + c]))
+        nucleus = None
+        if self.card.nucleus_mask:
+            mask = (logits[:, r + c, ov : ov + core, ov : ov + core] > 0).float()
+            nucleus = F.avg_pool2d(mask[:, None], f)[:, 0]
+        return TilePredictions(
+            regions=regions.cpu().numpy(),
+            cells=cells.cpu().numpy(),
+            nucleus_fraction=None if nucleus is None else nucleus.cpu().numpy(),
+        )
+
+    def _peaks(self, heat: torch.Tensor) -> torch.Tensor:
+        ov, core = self.card.overlap_px, self.core
+        return find_peaks(heat, self.nms_kernel, self.card.heatmap.threshold,
+                          core=(ov, ov + core))
+
+
+def find_peaks(heat: torch.Tensor, kernel: int, threshold: float,
+               core: tuple[int, int] | None = None) -> torch.Tensor:
+    """Local maxima of sigmoid heatmaps (B, C, H, W) above `threshold`, by max-pool NMS.
+
+    Returns float32 (N, 5) rows (batch index, class, x_px, y_px, score) with pixel-centre
+    coordinates. `core` = (start, stop) keeps only peaks inside that square (the tile core:
+    a cell belongs to the tile whose core holds its centre, so none is counted twice).
+    A location that peaks in two class maps keeps only the stronger class.
+    """
+    pooled = F.max_pool2d(heat, kernel, stride=1, padding=kernel // 2)
+    keep = (heat == pooled) & (heat > threshold)
+    if core is not None:
+        inside = torch.zeros_like(keep)
+        inside[..., core[0] : core[1], core[0] : core[1]] = True
+        keep &= inside
+    best = heat.argmax(dim=1, keepdim=True)
+    keep &= torch.arange(heat.shape[1], device=heat.device).view(1, -1, 1, 1) == best
+    b, cls, y, x = keep.nonzero(as_tuple=True)
+    score = heat[b, cls, y, x]
+    return torch.stack([b.float(), cls.float(), x.float() + 0.5, y.float() + 0.5, score], 1)

@@ -1,0 +1,1 @@
+"""Output writers (JSON, CSV, GeoJSON, OME-Zarr, PNG). Every file is written atomically."""

@@ -1,0 +1,131 @@
+"""Explicit architecture registry and safetensors load/save with sha256 checks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tilscore.errors import UsageError
+from tilscore.models.card import ModelCard
+
+# Where shipped models live: <repo or install>/models/<name>/
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+# name -> (smp class name, default kwargs). Encoders start from random weights: nothing is
+# downloaded (encoder_weights=None).
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "unet-resnet18": ("Unet", {"encoder_name": "resnet18",
+                               "decoder_channels": (128, 64, 48, 32, 16)}),
+    "unet-resnet34": ("Unet", {"encoder_name": "resnet34",
+                               "decoder_channels": (256, 128, 64, 32, 16)}),
+    "unet-mobilenetv3": ("Unet", {"encoder_name": "timm-mobilenetv3_small_100",
+                                  "decoder_channels": (96, 64, 32, 24, 16)}),
+    "unet-efficientnet-b0": ("Unet", {"encoder_name": "efficientnet-b0",
+                                      "decoder_channels": (128, 64, 48, 32, 16)}),
+    "fpn-resnet18": ("FPN", {"encoder_name": "resnet18"}),
+}
+
+
+def create_model(name: str, out_channels: int, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
+    """Build architecture `name` (random init) wrapped to take uint8 NCHW input.
+
+    Returns a :class:`tilscore.models.net.TilNet`; its output is float logits
+    (B, out_channels, H, W).
+    """
+    if name not in ARCHITECTURES:
+        raise UsageError(f"unknown model architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    import segmentation_models_pytorch as smp
+
+    from tilscore.models.net import TilNet
+
+    cls_name, defaults = ARCHITECTURES[name]
+    params = {**defaults, **kwargs}
+    if "decoder_channels" in params:
+        params["decoder_channels"] = tuple(params["decoder_channels"])
+    backbone = getattr(smp, cls_name)(
+        encoder_weights=None, in_channels=3, classes=out_channels, **params
+    )
+    return TilNet(backbone, mean=mean, std=std)
+
+
+def model_from_card(card: ModelCard):
+    return create_model(card.architecture, card.out_channels, card.mean, card.std,
+                        **card.architecture_kwargs)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A folder path with card.json, or the name of a shipped model under models/."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "card.json").exists():
+        return path
+    if path.suffix == ".json" and path.is_file():
+        return path.parent
+    shipped = MODELS_DIR / str(name_or_path)
+    if (shipped / "card.json").exists():
+        return shipped
+    available = sorted(p.name for p in MODELS_DIR.glob("*/card.json") for p in [p.parent])
+    raise UsageError(
+        f"unknown model {str(name_or_path)!r}: not a folder with card.json nor a shipped model "
+        f"(shipped: {', '.join(available) or 'none'})"
+    )
+
+
+def load_model(name_or_path: str | Path):
+    """Load (model in eval mode on CPU, card). Checks the weights' sha256 and shapes."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = resolve_model_dir(name_or_path)
+    card = ModelCard.read(folder / "card.json")
+    weights = folder / card.weights_file
+    if not weights.exists():
+        raise UsageError(f"model {card.name}: weights file missing: {weights}")
+    digest = file_sha256(weights)
+    if card.sha256 and digest != card.sha256:
+        raise UsageError(
+            f"model {card.name}: weights sha256 {digest[:12]}… does not match the card "
+            f"({card.sha256[:12]}…); the file is corrupt or belongs to another card"
+        )
+    state = load_file(str(weights))
+    model = model_from_card(card)
+    expected = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if mismatched or missing or unexpected:
+        what = (f"shape mismatch in {mismatched[0]}" if mismatched
+                else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise UsageError(
+            f"model {card.name}: weights do not match architecture {card.architecture} ({what})"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model.eval()
+    card = card.model_copy(update={"sha256": digest})
+    return model.to(memory_format=torch.channels_last), card
+
+
+def save_model(model, card: ModelCard, folder: str | Path, half: bool = True) -> ModelCard:
+    """Write weights.safetensors (fp16 when `half`) and card.json with its sha256."""
+    from safetensors.torch import save_file
+
+    from tilscore.io.atomic import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    with atomic_path(folder / card.weights_file) as tmp:
+        save_file(state, str(tmp))
+    card = card.model_copy(update={"sha256": file_sha256(folder / card.weights_file)})
+    card.write(folder / "card.json")
+    return card

@@ -1,0 +1,79 @@
+"""Stitching tile predictions into slide-level outputs.
+
+Each tile contributes only its core (its overlap is context), so cores tile the grid
+exactly: the region map has no seams and no cell is counted twice. The region map is a
+zarr array on disk written one core-sized chunk at a time, never a whole-slide array
+in RAM; cells accumulate as compact columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tilscore.tiles import TileGrid
+
+
+class RegionCanvas:
+    """Region labels (uint8) and lymphocyte-nucleus coverage (uint8, 0–255 = 0–100 %) at
+    ``mpp`` = tile mpp × factor, in zarr arrays under `store_path` (chunk = one tile core).
+
+    Pixel (i, j) covers grid px [j·f, (j+1)·f) × [i·f, (i+1)·f). Pixels never written
+    (no tissue tile) read as 0 = background.
+    """
+
+    def __init__(self, store_path: str | Path, grid: TileGrid, factor: int):
+        import zarr
+
+        core = grid.spec.core_px
+        self.factor = int(factor)
+        self.chunk = core // self.factor
+        self.mpp = grid.spec.mpp * self.factor
+        shape = (grid.n_rows * self.chunk, grid.n_cols * self.chunk)
+        self.group = zarr.open_group(str(store_path), mode="w")
+        kw = dict(shape=shape, chunks=(self.chunk, self.chunk), dtype="uint8", fill_value=0)
+        self.labels = self.group.create_array("labels", **kw)
+        self.nuclei = self.group.create_array("lymphocyte_nuclei", **kw)
+        self.shape = shape
+
+    def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
+              nucleus_fraction: np.ndarray | None) -> None:
+        """Write per-tile blocks: regions uint8 (B, chunk, chunk) for tiles (cols, rows)."""
+        c = self.chunk
+        for k, (col, row) in enumerate(zip(cols, rows, strict=True)):
+            sl = (slice(row * c, (row + 1) * c), slice(col * c, (col + 1) * c))
+            self.labels[sl] = regions[k]
+            if nucleus_fraction is not None:
+                self.nuclei[sl] = np.round(nucleus_fraction[k] * 255).astype(np.uint8)
+
+
+@dataclass
+class CellCollector:
+    """Accumulates detected cells as level-0 coordinates (float64 px), class index, score."""
+
+    downsample: float
+    _x: list = field(default_factory=list)
+    _y: list = field(default_factory=list)
+    _cls: list = field(default_factory=list)
+    _score: list = field(default_factory=list)
+
+    def add(self, origins_px: np.ndarray, cells: np.ndarray) -> None:
+        """`origins_px`: int (B, 2) tile top-left in grid px; `cells`: (N, 5) rows of
+        (tile_in_batch, class, x_px, y_px, score) in tile pixels."""
+        if len(cells) == 0:
+            return
+        tile = cells[:, 0].astype(np.int64)
+        self._x.append((origins_px[tile, 0] + cells[:, 2]) * self.downsample)
+        self._y.append((origins_px[tile, 1] + cells[:, 3]) * self.downsample)
+        self._cls.append(cells[:, 1].astype(np.int16))
+        self._score.append(cells[:, 4].astype(np.float32))
+
+    def table(self) -> dict[str, np.ndarray]:
+        """Columns ``x_px``, ``y_px`` (float64 level-0 px), ``cls`` (int16), ``score``."""
+        if not self._x:
+            return {"x_px": np.zeros(0), "y_px": np.zeros(0),
+                    "cls": np.zeros(0, np.int16), "score": np.zeros(0, np.float32)}
+        return {"x_px": np.concatenate(self._x), "y_px": np.concatenate(self._y),
+                "cls": np.concatenate(self._cls), "score": np.concatenate(self._score)}

@@ -1,0 +1,327 @@
+"""Tile grid at a target resolution and the streaming tile loader.
+
+Grid geometry lives in *grid pixels*: pixels at the target ``mpp`` with (0, 0) at the
+slide's level-0 origin, so grid px p ↦ level-0 px p × downsample. Tile *cores* tile the
+plane exactly (core c covers grid px [c·core, (c+1)·core)); each tile adds
+``overlap_px`` of context on every side. Downstream stitching keeps only cores, so no
+pixel or cell is counted twice.
+
+The loader reads *blocks* of up to ``block_tiles`` × ``block_tiles`` tiles with one
+``Slide.read`` call (so each file tile is decoded once, not once per overlapping model
+tile), cuts tiles out of the block, and yields fixed-size batches. Blocks are decoded
+in a thread pool (OpenSlide, imagecodecs and OpenCV release the GIL) or in worker
+processes, with at most ``2 × workers`` blocks in flight: memory is bounded by the
+block size, never by the slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tilscore.errors import SlideReadError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Above this fraction of tiles failing to decode, the slide is failed rather than
+# scored with holes (a few bad tiles in a huge slide are reported, not fatal).
+MAX_FAILED_TILE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Model input tiles: ``tile_px`` square at ``mpp`` µm/px, ``overlap_px`` context each side."""
+
+    mpp: float
+    tile_px: int = 512
+    overlap_px: int = 32
+
+    def __post_init__(self):
+        if self.tile_px <= 2 * self.overlap_px:
+            raise UsageError(
+                f"tile_px ({self.tile_px}) must exceed twice overlap_px ({self.overlap_px})"
+            )
+        if self.mpp <= 0:
+            raise UsageError(f"tile mpp must be positive, got {self.mpp}")
+
+    @property
+    def core_px(self) -> int:
+        return self.tile_px - 2 * self.overlap_px
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles to process. Arrays have one entry per tile, in raster order.
+
+    ``cols``/``rows``: int64 (N,) grid cell indices; ``n_cols``/``n_rows``: the full
+    grid extent; ``downsample``: level-0 px per grid px (spec.mpp / slide mpp).
+    """
+
+    spec: TileSpec
+    slide_mpp: float
+    slide_dimensions: tuple[int, int]
+    n_cols: int
+    n_rows: int
+    cols: np.ndarray
+    rows: np.ndarray
+
+    @property
+    def downsample(self) -> float:
+        return self.spec.mpp / self.slide_mpp
+
+    def __len__(self) -> int:
+        return int(self.cols.size)
+
+    @property
+    def origins_px(self) -> np.ndarray:
+        """int64 (N, 2) tile top-left (x, y) in grid px (may be negative: context)."""
+        core, ov = self.spec.core_px, self.spec.overlap_px
+        return np.stack([self.cols * core - ov, self.rows * core - ov], axis=1).astype(np.int64)
+
+    @property
+    def origins_l0(self) -> np.ndarray:
+        """float64 (N, 2) tile top-left (x, y) in level-0 px."""
+        return self.origins_px * self.downsample
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        """Area of the tile cores processed (upper bound of the tissue area covered)."""
+        core_um = self.spec.core_px * self.spec.mpp
+        return len(self) * (core_um * 1e-3) ** 2
+
+
+def tile_grid(
+    slide_dimensions: tuple[int, int],
+    slide_mpp: float,
+    spec: TileSpec,
+    mask=None,
+    min_tissue_fraction: float = 0.0,
+) -> TileGrid:
+    """Grid of tiles over the slide, keeping those whose core holds tissue.
+
+    `mask` is a :class:`~tilscore.tissue.TissueMask` (None keeps every tile). A tile is
+    kept when the fraction of tissue pixels under its core exceeds `min_tissue_fraction`
+    (0 keeps any tile touching tissue).
+    """
+    w0, h0 = slide_dimensions
+    ds = spec.mpp / slide_mpp
+    core = spec.core_px
+    n_cols = max(1, int(np.ceil(w0 / ds / core)))
+    n_rows = max(1, int(np.ceil(h0 / ds / core)))
+    rows, cols = np.mgrid[0:n_rows, 0:n_cols]
+    rows, cols = rows.ravel().astype(np.int64), cols.ravel().astype(np.int64)
+    if mask is not None:
+        frac = _core_tissue_fraction(mask, spec, n_cols, n_rows)
+        keep = frac.ravel() > min_tissue_fraction
+        rows, cols = rows[keep], cols[keep]
+    return TileGrid(spec, float(slide_mpp), (int(w0), int(h0)), n_cols, n_rows, cols, rows)
+
+
+def _core_tissue_fraction(mask, spec: TileSpec, n_cols: int, n_rows: int) -> np.ndarray:
+    """float (n_rows, n_cols) tissue fraction of each tile core, via an integral image."""
+    m = mask.mask.astype(np.float64)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+    core_um = spec.core_px * spec.mpp
+
+    def edges(n: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        start = np.floor(np.arange(n) * core_um / mask.mpp).astype(int)
+        stop = np.ceil((np.arange(n) + 1) * core_um / mask.mpp).astype(int)
+        start, stop = np.clip(start, 0, limit), np.clip(stop, 0, limit)
+        return start, np.maximum(stop, start)
+
+    x0, x1 = edges(n_cols, m.shape[1])
+    y0, y1 = edges(n_rows, m.shape[0])
+    total = (
+        integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)]
+        - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
+    )
+    area = np.outer(y1 - y0, x1 - x0)
+    return np.divide(total, area, out=np.zeros_like(total), where=area > 0)
+
+
+# --- loader -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """Picklable recipe to (re)open a slide in a worker process."""
+
+    path: str
+    mpp: float | None = None
+    backend: str | None = None
+
+    def open(self):
+        from tilscore.slide import open_slide
+
+        return open_slide(self.path, mpp=self.mpp, backend=self.backend)
+
+
+@dataclass
+class TileBatch:
+    """``images``: torch.uint8 (B, tile_px, tile_px, 3) RGB (NHWC, i.e. channels_last once
+    permuted to NCHW); ``index``: int64 (B,) positions in the grid; ``origins_px``: int64
+    (B, 2) tile top-left in grid px."""
+
+    images: object
+    index: np.ndarray
+    origins_px: np.ndarray
+
+
+@dataclass
+class LoaderStats:
+    tiles: int = 0
+    failed_tiles: list = field(default_factory=list)
+    first_error: str | None = None
+
+
+def _block_plan(grid: TileGrid, block_tiles: int) -> list[np.ndarray]:
+    """Group tile indices into raster-ordered blocks of ≤ block_tiles² neighbouring tiles."""
+    bkey = (grid.rows // block_tiles) * ((grid.n_cols + block_tiles - 1) // block_tiles) + (
+        grid.cols // block_tiles
+    )
+    order = np.argsort(bkey, kind="stable")
+    bounds = np.flatnonzero(np.diff(bkey[order])) + 1
+    return np.split(order, bounds) if order.size else []
+
+
+_WORKER_SLIDE = None  # per-process slide for ProcessPoolExecutor workers
+
+
+def _init_worker(ref: SlideRef) -> None:
+    global _WORKER_SLIDE
+    _WORKER_SLIDE = ref.open()
+
+
+def _read_block_in_worker(origins_px, spec, downsample):
+    return _read_block(_WORKER_SLIDE, origins_px, spec, downsample)
+
+
+def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float):
+    """Read the tiles at `origins_px` (grid px, (n, 2)) with one slide read.
+
+    Returns (tiles uint8 (n, tile, tile, 3), failed bool (n,), first error or None).
+    On a block decode failure, tiles are retried one by one so one corrupt file tile
+    loses only the model tiles that touch it.
+    """
+    t = spec.tile_px
+    n = len(origins_px)
+    x0, y0 = origins_px.min(axis=0)
+    x1, y1 = origins_px.max(axis=0) + t
+    tiles = np.empty((n, t, t, 3), dtype=np.uint8)
+    failed = np.zeros(n, dtype=bool)
+    try:
+        block = slide.read(
+            int(round(x0 * downsample)), int(round(y0 * downsample)),
+            int(x1 - x0), int(y1 - y0), mpp=spec.mpp,
+        )
+        for k, (ox, oy) in enumerate(origins_px - (x0, y0)):
+            tiles[k] = block[oy : oy + t, ox : ox + t]
+        return tiles, failed, None
+    except SlideReadError as exc:
+        first_error = str(exc)
+    for k, (ox, oy) in enumerate(origins_px):
+        try:
+            tiles[k] = slide.read(
+                int(round(ox * downsample)), int(round(oy * downsample)), t, t, mpp=spec.mpp
+            )
+        except SlideReadError:
+            failed[k] = True
+            tiles[k] = 255
+    return tiles, failed, first_error
+
+
+def iter_tile_batches(
+    slide,
+    grid: TileGrid,
+    batch_size: int = 16,
+    workers: int = 2,
+    block_tiles: int = 4,
+    use_processes: bool = False,
+    stats: LoaderStats | None = None,
+) -> Iterator[TileBatch]:
+    """Stream the grid's tiles in batches (raster order, deterministic).
+
+    `slide` is an open Slide (thread mode) or a :class:`SlideRef` (either mode; needed for
+    processes). Tiles that fail to decode are skipped and listed in ``stats.failed_tiles``;
+    if more than MAX_FAILED_TILE_FRACTION of the tiles fail, SlideReadError is raised.
+    """
+    import torch
+
+    stats = stats if stats is not None else LoaderStats()
+    if len(grid) == 0:
+        return
+    blocks = _block_plan(grid, max(1, block_tiles))
+    origins = grid.origins_px
+    workers = max(1, int(workers))
+    executor, submit, owned_slide = _make_executor(slide, grid, workers, use_processes)
+    max_failed = max(0, int(MAX_FAILED_TILE_FRACTION * len(grid)))
+    pending: deque = deque()
+    buf_imgs: list[np.ndarray] = []
+    buf_idx: list[np.ndarray] = []
+    buffered = 0
+    try:
+        block_iter = iter(blocks)
+        for idx in block_iter:
+            pending.append((idx, submit(origins[idx])))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            idx, fut = pending.popleft()
+            nxt = next(block_iter, None)
+            if nxt is not None:
+                pending.append((nxt, submit(origins[nxt])))
+            tiles, failed, err = fut.result()
+            if failed.any():
+                stats.failed_tiles.extend(int(i) for i in idx[failed])
+                stats.first_error = stats.first_error or err
+                if len(stats.failed_tiles) > max_failed:
+                    raise SlideReadError(
+                        f"{len(stats.failed_tiles)} of {len(grid)} tiles failed to decode "
+                        f"(first error: {stats.first_error})"
+                    )
+                log.warning("%d tiles failed to decode: %s", int(failed.sum()), err)
+            ok = ~failed
+            buf_imgs.append(tiles[ok])
+            buf_idx.append(idx[ok])
+            buffered += int(ok.sum())
+            while buffered >= batch_size or (not pending and buffered):
+                imgs = np.concatenate(buf_imgs)
+                ids = np.concatenate(buf_idx)
+                take = min(batch_size, len(ids))
+                stats.tiles += take
+                yield TileBatch(torch.from_numpy(imgs[:take]), ids[:take], origins[ids[:take]])
+                buf_imgs, buf_idx = [imgs[take:]], [ids[take:]]
+                buffered -= take
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+        if owned_slide is not None:
+            owned_slide.close()
+
+
+def _make_executor(slide, grid: TileGrid, workers: int, use_processes: bool):
+    """Executor + submit(origins) for block reads; returns the slide it opened (to close)."""
+    spec, ds = grid.spec, grid.downsample
+    if use_processes:
+        if not isinstance(slide, SlideRef):
+            raise UsageError("worker processes need a SlideRef (path), not an open slide")
+        executor: Executor = ProcessPoolExecutor(
+            max_workers=workers, initializer=_init_worker, initargs=(slide,)
+        )
+        return executor, lambda o: executor.submit(_read_block_in_worker, o, spec, ds), None
+    owned = slide.open() if isinstance(slide, SlideRef) else None
+    target = owned if owned is not None else slide
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilscore-read")
+    return executor, lambda o: executor.submit(_read_block, target, o, spec, ds), owned
+
+
+def slide_ref(path: str | Path, mpp: float | None = None, backend: str | None = None) -> SlideRef:
+    return SlideRef(str(path), mpp, backend)

@@ -1,0 +1,223 @@
+"""Training and validation loops as plain functions (torchvision references style).
+
+``train(config, out_dir)`` builds the model from the registry, streams augmented
+labelled tiles (see :mod:`tilscore.data`), optimises region + heatmap + nucleus losses
+with AdamW and a warm-up + cosine schedule (bf16 autocast on CUDA), validates every
+``val_every`` steps with the lymphocyte detection F1, keeps the best weights, stops
+early when F1 stops improving, checkpoints every ``checkpoint_every`` steps (``--resume``
+continues from there), logs metrics to ``metrics.csv`` and finally writes
+``weights.safetensors`` + ``card.json`` into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tilscore.errors import UsageError
+from tilscore.evaluate import DetectionScore, detection_score
+from tilscore.infer import find_peaks, select_device
+from tilscore.losses import heatmap_focal_loss, mask_loss, region_loss
+from tilscore.models import ModelCard, create_model, save_model
+from tilscore.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 5 % of the base rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) -> dict:
+    r, c = len(card.region_classes), len(card.cell_classes)
+    parts = {
+        "region": region_loss(logits[:, :r].float(), batch["region"]),
+        "heat": heatmap_focal_loss(logits[:, r : r + c], batch["heat"], batch["heat_weight"]),
+    }
+    if card.nucleus_mask:
+        parts["nucleus"] = mask_loss(logits[:, r + c], batch["nucleus"], batch["nucleus_weight"])
+    parts["total"] = sum(getattr(weights, k) * v for k, v in parts.items())
+    return parts
+
+
+@torch.inference_mode()
+def evaluate_detection(model, card: ModelCard, val_tiles, device: torch.device,
+                       radius_um: float = 3.3, batch_size: int = 8) -> dict:
+    """Lymphocyte detection and region Dice on validation tiles (whole tiles, no overlap).
+
+    `val_tiles`: list of :class:`tilscore.data.LabelledTile` already at the model's mpp.
+    """
+    from tilscore.evaluate import dice_per_class
+
+    model.eval()
+    r, c = len(card.region_classes), len(card.cell_classes)
+    kernel = 2 * max(1, round(card.heatmap.nms_radius_um / card.input_mpp)) + 1
+    lymph = card.cell_classes.index("lymphocyte")
+    total = DetectionScore(0, 0, 0)
+    dice_acc: dict[int, list[float]] = {}
+    for start in range(0, len(val_tiles), batch_size):
+        chunk = val_tiles[start : start + batch_size]
+        shape = chunk[0].image.shape
+        same = all(t.image.shape == shape for t in chunk)
+        groups = [chunk] if same else [[t] for t in chunk]
+        for group in groups:
+            x = torch.from_numpy(np.stack([t.image for t in group])).to(device)
+            logits = model(x.permute(0, 3, 1, 2)).float()
+            peaks = find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel,
+                               card.heatmap.threshold).cpu().numpy()
+            regions = logits[:, :r].argmax(1).cpu().numpy().astype(np.uint8)
+            for k, tile in enumerate(group):
+                mine = peaks[(peaks[:, 0] == k) & (peaks[:, 1] == lymph)]
+                true = tile.points_xy[tile.point_cls == lymph]
+                ignore = tile.points_xy[tile.point_cls < 0]
+                total = total + detection_score(mine[:, 2:4], true, radius_um / card.input_mpp,
+                                                ignore)
+                if tile.region is not None:
+                    for cls, d in dice_per_class(regions[k], tile.region, r).items():
+                        dice_acc.setdefault(cls, []).append(d)
+    model.train()
+    out = {f"lymphocyte_{k}": v for k, v in total.as_dict().items()}
+    for cls, vals in sorted(dice_acc.items()):
+        out[f"dice_{card.region_classes[cls]}"] = float(np.mean(vals))
+    return out
+
+
+def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
+    from tilscore.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "step": step, "best": best}, tmp)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+          device: str | None = None, max_steps: int | None = None,
+          progress: bool = True) -> ModelCard:
+    """Train per `cfg`; returns the card of the best weights written to `out_dir`."""
+    from tilscore.data import build_datasets
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    dev = select_device(device or cfg.device)
+    steps = int(max_steps or cfg.max_steps)
+    card = cfg.model_card()
+    model = create_model(card.architecture, card.out_channels, card.mean, card.std,
+                         **card.architecture_kwargs).to(dev).to(memory_format=torch.channels_last)
+    train_ds, val_tiles, data_info = build_datasets(cfg)
+    if len(val_tiles) == 0:
+        log.warning("no validation tiles: early stopping disabled")
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0, pin_memory=dev.type == "cuda",
+        worker_init_fn=_worker_seed,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, steps))
+    step, best = 0, {"f1": -1.0, "step": 0, "metrics": {}}
+    ckpt = out_dir / "checkpoint.pt"
+    if resume:
+        if not ckpt.exists():
+            raise UsageError(f"--resume: no checkpoint in {out_dir}")
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best = int(state["step"]), state["best"]
+        log.info("resumed from step %d", step)
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
+    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    bar = _progress(steps, step, progress)
+    stale = 0
+    t0 = time.perf_counter()
+    model.train()
+    data_iter = iter(loader)
+    while step < steps:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(data_iter).items()}
+        images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 → channels_last NCHW
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(images)
+        parts = compute_losses(logits.float(), batch, card, cfg.loss_weights)
+        opt.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        step += 1
+        row = {"step": step, "lr": sched.get_last_lr()[0],
+               **{f"loss_{k}": float(v) for k, v in parts.items()},
+               "elapsed_s": round(time.perf_counter() - t0, 1)}
+        if val_tiles and (step % cfg.val_every == 0 or step == steps):
+            val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
+            _append_metrics(out_dir / "validation.csv", {"step": step, **val})
+            if val["lymphocyte_f1"] > best["f1"]:
+                best = {"f1": val["lymphocyte_f1"], "step": step, "metrics": val}
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                stale = 0
+            else:
+                stale += 1
+            log.info("step %d: val F1 %.3f (best %.3f @ %d)", step, val["lymphocyte_f1"],
+                     best["f1"], best["step"])
+        _append_metrics(metrics_path, row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(parts['total']):.3f}", best_f1=f"{best['f1']:.3f}")
+        if step % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, model, opt, sched, step, best)
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+            log.info("early stopping at step %d (no F1 gain in %d validations)", step, stale)
+            break
+    if bar is not None:
+        bar.close()
+    if not val_tiles:
+        best_state = model.state_dict()
+    model.load_state_dict(best_state)
+    card = card.model_copy(update={
+        "training": {**card.training, **data_info, "steps": step, "best_step": best["step"],
+                     "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),
+                     "config": cfg.model_dump(mode="json")},
+        "metrics": {"validation": best["metrics"]},
+    })
+    return save_model(model.cpu(), card, out_dir, half=cfg.save_fp16)
+
+
+def _worker_seed(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

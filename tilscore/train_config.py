@@ -1,0 +1,93 @@
+"""Training configuration (YAML values → a frozen pydantic model; unknown keys rejected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tilscore.errors import UsageError
+from tilscore.models.card import HeatmapSpec, ModelCard
+
+
+class DataSource(BaseModel):
+    """One training source: ``synthetic`` (generated in code) or a labelled-tile folder in
+    any supported format (``auto`` detects it). ``weight``: sampling share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str = "auto"
+    path: str | None = None
+    stain: str = "he"
+    weight: float = 1.0
+    val_fraction: float = 0.15
+    mpp: float | None = None  # override for folders without mpp
+
+
+class LossWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    region: float = 1.0
+    heat: float = 1.0
+    nucleus: float = 0.5
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "he-default"
+    version: str = "0.1.0"
+    architecture: str = "unet-resnet18"
+    architecture_kwargs: dict = Field(default_factory=dict)
+    stains: tuple[str, ...] = ("he",)
+    input_mpp: float = 0.5
+    tile_px: int = 512  # inference tile (card); training crops are crop_px
+    overlap_px: int = 32
+    crop_px: int = 256
+    cell_classes: tuple[str, ...] = ("lymphocyte", "other")
+    region_classes: tuple[str, ...] = ("background", "tumour", "stroma", "other")
+    heatmap: HeatmapSpec = HeatmapSpec()
+    data: tuple[DataSource, ...] = (DataSource(kind="synthetic"),)
+    max_steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    val_every: int = 200
+    checkpoint_every: int = 200
+    early_stopping_patience: int = 6
+    match_radius_um: float = 3.3
+    loss_weights: LossWeights = LossWeights()
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    augment: bool = True
+    save_fp16: bool = True
+    lymphocyte_radius_um: float = 3.5  # weak nucleus masks: ~7 µm lymphocyte nucleus
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(
+            name=self.name, version=self.version, architecture=self.architecture,
+            architecture_kwargs=self.architecture_kwargs, stains=self.stains,
+            input_mpp=self.input_mpp, tile_px=self.tile_px, overlap_px=self.overlap_px,
+            region_classes=self.region_classes, cell_classes=self.cell_classes,
+            heatmap=self.heatmap,
+        )
+
+
+def load_train_config(path: str | Path, **overrides) -> TrainConfig:
+    """Read YAML `path`, apply non-None `overrides`; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise UsageError(f"config not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of keys to values")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UsageError(f"{path}: {where}: {err['msg']}") from exc
