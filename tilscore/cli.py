@@ -85,13 +85,18 @@ def score(
     stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
     mpp: Annotated[float | None, typer.Option(help="Override µm/px (plain images).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     workers: Annotated[int, typer.Option(help="Tile decoding threads.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Tiles per model batch.")] = 8,
 ):
-    """Score slides; writes DIR/<slide_id>/summary.json and DIR/scores.csv."""
+    """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
     from tilscore.pipeline import score_inputs
+    from tilscore.score_config import load_score_config
 
     _check_stain(stain)
-    result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, workers=workers)
+    result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, model=model,
+                          cfg=load_score_config(config), workers=workers, batch_size=batch_size)
     for row in result.rows:
         typer.echo(f"{row['slide']}: {_headline(row)}")
     for failure in result.failures:
@@ -99,6 +104,33 @@ def score(
     typer.echo(f"outputs in {out.resolve()}")
     if result.failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="Training config YAML.")] = Path(
+        "configs/train_he.yaml"),
+    data: Annotated[list[str] | None, typer.Option(
+        help="Labelled-tile folder(s) (any supported format); replaces the config's data.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")] = Path(
+        "runs/model"),
+    max_steps: Annotated[int | None, typer.Option(help="Override max_steps.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint.")] = False,
+):
+    """Train a model on labelled tiles; writes weights.safetensors + card.json into --out."""
+    from tilscore.train import train as run_training
+    from tilscore.train_config import load_train_config
+
+    overrides = {}
+    if data:
+        overrides["data"] = [{"kind": "auto", "path": d} for d in data]
+    cfg = load_train_config(config, **overrides)
+    card = run_training(cfg, out, resume=resume, device=device, max_steps=max_steps)
+    val = card.metrics.get("validation", {})
+    typer.echo(f"wrote {out / card.weights_file} (sha256 {card.sha256[:12]}…); "
+               f"validation lymphocyte F1 {val.get('lymphocyte_f1', float('nan')):.3f}")
 
 
 @app.command()
@@ -151,12 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("tilscore: aborted", file=sys.stderr)
         return 130
-    except Exception as exc:  # click usage errors are ClickException subclasses
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # Usage errors from the (vendored) click inside typer: they print themselves.
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
-            return exc.exit_code
+            return 2
         if _state["debug"]:
             raise
         print(f"tilscore: error: {type(exc).__name__}: {exc} (use --debug for details)",

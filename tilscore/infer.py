@@ -140,3 +140,62 @@ def find_peaks(heat: torch.Tensor, kernel: int, threshold: float,
     b, cls, y, x = keep.nonzero(as_tuple=True)
     score = heat[b, cls, y, x]
     return torch.stack([b.float(), cls.float(), x.float() + 0.5, y.float() + 0.5, score], 1)
+
+
+@dataclass
+class SlidePrediction:
+    """Predictions for a whole slide.
+
+    ``canvas``: :class:`~tilscore.stitch.RegionCanvas` (zarr-backed region labels and
+    lymphocyte-nucleus coverage); ``cells``: columns ``x_px``, ``y_px`` (float64 level-0
+    px), ``cls`` (int16 index into card.cell_classes), ``score`` (float32), ``region``
+    (uint8 region code under the cell); ``tiles``/``failed_tiles``: counts;
+    ``timings_s``: seconds per stage (``read`` = waiting for the loader, ``model``,
+    ``stitch``).
+    """
+
+    canvas: object
+    cells: dict
+    tiles: int
+    failed_tiles: int
+    timings_s: dict
+
+
+def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 2,
+                  batch_size: int = 8, progress=None) -> SlidePrediction:
+    """Stream the grid's tiles through `predictor`, stitching cores into a RegionCanvas at
+    `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch."""
+    import time
+
+    from tilscore.stitch import CellCollector, RegionCanvas
+    from tilscore.tiles import LoaderStats, iter_tile_batches
+
+    canvas = RegionCanvas(store_path, grid, predictor.region_factor)
+    collector = CellCollector(grid.downsample)
+    stats = LoaderStats()
+    timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}
+    f = predictor.region_factor
+    t_wait = time.perf_counter()
+    for batch in iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
+                                   stats=stats):
+        t_model = time.perf_counter()
+        timings["read"] += t_model - t_wait
+        pred = predictor.predict(batch.images)
+        t_stitch = time.perf_counter()
+        timings["model"] += t_stitch - t_model
+        canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,
+                     pred.nucleus_fraction)
+        cells = pred.cells
+        if len(cells):
+            # Region under each cell, from the tile's own core block (no canvas re-read).
+            ov = grid.spec.overlap_px
+            tile = cells[:, 0].astype(np.int64)
+            cy = ((cells[:, 3] - ov) // f).astype(np.int64).clip(0, pred.regions.shape[1] - 1)
+            cx = ((cells[:, 2] - ov) // f).astype(np.int64).clip(0, pred.regions.shape[2] - 1)
+            collector.add(batch.origins_px, cells, pred.regions[tile, cy, cx])
+        timings["stitch"] += time.perf_counter() - t_stitch
+        if progress is not None:
+            progress(len(batch.index))
+        t_wait = time.perf_counter()
+    return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
+                           timings)

@@ -1,25 +1,57 @@
-"""Scoring one slide and many: open → tissue → tiles → (model, stitch, score) → outputs.
+"""Scoring one slide and many: open → tissue → tiles → model → stitch → score → outputs.
 
-Library functions only (no printing); the CLI reports. Each slide's outputs are
-written atomically into ``OUT/<slide_id>/``; a failing slide is recorded in
+Library functions only (no printing); the CLI reports. Each slide's outputs are written
+into a temporary folder and renamed to ``OUT/<slide_id>/`` when complete, so a crash
+never leaves a half-written slide folder; a failing slide is recorded in
 ``failures.csv`` and never stops the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tilscore import __version__
-from tilscore.errors import TilscoreError
+from tilscore.errors import InputError, TilscoreError, UsageError
 from tilscore.inputs import InputSlide, expand_inputs
 from tilscore.io import atomic
+from tilscore.score import ScoreConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE_MPP = 0.5  # µm/px at which tiles are read until a model card says otherwise
+DEFAULT_MODELS = {"he": "he-default", "cd20": "ihc-default", "foxp3": "ihc-default"}
+THUMBNAIL_MPP = 8.0  # µm/px: tissue detection and overlay
+
+
+@dataclass
+class Engine:
+    """What stays loaded across slides: the model, its card, the device, the predictor."""
+
+    model_name: str
+    card: object
+    device: object
+    predictor: object
+
+    @classmethod
+    def load(cls, model: str | None, stain: str, device: str = "auto") -> Engine:
+        from tilscore.infer import Predictor, configure_cpu_threads, select_device
+        from tilscore.models import load_model
+
+        dev = select_device(device)
+        if dev.type == "cpu":
+            configure_cpu_threads()
+        name = model or DEFAULT_MODELS[stain]
+        net, card = load_model(name)
+        if stain not in card.stains:
+            raise UsageError(f"model {card.name} does not support stain {stain!r} "
+                             f"(it supports: {', '.join(card.stains)})")
+        return cls(str(name), card, dev, Predictor(net, card, dev))
 
 
 @dataclass
@@ -28,35 +60,153 @@ class RunResult:
     failures: list[dict] = field(default_factory=list)
 
 
-def score_slide(item: InputSlide, out_dir: Path, stain: str = "he", mpp: float | None = None,
-                device: str = "auto", workers: int = 2) -> dict:
+def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
+                mpp: float | None = None, cfg: ScoreConfig | None = None,
+                workers: int = 2, batch_size: int = 8) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict."""
+    from tilscore.aggregate import region_summary
+    from tilscore.infer import predict_slide
     from tilscore.slide import open_slide
-    from tilscore.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
-    from tilscore.tissue import tissue_mask
+    from tilscore.tiles import TileSpec, tile_grid
+    from tilscore.tissue import tissue_mask_from_thumbnail
 
+    cfg = cfg or ScoreConfig()
+    card = engine.card
     t0 = time.perf_counter()
-    with open_slide(item.path, mpp=mpp) as slide:
-        mask = tissue_mask(slide)
-        spec = TileSpec(mpp=max(DEFAULT_TILE_MPP, slide.mpp))
-        grid = tile_grid(slide.dimensions, slide.mpp, spec, mask)
-        stats = LoaderStats()
-        for _batch in iter_tile_batches(slide, grid, workers=workers, stats=stats):
-            pass  # the model engine consumes batches here ([he-model])
-        summary = {
-            "slide": item.slide_id,
-            "path": str(item.path),
-            "stain": stain,
-            "mpp": slide.mpp,
-            "mpp_source": slide.mpp_source,
-            "tilscore_version": __version__,
-            "areas_mm2": {"tissue": mask.area_mm2},
-            "tiles": stats.tiles,
-            "failed_tiles": len(stats.failed_tiles),
-            "runtime_s": time.perf_counter() - t0,
-        }
-    atomic.write_json(out_dir / item.slide_id / "summary.json", summary)
+    final = out_dir / item.slide_id
+    work = out_dir / f".{item.slide_id}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        with open_slide(item.path, mpp=mpp) as slide:
+            slide_mpp = slide.mpp  # MissingMppError here names --mpp
+            thumb = slide.thumbnail(THUMBNAIL_MPP)
+            mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
+            spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
+            grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
+            pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
+                                 workers=workers, batch_size=batch_size)
+            regions = region_summary(pred.canvas, cfg)
+            cells = _cell_table(pred.cells, card, slide_mpp, regions)
+            summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg)
+            summary["runtime_s"] = round(time.perf_counter() - t0, 3)
+            _write_outputs(work, summary, cells, regions, thumb, slide_mpp, card, cfg, pred)
+        _publish(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
+    """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag."""
+    from tilscore.score import COMPARTMENT_OF_REGION
+
+    on_tissue = raw["region"] > 0
+    t = {k: v[on_tissue] for k, v in raw.items()}
+    names = np.array(card.cell_classes)
+    comp_names = np.array(["other", *[COMPARTMENT_OF_REGION[k] for k in (1, 2, 3)]])
+    x_um, y_um = t["x_px"] * slide_mpp, t["y_px"] * slide_mpp
+    bi = np.clip((y_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[0] - 1)
+    bj = np.clip((x_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[1] - 1)
+    return {
+        "x_px": t["x_px"], "y_px": t["y_px"], "x_um": x_um, "y_um": y_um,
+        "class": names[t["cls"]], "cls": t["cls"], "score": t["score"],
+        "compartment": comp_names[t["region"]], "in_bulk": regions.bulk[bi, bj]
+        if regions.bulk.size else np.zeros(len(x_um), bool),
+    }
+
+
+def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) -> dict:
+    from tilscore.score import counts_by_compartment, densities, fraction_near, stromal_tils
+
+    card = engine.card
+    areas = regions.areas
+    counts = counts_by_compartment(list(card.cell_classes), cells["cls"], cells["compartment"])
+    lymph = cells["class"] == "lymphocyte"
+    stromal = lymph & (cells["compartment"] == "stroma")
+    n_bulk_stroma = int((stromal & cells["in_bulk"]).sum())
+    pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
+    near = fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp, cfg.near_tumour_um)
+    summary = {
+        "slide": item.slide_id,
+        "path": str(item.path),
+        "stain": stain,
+        "mpp": slide.mpp,
+        "model": {"name": card.name, "version": card.version, "sha256": card.sha256},
+        "tilscore_version": __version__,
+        "device": str(engine.device),
+        "areas_mm2": areas.as_dict(),
+        "counts": counts,
+        "densities_per_mm2": densities(counts, areas),
+        **stromal_tils(n_bulk_stroma, areas, cfg),
+        "stromal_lymphocytes_within_50um_of_tumour_fraction": near,
+        "qc": {
+            "tissue_mask_area_mm2": mask.area_mm2,
+            "pen_fraction": mask.pen_fraction,
+            "mpp_source": slide.mpp_source,
+            "tiles": pred.tiles,
+            "failed_tiles": pred.failed_tiles,
+        },
+        "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
+        "score_config": cfg.__dict__,
+    }
+    return summary
+
+
+def _write_outputs(work: Path, summary, cells, regions, thumb, slide_mpp, card, cfg,
+                   pred) -> None:
+    """Everything but summary.json; summary.json is written last (it marks completeness)."""
+    from tilscore.io.cells import write_cells_csv
+    from tilscore.io.colors import CLASS_COLORS
+    from tilscore.io.geojson import write_cells_geojson, write_regions_geojson
+    from tilscore.io.ome_zarr import write_ome_zarr
+    from tilscore.io.overlay import write_overlay_png
+    from tilscore.score import density_map
+
+    write_cells_csv(work / "cells.csv", {k: cells[k] for k in
+                                         ("x_px", "y_px", "x_um", "y_um", "class",
+                                          "compartment", "score")})
+    radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
+    write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS)
+    region_names = {1: "tumour", 2: "stroma", 3: "other"}
+    write_regions_geojson(work / "regions.geojson", regions.labels,
+                          regions.coarse_mpp / slide_mpp, region_names, CLASS_COLORS,
+                          mpp_l0=slide_mpp)
+    lymph = cells["class"] == "lymphocyte"
+    pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
+    dmap = density_map(pts[lymph], (pred.canvas.shape[1] * pred.canvas.mpp,
+                                    pred.canvas.shape[0] * pred.canvas.mpp), cfg.density_grid_um)
+    write_ome_zarr(work / "maps.zarr", pred.canvas.labels, pred.canvas.mpp, dmap,
+                   cfg.density_grid_um, region_names, CLASS_COLORS)
+    shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
+    til = summary.get("stromal_til_percent")
+    title = f"{summary['slide']}: sTIL {til:.1f} %" if til is not None else summary["slide"]
+    write_overlay_png(work / "overlay.png", thumb, THUMBNAIL_MPP, regions.labels,
+                      regions.coarse_mpp, pts[lymph],
+                      {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")},
+                      title)
+    atomic.write_json(work / "summary.json", _jsonable(summary))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float):
+        return round(obj, 6)
+    return obj
+
+
+def _publish(work: Path, final: Path) -> None:
+    """Replace `final` by the complete `work` folder (old outputs removed only after)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def flatten(summary: dict, prefix: str = "") -> dict:
@@ -71,25 +221,24 @@ def flatten(summary: dict, prefix: str = "") -> dict:
     return flat
 
 
-def score_inputs(inputs: list[str], out_dir: str | Path, **options) -> RunResult:
+def score_inputs(inputs: list[str], out_dir: str | Path, stain: str = "he",
+                 model: str | None = None, device: str = "auto", **options) -> RunResult:
     """Score every input; failures are collected, not raised (UsageError still raises)."""
     out_dir = Path(out_dir)
     items = expand_inputs(inputs)
     _ensure_writable(out_dir)
+    engine = Engine.load(model, stain, device)
     result = RunResult()
     for item in items:
         try:
-            result.rows.append(flatten(score_slide(item, out_dir, **options)))
-        except TilscoreError as exc:
-            if exc.exit_code == 2:
-                raise
+            summary = score_slide(item, out_dir, engine, stain=stain, **options)
+            result.rows.append(flatten(summary))
+        except UsageError:
+            raise
+        except (TilscoreError, MemoryError, RuntimeError, OSError, ValueError) as exc:
             log.debug("slide %s failed", item.path, exc_info=True)
-            result.failures.append({"input": str(item.path), "error": str(exc)})
-        except (MemoryError, RuntimeError, OSError, ValueError) as exc:
-            log.debug("slide %s failed", item.path, exc_info=True)
-            result.failures.append(
-                {"input": str(item.path), "error": f"{type(exc).__name__}: {exc}"}
-            )
+            msg = str(exc) if isinstance(exc, TilscoreError) else f"{type(exc).__name__}: {exc}"
+            result.failures.append({"input": str(item.path), "error": msg.splitlines()[0]})
     fields = sorted({k for row in result.rows for k in row}, key=_column_order)
     atomic.write_csv(out_dir / "scores.csv", fields, result.rows)
     atomic.write_csv(out_dir / "failures.csv", ["input", "error"], result.failures)
@@ -102,8 +251,6 @@ def _column_order(key: str) -> tuple[int, str]:
 
 
 def _ensure_writable(out_dir: Path) -> None:
-    from tilscore.errors import UsageError
-
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".tilscore-write-test"
@@ -111,3 +258,6 @@ def _ensure_writable(out_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"output folder {out_dir} is not writable: {exc.strerror}") from exc
+
+
+__all__ = ["Engine", "InputError", "RunResult", "score_inputs", "score_slide"]

@@ -2,10 +2,13 @@
 
 Brightfield background is bright and unsaturated; stained tissue (H&E or IHC
 counterstain, even pale) absorbs light, i.e. has optical density (OD) above the glass.
-We threshold OD and saturation with Otsu (clamped to sane ranges so an all-tissue or
-all-glass thumbnail does not produce nonsense), remove pen ink by colour, then clean
-up with morphology: small specks and dust out, holes (bubbles, vessel lumina) filled
-up to a size. Everything runs on a thumbnail at ~8 µm/px (a 25 x 20 mm slide is
+The glass OD is measured on the slide itself (the brightest pixels), so a darker scan
+background or a pale IHC counterstain both work; Otsu is *not* used because on a
+tissue-rich thumbnail it splits tumour from stroma rather than tissue from glass. Pen ink
+is removed by colour, keeping only stroke-sized components (isolated dark nuclei are
+not ink), then morphology cleans up: closing merges nuclei-speckled tissue, small
+specks and dust go, holes (bubbles, vessel lumina) are filled up to a size.
+Everything runs on a thumbnail at ~8 µm/px (a 25 x 20 mm slide is
 3125 x 2500 px), so cost is negligible next to reading the slide.
 """
 
@@ -16,13 +19,20 @@ from dataclasses import dataclass
 import numpy as np
 
 TISSUE_MASK_MPP = 8.0  # µm/px of the thumbnail the mask is computed on
-# OD (sum over RGB, natural log) of glass is ~0.0–0.1; pale eosin ~0.25; we never accept
-# a background threshold below/above these bounds whatever Otsu says.
-OD_THRESHOLD_RANGE = (0.12, 0.45)
-SATURATION_THRESHOLD_RANGE = (0.05, 0.20)
+# OD is summed over RGB (natural log). Glass scans at OD ~0.03–0.25; the glass level is
+# the 2nd percentile of the thumbnail's OD unless that is implausibly dark (no glass in
+# view), in which case GLASS_OD_DEFAULT is assumed.
+GLASS_OD_PERCENTILE = 2.0
+GLASS_OD_DEFAULT = 0.06
+GLASS_OD_MAX = 0.30
+TISSUE_OD_MARGIN = 0.06  # tissue absorbs at least this much more than the glass
+MIN_TISSUE_SATURATION = 0.03  # stained tissue has some colour; grey dust/shadows do not
+DENSE_OD_MARGIN = 0.40  # ... unless it absorbs strongly (dense haematoxylin/DAB)
+CLOSING_UM = 16.0  # merges tissue broken up by pale lumina at thumbnail scale
 MIN_TISSUE_AREA_UM2 = 0.02e6  # 0.02 mm²: smaller components are dust/debris
 MAX_HOLE_AREA_UM2 = 0.05e6  # 0.05 mm²: larger holes are real gaps, not bubbles/lumina
-PEN_DILATION_UM = 40.0  # ink edges blend with tissue: grow the pen mask a little
+MIN_PEN_AREA_UM2 = 0.02e6  # ink strokes are ≥ ~100 µm wide and long; nuclei clusters are not
+PEN_DILATION_UM = 16.0  # ink edges blend with tissue: grow the pen mask a little
 
 
 @dataclass(frozen=True)
@@ -65,14 +75,6 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     return blue | green | black
 
 
-def _otsu_clamped(values: np.ndarray, lo: float, hi: float) -> float:
-    from skimage.filters import threshold_otsu
-
-    if values.size < 2 or float(values.max()) == float(values.min()):
-        return lo
-    return float(np.clip(threshold_otsu(values), lo, hi))
-
-
 def _component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage as ndi
 
@@ -110,23 +112,28 @@ def tissue_mask_from_thumbnail(rgb: np.ndarray, mpp: float) -> TissueMask:
     rgb_f = rgb.astype(np.float32)
     cmax = rgb_f.max(axis=2)
     saturation = (cmax - rgb_f.min(axis=2)) / np.maximum(cmax, 1.0)
+    px_area_um2 = mpp * mpp
+
+    glass_od = float(np.percentile(od_sum, GLASS_OD_PERCENTILE)) if od_sum.size else 0.0
+    if glass_od > GLASS_OD_MAX:
+        glass_od = GLASS_OD_DEFAULT
+    od_t = glass_od + TISSUE_OD_MARGIN
+    tissue = (od_sum > od_t) & (
+        (saturation > MIN_TISSUE_SATURATION) | (od_sum > glass_od + DENSE_OD_MARGIN)
+    )
 
     ink = pen_mask(rgb)
-    candidates = ~ink
-    od_t = _otsu_clamped(od_sum[candidates], *OD_THRESHOLD_RANGE)
-    sat_t = _otsu_clamped(saturation[candidates], *SATURATION_THRESHOLD_RANGE)
-    # Tissue must absorb (OD) and either be coloured or clearly dense; glass + dust is
-    # neither. Pale tissue passes on OD alone once clearly above the glass threshold.
-    tissue = (od_sum > od_t) & ((saturation > sat_t) | (od_sum > 2 * od_t))
-
-    px_area_um2 = mpp * mpp
+    ink = ndi.binary_opening(ink, structure=morphology.disk(1))
+    ink = _drop_small_components(ink, min_px=int(MIN_PEN_AREA_UM2 / px_area_um2))
     if ink.any():
         radius_px = max(1, int(round(PEN_DILATION_UM / mpp)))
         ink = ndi.binary_dilation(ink, structure=morphology.disk(radius_px))
     tissue &= ~ink
-    tissue = ndi.binary_opening(tissue, structure=morphology.disk(1))
+    close_px = max(1, int(round(CLOSING_UM / mpp)))
+    tissue = ndi.binary_closing(np.pad(tissue, close_px), structure=morphology.disk(close_px))
+    tissue = tissue[close_px:-close_px, close_px:-close_px]
     tissue = _fill_small_holes(tissue, max_px=int(MAX_HOLE_AREA_UM2 / px_area_um2))
-    tissue &= ~ink  # a filled hole must not bring ink back
+    tissue &= ~ink  # closing and filled holes must not bring ink back
     tissue = _drop_small_components(tissue, min_px=int(MIN_TISSUE_AREA_UM2 / px_area_um2))
     non_glass = od_sum > od_t
     pen_fraction = float(ink.sum() / max(1, non_glass.sum() + ink.sum()))

@@ -45,6 +45,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def init_heatmap_bias(model, card: ModelCard, prior: float = 0.01) -> None:
+    """Start cell heatmaps at a low probability everywhere (CenterNet): without it the
+    focal loss begins dominated by millions of easy negatives at p = 0.5."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    r, c = len(card.region_classes), len(card.cell_classes)
+    with torch.no_grad():
+        head.bias[r : r + c].fill_(math.log(prior / (1 - prior)))
+
+
 def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) -> dict:
     r, c = len(card.region_classes), len(card.cell_classes)
     parts = {
@@ -120,7 +129,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     steps = int(max_steps or cfg.max_steps)
     card = cfg.model_card()
     model = create_model(card.architecture, card.out_channels, card.mean, card.std,
-                         **card.architecture_kwargs).to(dev).to(memory_format=torch.channels_last)
+                         **card.architecture_kwargs)
+    init_heatmap_bias(model, card)
+    model = model.to(dev).to(memory_format=torch.channels_last)
     train_ds, val_tiles, data_info = build_datasets(cfg)
     if len(val_tiles) == 0:
         log.warning("no validation tiles: early stopping disabled")
@@ -164,7 +175,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         sched.step()
         step += 1
         row = {"step": step, "lr": sched.get_last_lr()[0],
-               **{f"loss_{k}": float(v) for k, v in parts.items()},
+               **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
                "elapsed_s": round(time.perf_counter() - t0, 1)}
         if val_tiles and (step % cfg.val_every == 0 or step == steps):
             val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)

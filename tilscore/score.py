@@ -1,0 +1,150 @@
+"""Score maths: tumour bulk, compartment areas, stromal TILs, densities. Pure functions:
+arrays in, dataclasses/dicts out; no I/O.
+
+Definitions (constants in :class:`ScoreConfig`, sources in configs/score.yaml):
+
+- Compartments: ``tumour`` (invasive tumour epithelium), ``stroma`` (all stroma),
+  ``other`` (necrosis, fat, normal, ...); ``tissue`` = the three together.
+- Tumour bulk (ITWG, Salgado 2015: stroma is assessed *within the borders of the
+  invasive tumour*): tumour regions closed with a disc of ``bulk_closing_radius_um`` and
+  hole-filled, on a coarse grid. ``stroma_in_bulk`` = stroma inside the bulk.
+- ``stromal_til_percent``: 100 × area of bulk stroma covered by lymphocyte nuclei ÷ bulk
+  stroma area; nuclear area = N_lymphocytes_in_bulk_stroma × π (d/2)², d =
+  ``lymphocyte_nucleus_diameter_um`` (non-overlapping nuclei; the segmented-area variant is
+  reported as ``stromal_til_percent_segmented``).
+- ``til_score_tiger``: 100 × N_lymphocytes_in_bulk_stroma × ``tiger_cell_area_um2`` ÷
+  bulk stroma area (TIGER baseline, A_cell = 64 µm²), capped at 100.
+- Densities: count ÷ compartment area in mm²; intratumoral lymphocytes (inside tumour
+  epithelium) are the ``tumour`` entry of the lymphocyte class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    bulk_closing_radius_um: float = 250.0
+    lymphocyte_nucleus_diameter_um: float = 7.0
+    tiger_cell_area_um2: float = 64.0
+    near_tumour_um: float = 50.0
+    density_grid_um: float = 100.0
+    coarse_mpp: float = 8.0
+
+
+def tumour_bulk(tumour_fraction: np.ndarray, coarse_mpp: float, radius_um: float) -> np.ndarray:
+    """bool (H, W) tumour bulk on a coarse grid from the tumour fraction (float (H, W)) per
+    coarse pixel: pixels ≥ 25 % tumour, closed with a disc of `radius_um`, holes filled."""
+    from scipy import ndimage as ndi
+
+    tumour = tumour_fraction >= 0.25
+    if not tumour.any():
+        return tumour
+    r = max(1, int(round(radius_um / coarse_mpp)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = xx * xx + yy * yy <= r * r
+    # Pad so closing near the edge is not clipped by the array border.
+    padded = np.pad(tumour, r)
+    closed = ndi.binary_closing(padded, structure=disc)[r:-r, r:-r]
+    return ndi.binary_fill_holes(closed)
+
+
+@dataclass(frozen=True)
+class RegionAreas:
+    """Areas in mm²: ``tumour``, ``stroma``, ``other``, ``tissue``, ``stroma_in_bulk``,
+    ``bulk``; ``nuclear_area_in_bulk_stroma_mm2``: segmented lymphocyte-nucleus area there."""
+
+    tumour: float
+    stroma: float
+    other: float
+    stroma_in_bulk: float
+    bulk: float
+    nuclear_area_in_bulk_stroma_mm2: float
+
+    @property
+    def tissue(self) -> float:
+        return self.tumour + self.stroma + self.other
+
+    def as_dict(self) -> dict:
+        return {"tissue": self.tissue, "tumour": self.tumour, "stroma": self.stroma,
+                "other": self.other, "stroma_in_tumour_bulk": self.stroma_in_bulk,
+                "tumour_bulk": self.bulk}
+
+
+def counts_by_compartment(cls_names: list[str], cell_cls: np.ndarray, compartment: np.ndarray
+                          ) -> dict[str, dict[str, int]]:
+    """{class: {tumour, stroma, other, tissue}} counts; `cell_cls` int indices into
+    `cls_names`, `compartment` str array ("tumour"/"stroma"/"other")."""
+    out = {}
+    for k, name in enumerate(cls_names):
+        mine = compartment[cell_cls == k]
+        row = {c: int((mine == c).sum()) for c in ("tumour", "stroma", "other")}
+        row["tissue"] = int(len(mine))
+        out[name] = row
+    return out
+
+
+def densities(counts: dict[str, dict[str, int]], areas: RegionAreas) -> dict:
+    """Counts ÷ area (per mm²) for tumour, stroma and tissue; None where the area is 0."""
+    area = {"tumour": areas.tumour, "stroma": areas.stroma, "other": areas.other,
+            "tissue": areas.tissue}
+    return {name: {c: (n / area[c] if area[c] > 0 else None) for c, n in row.items()}
+            for name, row in counts.items()}
+
+
+def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, cfg: ScoreConfig) -> dict:
+    """sTIL % (disc and segmented nuclear area) and the TIGER score, with their parts."""
+    stroma_um2 = areas.stroma_in_bulk * 1e6
+    disc_um2 = math.pi * (cfg.lymphocyte_nucleus_diameter_um / 2) ** 2
+    if stroma_um2 <= 0:
+        pct = seg = tiger = None
+    else:
+        pct = min(100.0, 100.0 * n_lymph_bulk_stroma * disc_um2 / stroma_um2)
+        seg = min(100.0, 100.0 * areas.nuclear_area_in_bulk_stroma_mm2 * 1e6 / stroma_um2)
+        tiger = min(100.0, 100.0 * n_lymph_bulk_stroma * cfg.tiger_cell_area_um2 / stroma_um2)
+    return {
+        "stromal_til_percent": pct,
+        "stromal_til_percent_segmented": seg,
+        "til_score_tiger": tiger,
+        "til_parts": {
+            "lymphocytes_in_bulk_stroma": int(n_lymph_bulk_stroma),
+            "bulk_stroma_area_mm2": areas.stroma_in_bulk,
+            "nucleus_area_um2": disc_um2,
+            "tiger_cell_area_um2": cfg.tiger_cell_area_um2,
+        },
+    }
+
+
+def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, mask_mpp: float,
+                  distance_um: float) -> float | None:
+    """Fraction of points within `distance_um` of True pixels of `target_mask` (bool grid
+    at `mask_mpp`, origin at 0 µm); None when there are no points."""
+    from scipy import ndimage as ndi
+
+    if len(points_xy_um) == 0:
+        return None
+    if not target_mask.any():
+        return 0.0
+    dist_um = ndi.distance_transform_edt(~target_mask) * mask_mpp
+    j = np.clip((points_xy_um[:, 0] / mask_mpp).astype(int), 0, target_mask.shape[1] - 1)
+    i = np.clip((points_xy_um[:, 1] / mask_mpp).astype(int), 0, target_mask.shape[0] - 1)
+    return float((dist_um[i, j] <= distance_um).mean())
+
+
+def density_map(points_xy_um: np.ndarray, shape_um: tuple[float, float], grid_um: float
+                ) -> np.ndarray:
+    """float32 (rows, cols) points per mm² on a `grid_um` grid covering `shape_um` (w, h)."""
+    cols = max(1, int(math.ceil(shape_um[0] / grid_um)))
+    rows = max(1, int(math.ceil(shape_um[1] / grid_um)))
+    hist = np.zeros((rows, cols), np.float32)
+    if len(points_xy_um):
+        j = np.clip((points_xy_um[:, 0] // grid_um).astype(int), 0, cols - 1)
+        i = np.clip((points_xy_um[:, 1] // grid_um).astype(int), 0, rows - 1)
+        np.add.at(hist, (i, j), 1.0)
+    return hist / (grid_um * 1e-3) ** 2
