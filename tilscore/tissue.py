@@ -62,16 +62,19 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Blue, green and black marker ink, bool (H, W).
+    """Blue, green and black marker ink, bool (H, W), by colour alone.
 
-    H&E and IHC tissue is pink, purple or brown: red is never far below blue and green
-    rarely dominates. Ink is strongly blue (B ≫ R), green (G > R and G ≥ B) or nearly
-    black (all channels dark) in a thumbnail where nuclei are averaged with stroma.
+    H&E and IHC tissue is pink, purple, blue-grey or brown: red is never far below blue,
+    green never clearly above red, and at thumbnail scale (nuclei averaged with stroma)
+    it never absorbs like ink. Ink over tissue keeps its cue: blue/green ink absorbs red.
     """
     r, g, b = (rgb[..., k].astype(np.int16) for k in range(3))
     blue = (b - r > 45) & (b - g > 15) & (r < 160)
-    green = (g - r > 20) & (g - b > -10) & (r < 180)
-    black = (np.maximum(np.maximum(r, g), b) < 70)
+    green = (g - r > 15) & (r < 200)
+    cmax = np.maximum(np.maximum(r, g), b)
+    saturation = (cmax - np.minimum(np.minimum(r, g), b)) / np.maximum(cmax, 1)
+    # Black ink is neutral; dense haematoxylin (epidermis, lymphoid aggregates) is purple.
+    black = (cmax < 70) | ((cmax < 120) & (saturation < 0.45))
     return blue | green | black
 
 
