@@ -133,6 +133,56 @@ def train(
                f"validation lymphocyte F1 {val.get('lymphocyte_f1', float('nan')):.3f}")
 
 
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = "he-default",
+    data: Annotated[str, typer.Option(help="Labelled-tile folder, or 'synthetic'.")] = "synthetic",
+    split: Annotated[str, typer.Option(help="val, train or all (val needs a split).")] = "val",
+    radius_um: Annotated[float, typer.Option(help="Match radius in µm.")] = 3.3,
+    mpp: Annotated[float | None, typer.Option(help="µm/px of the data if unknown.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics JSON.")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Store the best peak threshold in the model's card.")] = False,
+):
+    """Lymphocyte detection P/R/F1, threshold sweep, FROC and region Dice on labelled tiles."""
+    from tilscore.eval_data import eval_tiles
+    from tilscore.eval_model import evaluate_model
+    from tilscore.infer import select_device
+    from tilscore.models import load_model
+    from tilscore.models.registry import resolve_model_dir
+
+    net, card = load_model(model)
+    dev = select_device(device)
+    tiles = eval_tiles(data, card.input_mpp, split=split, mpp=mpp)
+    metrics = evaluate_model(net.to(dev), card, tiles, dev, radius_um)
+    metrics.update({"model": card.name, "data": data, "split": split, "tiles": len(tiles),
+                    "radius_um": radius_um})
+    for key in ("precision", "recall", "f1"):
+        typer.echo(f"lymphocyte {key:9s} {metrics['lymphocyte_' + key]:.3f}")
+    typer.echo(f"(threshold {metrics['threshold']:.2f}; best {metrics['best_threshold']:.2f} "
+               f"F1 {metrics['sweep_f1'][metrics['best_threshold']]:.3f})")
+    for k, v in metrics.items():
+        if k.startswith("dice_"):
+            typer.echo(f"{k:20s} {v:.3f}")
+    froc_s = ", ".join(f"{int(k)}: {v:.2f}"
+                       for k, v in metrics["froc_sensitivity_at_fp_per_mm2"].items())
+    typer.echo(f"FROC sensitivity at FP/mm² {{{froc_s}}}")
+    if json_out:
+        from tilscore.io.atomic import write_json
+
+        write_json(json_out, {k: (v if not isinstance(v, dict) else {str(a): b for a, b in
+                                                                       v.items()})
+                              for k, v in metrics.items()})
+    if calibrate:
+        folder = resolve_model_dir(model)
+        best = metrics["best_threshold"]
+        new = card.model_copy(update={"heatmap": card.heatmap.model_copy(
+            update={"threshold": best})})
+        new.write(folder / "card.json")
+        typer.echo(f"calibrated {folder / 'card.json'}: threshold {best:.2f}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),

@@ -128,9 +128,17 @@ def find_peaks(heat: torch.Tensor, kernel: int, threshold: float,
     coordinates. `core` = (start, stop) keeps only peaks inside that square (the tile core:
     a cell belongs to the tile whose core holds its centre, so none is counted twice).
     A location that peaks in two class maps keeps only the stronger class.
+
+    Exact ties (a plateau, e.g. a symmetric blob centred on a pixel corner) would all
+    survive max-pool NMS; a tiny ramp, linear in position and added in float64, makes the
+    lowest-right pixel win. Being linear, it orders two pixels the same way in every tile
+    that sees both, so a cell on a core border is still kept by exactly one tile.
     """
-    pooled = F.max_pool2d(heat, kernel, stride=1, padding=kernel // 2)
-    keep = (heat == pooled) & (heat > threshold)
+    h, w = heat.shape[-2:]
+    ramp = torch.arange(h * w, device=heat.device, dtype=torch.float64).view(h, w)
+    ranked = heat.double() + ramp * (1e-6 / (h * w))
+    pooled = F.max_pool2d(ranked, kernel, stride=1, padding=kernel // 2)
+    keep = (ranked == pooled) & (heat > threshold)
     if core is not None:
         inside = torch.zeros_like(keep)
         inside[..., core[0] : core[1], core[0] : core[1]] = True

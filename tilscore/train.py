@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from tilscore.errors import UsageError
-from tilscore.evaluate import DetectionScore, detection_score
-from tilscore.infer import find_peaks, select_device
+from tilscore.infer import select_device
 from tilscore.losses import heatmap_focal_loss, mask_loss, region_loss
 from tilscore.models import ModelCard, create_model, save_model
 from tilscore.train_config import TrainConfig
@@ -66,46 +65,15 @@ def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) 
     return parts
 
 
-@torch.inference_mode()
 def evaluate_detection(model, card: ModelCard, val_tiles, device: torch.device,
-                       radius_um: float = 3.3, batch_size: int = 8) -> dict:
-    """Lymphocyte detection and region Dice on validation tiles (whole tiles, no overlap).
+                       radius_um: float = 3.3) -> dict:
+    """Validation metrics (see :func:`tilscore.eval_model.evaluate_model`); the model is
+    left in training mode."""
+    from tilscore.eval_model import evaluate_model
 
-    `val_tiles`: list of :class:`tilscore.data.LabelledTile` already at the model's mpp.
-    """
-    from tilscore.evaluate import dice_per_class
-
-    model.eval()
-    r, c = len(card.region_classes), len(card.cell_classes)
-    kernel = 2 * max(1, round(card.heatmap.nms_radius_um / card.input_mpp)) + 1
-    lymph = card.cell_classes.index("lymphocyte")
-    total = DetectionScore(0, 0, 0)
-    dice_acc: dict[int, list[float]] = {}
-    for start in range(0, len(val_tiles), batch_size):
-        chunk = val_tiles[start : start + batch_size]
-        shape = chunk[0].image.shape
-        same = all(t.image.shape == shape for t in chunk)
-        groups = [chunk] if same else [[t] for t in chunk]
-        for group in groups:
-            x = torch.from_numpy(np.stack([t.image for t in group])).to(device)
-            logits = model(x.permute(0, 3, 1, 2)).float()
-            peaks = find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel,
-                               card.heatmap.threshold).cpu().numpy()
-            regions = logits[:, :r].argmax(1).cpu().numpy().astype(np.uint8)
-            for k, tile in enumerate(group):
-                mine = peaks[(peaks[:, 0] == k) & (peaks[:, 1] == lymph)]
-                true = tile.points_xy[tile.point_cls == lymph]
-                ignore = tile.points_xy[tile.point_cls < 0]
-                total = total + detection_score(mine[:, 2:4], true, radius_um / card.input_mpp,
-                                                ignore)
-                if tile.region is not None:
-                    for cls, d in dice_per_class(regions[k], tile.region, r).items():
-                        dice_acc.setdefault(cls, []).append(d)
+    metrics = evaluate_model(model, card, val_tiles, device, radius_um)
     model.train()
-    out = {f"lymphocyte_{k}": v for k, v in total.as_dict().items()}
-    for cls, vals in sorted(dice_acc.items()):
-        out[f"dice_{card.region_classes[cls]}"] = float(np.mean(vals))
-    return out
+    return metrics
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
@@ -179,15 +147,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                "elapsed_s": round(time.perf_counter() - t0, 1)}
         if val_tiles and (step % cfg.val_every == 0 or step == steps):
             val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
-            _append_metrics(out_dir / "validation.csv", {"step": step, **val})
-            if val["lymphocyte_f1"] > best["f1"]:
-                best = {"f1": val["lymphocyte_f1"], "step": step, "metrics": val}
+            _append_metrics(out_dir / "validation.csv", {
+                "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
+                "best_f1": max(val["sweep_f1"].values())})
+            val_f1 = max(val["sweep_f1"].values())  # at the best threshold
+            if val_f1 > best["f1"]:
+                best = {"f1": val_f1, "step": step, "metrics": val}
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 stale = 0
             else:
                 stale += 1
-            log.info("step %d: val F1 %.3f (best %.3f @ %d)", step, val["lymphocyte_f1"],
-                     best["f1"], best["step"])
+            log.info("step %d: val F1 %.3f (best threshold %.2f; best %.3f @ %d)", step,
+                     val_f1, val["best_threshold"], best["f1"], best["step"])
         _append_metrics(metrics_path, row)
         if bar is not None:
             bar.update(1)
@@ -202,6 +173,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if not val_tiles:
         best_state = model.state_dict()
     model.load_state_dict(best_state)
+    if val_tiles:  # the peak threshold is calibrated on validation data, not guessed
+        best_thr = best["metrics"].get("best_threshold", card.heatmap.threshold)
+        card = card.model_copy(update={"heatmap": card.heatmap.model_copy(
+            update={"threshold": best_thr})})
+        best["metrics"] = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
     card = card.model_copy(update={
         "training": {**card.training, **data_info, "steps": step, "best_step": best["step"],
                      "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),

@@ -94,7 +94,11 @@ def load_model(name_or_path: str | Path):
             f"model {card.name}: weights sha256 {digest[:12]}… does not match the card "
             f"({card.sha256[:12]}…); the file is corrupt or belongs to another card"
         )
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types on bad headers
+        raise UsageError(f"model {card.name}: {weights.name} is not a valid safetensors "
+                         f"file ({str(exc).splitlines()[0]})") from exc
     model = model_from_card(card)
     expected = model.state_dict()
     mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]

@@ -1,0 +1,106 @@
+"""Command-line contract: one-line errors, no tracebacks, exit codes 0/1/2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.conftest import shared_path
+
+CLI = [sys.executable, "-m", "tilscore.cli"]
+
+
+def run(*args, timeout=120):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc, code):
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tilscore: error:")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.real_data
+def test_info_json_on_real_slides():
+    svs = shared_path("slides", "CMU-1-Small-Region.svs")
+    proc = run("info", svs, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["dimensions"] == [2220, 2967] and info["vendor"] == "aperio"
+    assert info["mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert len(info["levels"]) == 1 and info["objective_power"] == 20
+    assert "thumbnail" in info["associated_images"]
+    boxes = json.loads(run("info", shared_path("slides", "boxes.tiff"), "--json").stdout)
+    assert len(boxes["levels"]) == 4
+
+
+def test_info_plain_image_has_null_mpp(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "roi.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(path)
+    proc = run("info", path, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["mpp"] is None
+
+
+@pytest.mark.parametrize("name,content", [
+    ("missing.svs", None), ("empty.svs", b""), ("notes.txt", b"hello, not a slide\n"),
+])
+def test_bad_files_fail_with_one_line(tmp_path, name, content):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert_one_line_error(run("info", path), 1)
+
+
+def test_truncated_tiff(tmp_path):
+    path = tmp_path / "cut.tiff"
+    data = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(path, data, tile=(128, 128), compression="zlib")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    assert_one_line_error(run("info", path), 1)
+
+
+def test_not_brightfield(tmp_path):
+    path = tmp_path / "fluo.tiff"
+    tifffile.imwrite(path, np.zeros((5, 64, 64), np.uint16))
+    proc = run("info", path)
+    assert_one_line_error(proc, 1)
+    assert "brightfield" in proc.stderr.lower() or "16-bit" in proc.stderr
+
+
+@pytest.mark.real_data
+def test_broken_svs():
+    assert_one_line_error(run("info", shared_path("slides", "broken.svs")), 1)
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run("nosuchcommand").returncode == 2
+    assert run("info").returncode == 2
+    proc = run("synth", tmp_path / "x.tiff", "--stain", "pas")
+    assert_one_line_error(proc, 2)
+    assert "he, cd20, foxp3" in proc.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run("--debug", "info", tmp_path / "missing.svs")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_synth_cli_writes_slide_and_truth(tmp_path):
+    out = tmp_path / "s.tiff"
+    proc = run("synth", out, "--size", "1024", "768", "--seed", "2", "--stain", "foxp3")
+    assert proc.returncode == 0, proc.stderr
+    truth = json.loads(out.with_suffix(".truth.json").read_text())
+    assert truth["stain"] == "foxp3" and truth["size_px"] == [1024, 768]
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["dimensions"] == [1024, 768] and info["mpp"] == pytest.approx(0.25)

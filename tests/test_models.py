@@ -1,0 +1,81 @@
+"""Model registry, cards and safetensors loading (and their failure modes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tilscore.errors import UsageError
+from tilscore.models import ARCHITECTURES, ModelCard, create_model, load_model, save_model
+
+
+def _card(**kw) -> ModelCard:
+    base = dict(name="tiny", architecture="unet-resnet18",
+                architecture_kwargs={"decoder_channels": [32, 16, 16, 8, 8]})
+    return ModelCard(**{**base, **kw})
+
+
+@pytest.fixture
+def saved(tmp_path):
+    card = _card()
+    model = create_model(card.architecture, card.out_channels, **card.architecture_kwargs)
+    card = save_model(model, card, tmp_path / "m")
+    return tmp_path / "m", model, card
+
+
+def test_unknown_architecture_lists_valid():
+    with pytest.raises(UsageError, match="valid: " + ", ".join(ARCHITECTURES)):
+        create_model("resnet9000", 7)
+
+
+def test_round_trip_fp16_weights(saved):
+    folder, model, card = saved
+    loaded, card2 = load_model(folder)
+    assert card2.sha256 == card.sha256 and len(card.sha256) == 64
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        a, b = model.eval()(x), loaded(x)
+    assert a.shape == (1, card.out_channels, 64, 64)
+    assert torch.allclose(a, b, atol=0.05, rtol=0.05)  # fp16 storage
+
+
+def test_unknown_model_name_lists_shipped():
+    with pytest.raises(UsageError, match="shipped"):
+        load_model("no-such-model")
+
+
+def test_sha256_mismatch(saved):
+    folder, _, card = saved
+    data = json.loads((folder / "card.json").read_text())
+    data["sha256"] = "0" * 64
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="sha256"):
+        load_model(folder)
+
+
+def test_shape_mismatch(saved):
+    folder, _, _ = saved
+    data = json.loads((folder / "card.json").read_text())
+    data["architecture_kwargs"] = {"decoder_channels": [64, 32, 16, 8, 8]}
+    data["sha256"] = None
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="do not match"):
+        load_model(folder)
+
+
+def test_malformed_card(tmp_path):
+    (tmp_path / "card.json").write_text('{"name": "x", "architecture": 3, "bogus": 1}')
+    with pytest.raises(UsageError, match="invalid model card"):
+        load_model(tmp_path)
+
+
+def test_loading_never_unpickles(saved):
+    folder, _, card = saved
+    (folder / card.weights_file).write_bytes(b"\x80\x04K\x01.")  # a pickle, not safetensors
+    data = json.loads((folder / "card.json").read_text())
+    data["sha256"] = None
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="not a valid safetensors"):
+        load_model(folder)

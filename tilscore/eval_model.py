@@ -1,0 +1,72 @@
+"""Evaluating a model on labelled tiles: lymphocyte detection P/R/F1 at a radius in µm
+(predictions on unclassified nuclei ignored), a threshold sweep, a TIGER-style FROC and
+region Dice per class where masks exist. Used by ``tilscore eval`` and by training."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tilscore.evaluate import DetectionScore, detection_score, dice_per_class, froc
+from tilscore.infer import find_peaks
+
+SWEEP = tuple(round(t, 2) for t in np.arange(0.1, 0.75, 0.05))
+
+
+@torch.inference_mode()
+def predict_tiles(model, card, tiles, device, batch_size: int = 8):
+    """Per tile: (peaks float32 (N, 5) at the lowest sweep threshold, region argmax uint8).
+
+    `tiles`: LabelledTile at the model mpp with sides divisible by 32.
+    """
+    model.eval()
+    r, c = len(card.region_classes), len(card.cell_classes)
+    kernel = 2 * max(1, round(card.heatmap.nms_radius_um / card.input_mpp)) + 1
+    out = []
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start : start + batch_size]
+        same = all(t.image.shape == chunk[0].image.shape for t in chunk)
+        for group in ([chunk] if same else [[t] for t in chunk]):
+            x = torch.from_numpy(np.stack([t.image for t in group])).to(device)
+            logits = model(x.permute(0, 3, 1, 2)).float()
+            peaks = find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel, min(SWEEP)).cpu()
+            regions = logits[:, :r].argmax(1).to(torch.uint8).cpu().numpy()
+            for k in range(len(group)):
+                out.append((peaks[peaks[:, 0] == k].numpy(), regions[k]))
+    return out
+
+
+def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
+    """Metrics dict: ``lymphocyte_*`` at the card threshold, ``sweep`` {threshold: f1},
+    ``best_threshold``, ``froc`` {fp_per_mm2: sensitivity}, ``dice_<region>``."""
+    lymph = card.cell_classes.index("lymphocyte")
+    preds = predict_tiles(model, card, tiles, device)
+    radius_px = radius_um / card.input_mpp
+
+    def score_at(thr: float) -> DetectionScore:
+        total = DetectionScore(0, 0, 0)
+        for (peaks, _), tile in zip(preds, tiles, strict=True):
+            mine = peaks[(peaks[:, 1] == lymph) & (peaks[:, 4] > thr)]
+            total = total + detection_score(mine[:, 2:4], tile.points_xy[tile.point_cls == lymph],
+                                            radius_px, tile.points_xy[tile.point_cls < 0])
+        return total
+
+    sweep = {thr: score_at(thr).f1 for thr in SWEEP}
+    result = {f"lymphocyte_{k}": v for k, v in score_at(card.heatmap.threshold).as_dict().items()}
+    result["threshold"] = card.heatmap.threshold
+    result["sweep_f1"] = sweep
+    result["best_threshold"] = max(sweep, key=lambda t: (sweep[t], -abs(t - 0.4)))
+    area_mm2 = sum(t.image.shape[0] * t.image.shape[1] for t in tiles) * (card.input_mpp
+                                                                           * 1e-3) ** 2
+    per_image = [(p[p[:, 1] == lymph][:, 2:4], p[p[:, 1] == lymph][:, 4],
+                  t.points_xy[t.point_cls == lymph]) for (p, _), t in zip(preds, tiles,
+                                                                          strict=True)]
+    result["froc_sensitivity_at_fp_per_mm2"] = froc(per_image, radius_px, max(area_mm2, 1e-9))
+    dice: dict[int, list[float]] = {}
+    for (_, regions), tile in zip(preds, tiles, strict=True):
+        if tile.region is not None:
+            for cls, d in dice_per_class(regions, tile.region, len(card.region_classes)).items():
+                dice.setdefault(cls, []).append(d)
+    for cls, vals in sorted(dice.items()):
+        result[f"dice_{card.region_classes[cls]}"] = float(np.mean(vals))
+    return result
