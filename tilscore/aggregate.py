@@ -49,13 +49,35 @@ def coarse_fractions(canvas, cfg: ScoreConfig, n_classes: int = 4) -> tuple[np.n
 @dataclass
 class RegionSummary:
     """``areas`` (mm²); coarse (``coarse_mpp``) bool grids ``bulk`` and ``tumour``, and
-    ``labels`` uint8 (majority region code per coarse pixel)."""
+    ``labels`` uint8 (majority region code per coarse pixel); ``fractions`` float32
+    (4, H', W') region-code fractions per coarse pixel."""
 
     areas: RegionAreas
     bulk: np.ndarray
     tumour: np.ndarray
     labels: np.ndarray
     coarse_mpp: float
+    fractions: np.ndarray
+
+    def compartment_at(self, x_um: np.ndarray, y_um: np.ndarray,
+                       window_um: float = 24.0) -> np.ndarray:
+        """Region code (1 tumour, 2 stroma, 3 other; 0 outside tissue) of the
+        neighbourhood of each point: class fractions averaged over `window_um`.
+
+        A cell's own nucleus is not its compartment's evidence: the model segments the
+        pixels under a lymphocyte nucleus as stroma-like even inside a tumour nest, so
+        we look at the surrounding ~24 µm instead of the point itself.
+        """
+        from scipy import ndimage as ndi
+
+        size = max(1, int(round(window_um / self.coarse_mpp)))
+        smooth = ndi.uniform_filter(self.fractions, size=(1, size, size), mode="nearest")
+        i = np.clip((y_um / self.coarse_mpp).astype(int), 0, smooth.shape[1] - 1)
+        j = np.clip((x_um / self.coarse_mpp).astype(int), 0, smooth.shape[2] - 1)
+        tissue_classes = smooth[1:, i, j]
+        code = tissue_classes.argmax(axis=0).astype(np.uint8) + 1
+        code[tissue_classes.sum(axis=0) < 1e-6] = 0
+        return code
 
 
 def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
@@ -83,4 +105,4 @@ def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
         bulk=sums["bulk"] * px_mm2, nuclear_area_in_bulk_stroma_mm2=sums["nuclei"] * px_mm2,
     )
     labels = fractions.argmax(axis=0).astype(np.uint8)
-    return RegionSummary(areas, bulk, labels == 1, labels, coarse_mpp)
+    return RegionSummary(areas, bulk, labels == 1, labels, coarse_mpp, fractions)

@@ -100,7 +100,9 @@ def score(
     for row in result.rows:
         typer.echo(f"{row['slide']}: {_headline(row)}")
     for failure in result.failures:
-        typer.echo(f"error: {failure['input']}: {failure['error']}", err=True)
+        name, error = Path(failure["input"]).name, failure["error"]
+        typer.echo(f"tilscore: error: {error if error.startswith(name) else name + ': ' + error}",
+                   err=True)
     typer.echo(f"outputs in {out.resolve()}")
     if result.failures:
         raise typer.Exit(1)
@@ -221,8 +223,9 @@ def _check_stain(stain: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        # With standalone_mode=False, click returns typer.Exit's code instead of raising.
+        rc = app(args=argv, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
     except TilscoreError as exc:
         if _state["debug"]:
             raise

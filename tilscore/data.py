@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 SYNTH_SCENE_PX = 3072  # side of each synthetic training scene (level 0, 0.25 µm/px)
 SYNTH_SCENE_MPP = 0.25
-SYNTH_SCENES = 12  # distinct training layouts (seeds); validation uses other seeds
 _SYNTH_CLASS = {"lymphocyte": CELL_CODES["lymphocyte"], "tumour": CELL_CODES["other"],
                 "other": CELL_CODES["other"]}
 
@@ -268,10 +267,10 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, list[LabelledTile], dict]:
     sources, val_tiles, info = [], [], []
     for k, src in enumerate(cfg.data):
         if src.kind == "synthetic":
-            train_src = SyntheticSource(src.stain, cfg.input_mpp, range(1000, 1000 + SYNTH_SCENES))
+            train_src = SyntheticSource(src.stain, cfg.input_mpp, range(1000, 1000 + src.scenes))
             val_src = SyntheticSource(src.stain, cfg.input_mpp, range(9000, 9002))
             vrng = np.random.default_rng(cfg.seed + 17)
-            n_val = 16
+            n_val = src.val_tiles
             val_tiles += [val_src.sample(vrng, 256) for _ in range(n_val)]
             sources.append((src.weight, train_src.sample))
             info.append({"kind": "synthetic", "stain": src.stain, "licence": "generated in code",

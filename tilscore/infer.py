@@ -170,15 +170,16 @@ class SlidePrediction:
 
 
 def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 2,
-                  batch_size: int = 8, progress=None) -> SlidePrediction:
+                  batch_size: int = 8, progress=None, tissue=None) -> SlidePrediction:
     """Stream the grid's tiles through `predictor`, stitching cores into a RegionCanvas at
-    `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch."""
+    `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch;
+    `tissue` (a TissueMask) makes the tissue detector the authority on tissue vs glass."""
     import time
 
     from tilscore.stitch import CellCollector, RegionCanvas
     from tilscore.tiles import LoaderStats, iter_tile_batches
 
-    canvas = RegionCanvas(store_path, grid, predictor.region_factor)
+    canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
     collector = CellCollector(grid.downsample)
     stats = LoaderStats()
     timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}

@@ -85,7 +85,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
             grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
             pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
-                                 workers=workers, batch_size=batch_size)
+                                 workers=workers, batch_size=batch_size, tissue=mask)
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
             summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg)
@@ -101,8 +101,10 @@ def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
     """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag."""
     from tilscore.score import COMPARTMENT_OF_REGION
 
-    on_tissue = raw["region"] > 0
+    region = regions.compartment_at(raw["x_px"] * slide_mpp, raw["y_px"] * slide_mpp)
+    on_tissue = region > 0
     t = {k: v[on_tissue] for k, v in raw.items()}
+    t["region"] = region[on_tissue]
     names = np.array(card.cell_classes)
     comp_names = np.array(["other", *[COMPARTMENT_OF_REGION[k] for k in (1, 2, 3)]])
     x_um, y_um = t["x_px"] * slide_mpp, t["y_px"] * slide_mpp
@@ -147,10 +149,25 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) 
             "tiles": pred.tiles,
             "failed_tiles": pred.failed_tiles,
         },
+        "warnings": _warnings(areas, pred, mask),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
         "score_config": cfg.__dict__,
     }
     return summary
+
+
+def _warnings(areas, pred, mask) -> list[str]:
+    """Plain-language problems a reader of the numbers must know about."""
+    out = []
+    if len(pred.cells["x_px"]) == 0 and pred.tiles == 0:
+        out.append("no tissue detected: all areas and counts are zero")
+    elif areas.tumour == 0:
+        out.append("no invasive tumour found: stromal TIL % is undefined")
+    elif areas.stroma_in_bulk == 0:
+        out.append("no stroma inside the tumour bulk: stromal TIL % is undefined")
+    if pred.failed_tiles:
+        out.append(f"{pred.failed_tiles} tiles failed to decode and were skipped")
+    return out
 
 
 def _write_outputs(work: Path, summary, cells, regions, thumb, slide_mpp, card, cfg,

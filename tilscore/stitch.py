@@ -24,9 +24,10 @@ class RegionCanvas:
     (no tissue tile) read as 0 = background.
     """
 
-    def __init__(self, store_path: str | Path, grid: TileGrid, factor: int):
+    def __init__(self, store_path: str | Path, grid: TileGrid, factor: int, tissue=None):
         import zarr
 
+        self.tissue = tissue  # TissueMask: decides tissue vs glass (see write)
         core = grid.spec.core_px
         self.factor = int(factor)
         self.chunk = core // self.factor
@@ -40,13 +41,35 @@ class RegionCanvas:
 
     def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
               nucleus_fraction: np.ndarray | None) -> None:
-        """Write per-tile blocks: regions uint8 (B, chunk, chunk) for tiles (cols, rows)."""
+        """Write per-tile blocks: regions uint8 (B, chunk, chunk) for tiles (cols, rows).
+
+        With a tissue mask, the tissue detector decides tissue vs glass and the model only
+        subdivides tissue: model background inside the mask becomes 3 (other tissue:
+        necrosis, fat, ...), model tissue outside the mask becomes 0.
+        """
         c = self.chunk
         for k, (col, row) in enumerate(zip(cols, rows, strict=True)):
             sl = (slice(row * c, (row + 1) * c), slice(col * c, (col + 1) * c))
-            self.labels[sl] = regions[k]
+            block = regions[k]
+            if self.tissue is not None:
+                inside = self._tissue_block(row, col)
+                block = np.where(inside, np.where(block == 0, 3, block), 0).astype(np.uint8)
+            self.labels[sl] = block
             if nucleus_fraction is not None:
                 self.nuclei[sl] = np.round(nucleus_fraction[k] * 255).astype(np.uint8)
+
+
+    def _tissue_block(self, row: int, col: int) -> np.ndarray:
+        """bool (chunk, chunk): tissue-mask value at each canvas pixel centre of a block."""
+        m = self.tissue
+        c = self.chunk
+        centres_um = (np.arange(c) + 0.5) * self.mpp
+        i = ((row * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
+        j = ((col * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
+        valid_i, valid_j = i < m.mask.shape[0], j < m.mask.shape[1]
+        out = np.zeros((c, c), bool)
+        out[np.ix_(valid_i, valid_j)] = m.mask[np.ix_(i[valid_i], j[valid_j])]
+        return out
 
 
 @dataclass

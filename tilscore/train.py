@@ -77,8 +77,12 @@ def evaluate_detection(model, card: ModelCard, val_tiles, device: torch.device,
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
+    import json
+
     from tilscore.io.atomic import atomic_path
 
+    # Plain JSON types only, so torch.load(weights_only=True) can read it back.
+    best = json.loads(json.dumps(best, default=float))
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                     "sched": sched.state_dict(), "step": step, "best": best}, tmp)

@@ -22,6 +22,8 @@ class DataSource(BaseModel):
     weight: float = 1.0
     val_fraction: float = 0.15
     mpp: float | None = None  # override for folders without mpp
+    scenes: int = 12  # synthetic: distinct training layouts
+    val_tiles: int = 16  # synthetic: validation tiles (from held-out layouts)
 
 
 class LossWeights(BaseModel):

@@ -1,0 +1,82 @@
+"""Score maths on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tilscore.score import (
+    RegionAreas,
+    ScoreConfig,
+    counts_by_compartment,
+    densities,
+    density_map,
+    fraction_near,
+    stromal_tils,
+    tumour_bulk,
+)
+
+
+def _areas(stroma_in_bulk=0.5, nuclei_mm2=0.01):
+    return RegionAreas(tumour=1.0, stroma=0.8, other=0.2, stroma_in_bulk=stroma_in_bulk,
+                       bulk=1.5, nuclear_area_in_bulk_stroma_mm2=nuclei_mm2)
+
+
+def test_stromal_til_percent_by_hand():
+    cfg = ScoreConfig(lymphocyte_nucleus_diameter_um=7.0, tiger_cell_area_um2=64.0)
+    # 1000 lymphocytes x π·3.5² µm² = 38,484.5 µm² over 0.5 mm² = 500,000 µm² → 7.697 %
+    res = stromal_tils(1000, _areas(), cfg)
+    assert res["stromal_til_percent"] == pytest.approx(100 * 1000 * math.pi * 3.5**2 / 5e5)
+    assert res["stromal_til_percent"] == pytest.approx(7.6969, abs=1e-3)
+    # TIGER: 100 x 1000 x 64 / 500,000 = 12.8
+    assert res["til_score_tiger"] == pytest.approx(12.8)
+    # segmented: 0.01 mm² of nuclei over 0.5 mm² = 2 %
+    assert res["stromal_til_percent_segmented"] == pytest.approx(2.0)
+    assert res["til_parts"]["lymphocytes_in_bulk_stroma"] == 1000
+
+
+def test_stromal_tils_undefined_without_stroma_and_capped():
+    cfg = ScoreConfig()
+    assert stromal_tils(10, _areas(stroma_in_bulk=0.0), cfg)["stromal_til_percent"] is None
+    assert stromal_tils(10**7, _areas(), cfg)["stromal_til_percent"] == 100.0
+
+
+def test_counts_and_densities():
+    names = ["lymphocyte", "other"]
+    cls = np.array([0, 0, 0, 1, 0])
+    comp = np.array(["stroma", "stroma", "tumour", "tumour", "other"])
+    counts = counts_by_compartment(names, cls, comp)
+    assert counts["lymphocyte"] == {"tumour": 1, "stroma": 2, "other": 1, "tissue": 4}
+    assert counts["other"] == {"tumour": 1, "stroma": 0, "other": 0, "tissue": 1}
+    dens = densities(counts, _areas())
+    assert dens["lymphocyte"]["stroma"] == pytest.approx(2 / 0.8)
+    assert dens["lymphocyte"]["tissue"] == pytest.approx(4 / 2.0)
+    zero = RegionAreas(0, 0, 0, 0, 0, 0)
+    assert densities(counts, zero)["lymphocyte"]["tumour"] is None
+
+
+def test_tumour_bulk_bridges_nests_but_not_far_stroma():
+    frac = np.zeros((60, 60), np.float32)
+    frac[10:20, 10:20] = 1.0  # two nests 10 px (80 µm) apart ...
+    frac[10:20, 30:40] = 1.0
+    bulk = tumour_bulk(frac, coarse_mpp=8.0, radius_um=80.0)
+    assert bulk[15, 25]  # ... the stroma between them is in the bulk
+    assert not bulk[50, 50]  # far away stroma is not
+    assert not tumour_bulk(np.zeros((5, 5)), 8.0, 80.0).any()
+
+
+def test_fraction_near_tumour():
+    tumour = np.zeros((20, 20), bool)
+    tumour[:, :5] = True  # tumour in x < 40 µm at 8 µm/px
+    pts = np.array([[50.0, 10.0], [85.0, 10.0], [150.0, 10.0]])  # 10, 45, 110 µm away
+    assert fraction_near(pts, tumour, 8.0, 50.0) == pytest.approx(2 / 3)
+    assert fraction_near(np.zeros((0, 2)), tumour, 8.0, 50.0) is None
+
+
+def test_density_map_per_mm2():
+    pts = np.array([[10.0, 10.0], [20.0, 30.0], [150.0, 10.0]])
+    dmap = density_map(pts, (200.0, 100.0), 100.0)
+    assert dmap.shape == (1, 2)
+    assert dmap[0, 0] == pytest.approx(2 / 0.01) and dmap[0, 1] == pytest.approx(1 / 0.01)

@@ -1,0 +1,81 @@
+"""Training: a 20-step smoke run on synthetic + a native-format folder, resume, config errors."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+
+from tilscore.errors import UsageError
+from tilscore.train_config import load_train_config
+
+
+@pytest.fixture
+def native_folder(tmp_path):
+    """A small labelled set in tilscore's native format, written from synthetic tiles."""
+    from tilscore.data import synthetic_tile
+    from tilscore.importers.native import write_native
+    from tilscore.synth_scene import SyntheticScene
+
+    scene = SyntheticScene(2048, 2048, mpp=0.25, seed=5)
+    tiles = [synthetic_tile(scene, x, y, 160, 2.0) for x, y in ((0, 0), (900, 700), (1500, 300))]
+    for k, t in enumerate(tiles):
+        t.split = "val" if k == 0 else "train"
+    write_native(tmp_path / "native", tiles, name="synthetic-native", licence="generated")
+    return tmp_path / "native"
+
+
+def _config(tmp_path, native_folder, **extra):
+    cfg = {
+        "name": "smoke", "architecture": "unet-resnet18",
+        "architecture_kwargs": {"decoder_channels": [32, 16, 16, 8, 8]},
+        "crop_px": 64, "tile_px": 128, "overlap_px": 16, "batch_size": 2,
+        "max_steps": 20, "val_every": 10, "checkpoint_every": 10, "workers": 0,
+        "device": "cpu",
+        "data": [{"kind": "synthetic", "weight": 1.0, "scenes": 1, "val_tiles": 2},
+                 {"kind": "auto", "path": str(native_folder), "weight": 1.0}],
+        **extra,
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_twenty_step_training_and_resume(tmp_path, native_folder):
+    from tilscore.models import load_model
+    from tilscore.train import train
+
+    cfg = load_train_config(_config(tmp_path, native_folder))
+    out = tmp_path / "model"
+    card = train(cfg, out, progress=False)
+    assert (out / "weights.safetensors").exists() and (out / "checkpoint.pt").exists()
+    steps = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(steps) == 20 and all(np.isfinite(float(r["loss_total"])) for r in steps)
+    val = list(csv.DictReader(open(out / "validation.csv")))
+    assert [int(r["step"]) for r in val] == [10, 20]
+    assert 0.1 <= card.heatmap.threshold <= 0.7  # calibrated on validation
+    assert card.training["data"][1]["kind"] == "auto"
+    net, loaded = load_model(out)
+    assert loaded.sha256 == card.sha256
+    # Resume continues from step 20 to 24 (checkpoint every 10 → step 20 saved).
+    card2 = train(cfg, out, resume=True, max_steps=24, progress=False)
+    steps = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in steps][-4:] == [21, 22, 23, 24]
+    assert card2.training["steps"] == 24
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlearning_rate: 0.1\n")
+    with pytest.raises(UsageError, match=r"bad\.yaml: learning_rate"):
+        load_train_config(bad)
+    bad.write_text("data: [{kind: auto}]\n")
+    cfg = load_train_config(bad)
+    from tilscore.data import build_datasets
+
+    with pytest.raises(UsageError, match="needs a path"):
+        build_datasets(cfg)
+    with pytest.raises(UsageError, match="config not found"):
+        load_train_config(tmp_path / "nope.yaml")
