@@ -56,6 +56,8 @@ def naive(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int) -> di
 
 def loader(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int, workers: int,
            processes: bool) -> dict:
+    import torch  # noqa: F401  (imported once per process; not part of streaming cost)
+
     from tilscore.tiles import LoaderStats, SlideRef, iter_tile_batches
 
     grid = grid_for(slide_path, tile_mpp, tile_px, overlap_px)
@@ -87,7 +89,10 @@ def main() -> None:
         fn = naive if kind == "naive" else loader
         extra = [] if kind == "naive" else [int(workers), procs == "1"]
         res = fn(path, float(mpp), int(tile), int(ov), *extra)
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM of this process (ru_maxrss would include the parent's mark, inherited
+        # across fork+exec on Linux).
+        hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+        res["peak_rss_mib"] = int(hwm.split()[1]) / 1024
         kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         res["peak_rss_children_mib"] = kids
         print(json.dumps(res))
