@@ -125,6 +125,18 @@ def test_plain_image_needs_mpp(tmp_path):
     assert proc.returncode == 1 and "--mpp" in proc.stderr
 
 
+def test_unsupported_stain_is_usage_error(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "roi.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(img)
+    proc = run("score", img, "--mpp", "0.5", "--stain", "cd20", "--model", "he-default",
+               "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "does not support stain 'cd20'" in proc.stderr
+    proc = run("score", img, "--mpp", "0.5", "--stain", "pas", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "valid: he, cd20, foxp3" in proc.stderr
+
+
 def test_unwritable_output_is_usage_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -137,6 +149,9 @@ def test_real_svs_scores(tmp_path):
     svs = shared_path("slides", "CMU-1-Small-Region.svs")
     proc = run("score", svs, "--out", tmp_path / "out", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "out" / "CMU-1-Small-Region" / "summary.json").read_text())
+    out = tmp_path / "out" / "CMU-1-Small-Region"
+    for name in ("cells.csv", "cells.geojson", "regions.geojson", "overlay.png", "maps.zarr"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["areas_mm2"]["tissue"] > 0.3  # ~0.66 mm² of tissue on the thumbnail
     assert summary["mpp"] == pytest.approx(0.499, abs=1e-3)

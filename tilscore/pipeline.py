@@ -26,7 +26,8 @@ from tilscore.score import ScoreConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = {"he": "he-default", "cd20": "ihc-default", "foxp3": "ihc-default"}
-THUMBNAIL_MPP = 8.0  # µm/px: tissue detection and overlay
+THUMBNAIL_MPP = 8.0  # µm/px: tissue detection (and the overlay of large slides)
+OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 
 
 @dataclass
@@ -42,11 +43,16 @@ class Engine:
     def load(cls, model: str | None, stain: str, device: str = "auto") -> Engine:
         from tilscore.infer import Predictor, configure_cpu_threads, select_device
         from tilscore.models import load_model
+        from tilscore.models.registry import MODELS_DIR
 
         dev = select_device(device)
         if dev.type == "cpu":
             configure_cpu_threads()
         name = model or DEFAULT_MODELS[stain]
+        if model is None and not (MODELS_DIR / name / "card.json").exists():
+            shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
+            raise UsageError(f"no default model for stain {stain!r} is installed "
+                             f"(shipped: {', '.join(shipped) or 'none'}); pass --model")
         net, card = load_model(name)
         if stain not in card.stains:
             raise UsageError(f"model {card.name} does not support stain {stain!r} "
@@ -89,12 +95,22 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
             summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg)
+            overlay_mpp = _overlay_mpp(slide)
+            overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             summary["runtime_s"] = round(time.perf_counter() - t0, 3)
-            _write_outputs(work, summary, cells, regions, thumb, slide_mpp, card, cfg, pred)
+            _write_outputs(work, summary, cells, regions, (overlay, overlay_mpp), slide_mpp,
+                           card, cfg, pred)
         _publish(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _overlay_mpp(slide) -> float:
+    """µm/px giving the overlay a long side of ~OVERLAY_LONG_SIDE_PX (never finer than the
+    slide, never coarser than the tissue thumbnail)."""
+    long_um = max(slide.dimensions) * slide.mpp
+    return float(min(THUMBNAIL_MPP, max(slide.mpp, long_um / OVERLAY_LONG_SIDE_PX)))
 
 
 def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
@@ -170,7 +186,7 @@ def _warnings(areas, pred, mask) -> list[str]:
     return out
 
 
-def _write_outputs(work: Path, summary, cells, regions, thumb, slide_mpp, card, cfg,
+def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card, cfg,
                    pred) -> None:
     """Everything but summary.json; summary.json is written last (it marks completeness)."""
     from tilscore.io.cells import write_cells_csv
@@ -198,7 +214,7 @@ def _write_outputs(work: Path, summary, cells, regions, thumb, slide_mpp, card, 
     shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
     til = summary.get("stromal_til_percent")
     title = f"{summary['slide']}: sTIL {til:.1f} %" if til is not None else summary["slide"]
-    write_overlay_png(work / "overlay.png", thumb, THUMBNAIL_MPP, regions.labels,
+    write_overlay_png(work / "overlay.png", overlay[0], overlay[1], regions.labels,
                       regions.coarse_mpp, pts[lymph],
                       {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")},
                       title)
