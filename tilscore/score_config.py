@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
-
 from tilscore.errors import UsageError
 from tilscore.score import ScoreConfig
+from tilscore.yaml_config import read_yaml_mapping
 
 
 def load_score_config(path: str | Path | None) -> ScoreConfig:
@@ -16,14 +15,7 @@ def load_score_config(path: str | Path | None) -> ScoreConfig:
     if path is None:
         return ScoreConfig()
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise UsageError(f"config not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: expected a mapping of keys to values")
+    raw = read_yaml_mapping(path)
     raw = raw.get("score", raw)
     valid = {f.name: f.type for f in dataclasses.fields(ScoreConfig)}
     unknown = sorted(set(raw) - set(valid))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tilscore.errors import UsageError
 from tilscore.models.card import HeatmapSpec, ModelCard
+from tilscore.yaml_config import read_yaml_mapping
 
 
 class DataSource(BaseModel):
@@ -78,14 +78,7 @@ class TrainConfig(BaseModel):
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:
     """Read YAML `path`, apply non-None `overrides`; errors name the file and the key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise UsageError(f"config not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: expected a mapping of keys to values")
+    raw = read_yaml_mapping(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig.model_validate(raw)
