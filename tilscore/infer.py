@@ -156,8 +156,8 @@ class SlidePrediction:
 
     ``canvas``: :class:`~tilscore.stitch.RegionCanvas` (zarr-backed region labels and
     lymphocyte-nucleus coverage); ``cells``: columns ``x_px``, ``y_px`` (float64 level-0
-    px), ``cls`` (int16 index into card.cell_classes), ``score`` (float32), ``region``
-    (uint8 region code under the cell); ``tiles``/``failed_tiles``: counts;
+    px), ``cls`` (int16 index into card.cell_classes), ``score`` (float32);
+    ``tiles``/``failed_tiles``: counts;
     ``timings_s``: seconds per stage (``read`` = waiting for the loader, ``model``,
     ``stitch``).
     """
@@ -183,7 +183,6 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
     collector = CellCollector(grid.downsample)
     stats = LoaderStats()
     timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}
-    f = predictor.region_factor
     t_wait = time.perf_counter()
     for batch in iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
                                    stats=stats):
@@ -194,14 +193,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
         timings["model"] += t_stitch - t_model
         canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,
                      pred.nucleus_fraction)
-        cells = pred.cells
-        if len(cells):
-            # Region under each cell, from the tile's own core block (no canvas re-read).
-            ov = grid.spec.overlap_px
-            tile = cells[:, 0].astype(np.int64)
-            cy = ((cells[:, 3] - ov) // f).astype(np.int64).clip(0, pred.regions.shape[1] - 1)
-            cx = ((cells[:, 2] - ov) // f).astype(np.int64).clip(0, pred.regions.shape[2] - 1)
-            collector.add(batch.origins_px, cells, pred.regions[tile, cy, cx])
+        collector.add(batch.origins_px, pred.cells)
         timings["stitch"] += time.perf_counter() - t_stitch
         if progress is not None:
             progress(len(batch.index))

@@ -81,12 +81,10 @@ class CellCollector:
     _y: list = field(default_factory=list)
     _cls: list = field(default_factory=list)
     _score: list = field(default_factory=list)
-    _region: list = field(default_factory=list)
 
-    def add(self, origins_px: np.ndarray, cells: np.ndarray, region: np.ndarray) -> None:
+    def add(self, origins_px: np.ndarray, cells: np.ndarray) -> None:
         """`origins_px`: int (B, 2) tile top-left in grid px; `cells`: (N, 5) rows of
-        (tile_in_batch, class, x_px, y_px, score) in tile pixels; `region`: uint8 (N,)
-        region code under each cell."""
+        (tile_in_batch, class, x_px, y_px, score) in tile pixels."""
         if len(cells) == 0:
             return
         tile = cells[:, 0].astype(np.int64)
@@ -94,14 +92,12 @@ class CellCollector:
         self._y.append((origins_px[tile, 1] + cells[:, 3]) * self.downsample)
         self._cls.append(cells[:, 1].astype(np.int16))
         self._score.append(cells[:, 4].astype(np.float32))
-        self._region.append(np.asarray(region, dtype=np.uint8))
 
     def table(self) -> dict[str, np.ndarray]:
         """Columns ``x_px``, ``y_px`` (float64 level-0 px), ``cls`` (int16), ``score``
-        (float32), ``region`` (uint8)."""
+        (float32)."""
         if not self._x:
             return {"x_px": np.zeros(0), "y_px": np.zeros(0), "cls": np.zeros(0, np.int16),
-                    "score": np.zeros(0, np.float32), "region": np.zeros(0, np.uint8)}
+                    "score": np.zeros(0, np.float32)}
         return {"x_px": np.concatenate(self._x), "y_px": np.concatenate(self._y),
-                "cls": np.concatenate(self._cls), "score": np.concatenate(self._score),
-                "region": np.concatenate(self._region)}
+                "cls": np.concatenate(self._cls), "score": np.concatenate(self._score)}

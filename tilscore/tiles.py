@@ -246,7 +246,7 @@ def iter_tile_batches(
     use_processes: bool = False,
     stats: LoaderStats | None = None,
 ) -> Iterator[TileBatch]:
-    """Stream the grid's tiles in batches (raster order, deterministic).
+    """Stream the grid's tiles in batches (block by block; deterministic order).
 
     `slide` is an open Slide (thread mode) or a :class:`SlideRef` (either mode; needed for
     processes). Tiles that fail to decode are skipped and listed in ``stats.failed_tiles``;
