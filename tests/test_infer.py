@@ -54,7 +54,7 @@ class DarkBlobNet(nn.Module):
         smooth = nn.functional.conv2d(dark, self.kernel, padding=4)
         heat = 40.0 * (smooth - 0.5)
         b, _, h, w = x.shape
-        regions = torch.zeros(b, 4, h, w)
+        regions = torch.zeros(b, 4, h, w, device=x.device)
         regions[:, 2] = 5.0
         return torch.cat([regions, heat, torch.full_like(heat, -20.0), heat], dim=1)
 
