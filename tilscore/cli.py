@@ -87,8 +87,8 @@ def score(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
-    workers: Annotated[int, typer.Option(help="Tile decoding threads.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Tiles per model batch.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Tile decoding threads.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per model batch.")] = 8,
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
     from tilscore.pipeline import score_inputs
@@ -207,7 +207,7 @@ def demo(
 
 
 def _headline(row: dict) -> str:
-    keys = ("stromal_til_percent", "areas_mm2.tissue", "tiles", "runtime_s")
+    keys = ("stromal_til_percent", "areas_mm2.tissue", "qc.tiles", "runtime_s")
     parts = [f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))]
     return ", ".join(parts)
 

@@ -82,7 +82,10 @@ class Predictor:
                              f"{self.region_factor}")
         nms_px = card.heatmap.nms_radius_um / card.input_mpp
         self.nms_kernel = 2 * max(1, int(round(nms_px))) + 1
-        self.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.use_bf16 = False
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                self.use_bf16 = torch.cuda.is_bf16_supported()
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +82,8 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     card = engine.card
     t0 = time.perf_counter()
     final = out_dir / item.slide_id
-    work = out_dir / f".{item.slide_id}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # Unique per process and node (PIDs repeat across containers on a shared folder).
+    work = Path(tempfile.mkdtemp(prefix=f".{item.slide_id}.tmp-", dir=out_dir))
     try:
         with open_slide(item.path, mpp=mpp) as slide:
             slide_mpp = slide.mpp  # MissingMppError here names --mpp
@@ -235,7 +236,7 @@ def _jsonable(obj):
 
 def _publish(work: Path, final: Path) -> None:
     """Replace `final` by the complete `work` folder (old outputs removed only after)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
     if final.exists():
         os.replace(final, old)
     os.replace(work, final)
@@ -262,19 +263,23 @@ def score_inputs(inputs: list[str], out_dir: str | Path, stain: str = "he",
     _ensure_writable(out_dir)
     engine = Engine.load(model, stain, device)
     result = RunResult()
-    for item in items:
-        try:
-            summary = score_slide(item, out_dir, engine, stain=stain, **options)
-            result.rows.append(flatten(summary))
-        except UsageError:
-            raise
-        except (TilscoreError, MemoryError, RuntimeError, OSError, ValueError) as exc:
-            log.debug("slide %s failed", item.path, exc_info=True)
-            msg = str(exc) if isinstance(exc, TilscoreError) else f"{type(exc).__name__}: {exc}"
-            result.failures.append({"input": str(item.path), "error": msg.splitlines()[0]})
-    fields = sorted({k for row in result.rows for k in row}, key=_column_order)
-    atomic.write_csv(out_dir / "scores.csv", fields, result.rows)
-    atomic.write_csv(out_dir / "failures.csv", ["input", "error"], result.failures)
+    try:
+        for item in items:
+            try:
+                summary = score_slide(item, out_dir, engine, stain=stain, **options)
+                result.rows.append(flatten(summary))
+            except UsageError:
+                raise
+            except Exception as exc:  # one bad slide never stops the others
+                log.debug("slide %s failed", item.path, exc_info=True)
+                msg = (str(exc) if isinstance(exc, TilscoreError)
+                       else f"{type(exc).__name__}: {exc}")
+                first = msg.splitlines()[0] if msg.strip() else type(exc).__name__
+                result.failures.append({"input": str(item.path), "error": first})
+    finally:  # what was scored is recorded even if the run is interrupted
+        fields = sorted({k for row in result.rows for k in row}, key=_column_order)
+        atomic.write_csv(out_dir / "scores.csv", fields, result.rows)
+        atomic.write_csv(out_dir / "failures.csv", ["input", "error"], result.failures)
     return result
 
 

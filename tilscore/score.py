@@ -46,13 +46,14 @@ def tumour_bulk(tumour_fraction: np.ndarray, coarse_mpp: float, radius_um: float
     tumour = tumour_fraction >= 0.25
     if not tumour.any():
         return tumour
-    r = max(1, int(round(radius_um / coarse_mpp)))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disc = xx * xx + yy * yy <= r * r
-    # Pad so closing near the edge is not clipped by the array border.
-    padded = np.pad(tumour, r)
-    closed = ndi.binary_closing(padded, structure=disc)[r:-r, r:-r]
-    return ndi.binary_fill_holes(closed)
+    # Closing with a disc of radius r via Euclidean distance transforms: O(N) whatever
+    # the radius (a 63 x 63 structuring element costs ~40 s on a 25 x 50 mm slide).
+    r = max(1.0, radius_um / coarse_mpp)
+    pad = int(np.ceil(r)) + 1  # so closing near the edge is not clipped by the border
+    padded = np.pad(tumour, pad)
+    dilated = ndi.distance_transform_edt(~padded) <= r
+    closed = ndi.distance_transform_edt(dilated) > r
+    return ndi.binary_fill_holes(closed[pad:-pad, pad:-pad])
 
 
 @dataclass(frozen=True)

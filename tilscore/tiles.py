@@ -254,6 +254,8 @@ def iter_tile_batches(
     """
     import torch
 
+    if batch_size < 1 or workers < 1:
+        raise UsageError(f"batch size and workers must be ≥ 1 (got {batch_size}, {workers})")
     stats = stats if stats is not None else LoaderStats()
     if len(grid) == 0:
         return
@@ -261,7 +263,7 @@ def iter_tile_batches(
     origins = grid.origins_px
     workers = max(1, int(workers))
     executor, submit, owned_slide = _make_executor(slide, grid, workers, use_processes)
-    max_failed = max(0, int(MAX_FAILED_TILE_FRACTION * len(grid)))
+    max_failed = int(np.ceil(MAX_FAILED_TILE_FRACTION * len(grid)))  # ≥ 1 tile
     pending: deque = deque()
     buf_imgs: list[np.ndarray] = []
     buf_idx: list[np.ndarray] = []
