@@ -211,3 +211,36 @@ def test_jpeg2000_svs_matches_openslide(tmp_path, compression):
                 assert diff <= 1.0, (backend, (x, y), diff)
             level1 = slide._backend.read_level(1, 10, 20, 150, 100).astype(float)
             assert np.abs(level1 - openslide_rgb(path, 40, 80, 150, 100, level=1)).mean() <= 1.0
+
+
+def test_one_corrupt_svs_tile_does_not_poison_the_slide(tmp_path):
+    """OpenSlide leaves a handle in error state after a decode error; the backend reopens
+    it, so the loader loses only the tiles that touch the corrupt file tile."""
+    from tilscore.errors import SlideReadError
+    from tilscore.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
+
+    h, w = 1024, 1024
+    image = gradient_rgb(h, w)
+    path = tmp_path / "bad.svs"
+    head = "Aperio Image Library v12.0.15\r\n"
+    desc = f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 0.5"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, description=desc, tile=(256, 256), compression="jpeg",
+                 photometric="rgb", metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    with open(path, "r+b") as fh:  # file tile (row 1, col 1): replace its JPEG data
+        fh.seek(offset + 2)
+        fh.write(b"\x00" * (count - 4))
+    if openslide.OpenSlide.detect_format(str(path)) != "aperio":
+        pytest.skip("OpenSlide does not see the test SVS as Aperio")
+    with open_slide(path) as slide:
+        assert slide.vendor == "aperio"
+        with pytest.raises(SlideReadError):
+            slide.read(256, 256, 256, 256)
+        assert slide.read(768, 768, 64, 64).shape == (64, 64, 3)  # handle works again
+        grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(0.5, 256, 0))
+        stats = LoaderStats()
+        n = sum(len(b.index) for b in iter_tile_batches(slide, grid, batch_size=4,
+                                                        workers=2, stats=stats))
+    assert n == 15 and len(stats.failed_tiles) == 1

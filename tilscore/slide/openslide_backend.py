@@ -4,6 +4,7 @@ MIRAX, Philips, Sakura, Trestle, Ventana, Zeiss, DICOM, ...)."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ class OpenSlideBackend:
 
         self._path = Path(path)
         self._name = self._path.name
+        self._lock = threading.Lock()
+        self._retired: list = []
         try:
             self._osr = openslide.OpenSlide(str(self._path))
         except Exception as exc:
@@ -53,17 +56,38 @@ class OpenSlideBackend:
         """
         ds = self._downsamples[level]
         origin_l0 = (int(round(x * ds)), int(round(y * ds)))
+        osr = self._osr
         try:
-            rgba = np.asarray(self._osr.read_region(origin_l0, level, (width, height)))
+            rgba = np.asarray(osr.read_region(origin_l0, level, (width, height)))
         except Exception as exc:
-            # After an OpenSlideError the handle stays in error state: later reads fail too.
+            self._replace_failed_handle(osr)
             raise SlideReadError(
                 f"{self._name}: cannot decode region at level {level} ({x}, {y}): {one_line(exc)}"
             ) from exc
         return composite_on_white(rgba)
 
+    def _replace_failed_handle(self, failed) -> None:
+        """After an OpenSlideError a handle stays in error state and every later read fails,
+        so one corrupt JPEG tile would fail the whole slide. Swap in a fresh handle (once
+        per failure, whichever thread sees it first); the failed one is not closed here
+        because another thread may still be inside it, only retired until close()."""
+        import openslide
+
+        with self._lock:
+            if self._osr is not failed:
+                return  # another thread already reopened
+            try:
+                fresh = openslide.OpenSlide(str(self._path))
+            except Exception:  # cannot reopen: keep failing with the original error
+                return
+            self._retired.append(failed)
+            self._osr = fresh
+
     def close(self) -> None:
-        self._osr.close()
+        with self._lock:
+            for handle in (*self._retired, self._osr):
+                handle.close()
+            self._retired.clear()
 
 
 def _mpp_from_properties(props: dict[str, str]) -> float | None:
