@@ -41,9 +41,9 @@ def coarse_fractions(canvas, cfg: ScoreConfig, n_classes: int = 4) -> tuple[np.n
     coarse mpp."""
     f = coarse_factor(canvas, cfg)
     cols = -(-canvas.shape[1] // f)
-    bands = [np.stack([_block_mean(labels == c, f, cols) for c in range(n_classes)])
-             for _, labels, _ in _bands(canvas, f)]
-    return np.concatenate(bands, axis=1).astype(np.float32), canvas.mpp * f
+    bands = [np.stack([_block_mean(labels == c, f, cols).astype(np.float32)
+                       for c in range(n_classes)]) for _, labels, _ in _bands(canvas, f)]
+    return np.concatenate(bands, axis=1), canvas.mpp * f
 
 
 @dataclass

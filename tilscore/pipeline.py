@@ -158,7 +158,8 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) 
         "counts": counts,
         "densities_per_mm2": densities(counts, areas),
         **stromal_tils(n_bulk_stroma, areas, cfg),
-        "stromal_lymphocytes_within_50um_of_tumour_fraction": near,
+        "stromal_lymphocytes_near_tumour_fraction": near,
+        "near_tumour_um": cfg.near_tumour_um,
         "qc": {
             "tissue_mask_area_mm2": mask.area_mm2,
             "pen_fraction": mask.pen_fraction,
@@ -166,11 +167,20 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) 
             "tiles": pred.tiles,
             "failed_tiles": pred.failed_tiles,
         },
-        "warnings": _warnings(areas, pred, mask),
+        "warnings": _warnings(areas, pred, mask) + _mpp_warnings(slide),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
         "score_config": cfg.__dict__,
     }
     return summary
+
+
+def _mpp_warnings(slide) -> list[str]:
+    """--mpp overrides the file; say so when the two disagree (a folder of mixed inputs)."""
+    meta = slide.metadata_mpp
+    if slide.mpp_source == "override" and meta and abs(slide.mpp / meta - 1) > 0.05:
+        return [f"--mpp {slide.mpp:g} overrides the file's {meta:g} µm/px: areas and "
+                "densities use the override"]
+    return []
 
 
 def _warnings(areas, pred, mask) -> list[str]:

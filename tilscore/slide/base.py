@@ -91,6 +91,7 @@ class Slide:
         self.path = Path(path)
         self.vendor = backend.vendor
         self.properties = dict(backend.properties)
+        self.metadata_mpp = backend.metadata_mpp  # as the file says (None when absent)
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in backend.level_dimensions)
         self.dimensions = self.level_dimensions[0]
         w0, h0 = self.dimensions
