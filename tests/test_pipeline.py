@@ -155,3 +155,24 @@ def test_real_svs_scores(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["areas_mm2"]["tissue"] > 0.3  # ~0.66 mm² of tissue on the thumbnail
     assert summary["mpp"] == pytest.approx(0.499, abs=1e-3)
+
+
+def test_rerun_skips_done_slides_and_scores_csv_keeps_one_row_each(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.fromarray(np.full((300, 300, 3), 245, np.uint8)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    args = ("--mpp", "0.5", "--out", out, "--device", "cpu")
+    assert run("score", tmp_path / "a.png", *args).returncode == 0
+    first = (out / "a" / "summary.json").stat().st_mtime_ns
+    proc = run("score", tmp_path / "a.png", tmp_path / "b.png", *args)
+    assert proc.returncode == 0 and "a: " in proc.stdout and "already scored" in proc.stdout
+    assert (out / "a" / "summary.json").stat().st_mtime_ns == first  # not recomputed
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert sorted(r["slide"] for r in rows) == ["a", "b"]
+    summary = json.loads((out / "b" / "summary.json").read_text())
+    assert len(summary["config_hash"]) == 16 and "score" in summary["command"]
+    assert run("score", tmp_path / "a.png", *args, "--overwrite").returncode == 0
+    assert (out / "a" / "summary.json").stat().st_mtime_ns != first
+    assert len(list(csv.DictReader(open(out / "scores.csv")))) == 2

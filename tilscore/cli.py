@@ -89,6 +89,8 @@ def score(
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Tile decoding threads.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per model batch.")] = 8,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Re-score slides whose outputs already exist.")] = False,
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
     from tilscore.pipeline import score_inputs
@@ -96,9 +98,11 @@ def score(
 
     _check_stain(stain)
     result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, model=model,
-                          cfg=load_score_config(config), workers=workers, batch_size=batch_size)
+                          cfg=load_score_config(config), workers=workers, batch_size=batch_size,
+                          overwrite=overwrite)
     for row in result.rows:
-        typer.echo(f"{row['slide']}: {_headline(row)}")
+        done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
+        typer.echo(f"{row['slide']}: {_headline(row)}{done}")
     for failure in result.failures:
         name, error = Path(failure["input"]).name, failure["error"]
         typer.echo(f"tilscore: error: {error if error.startswith(name) else name + ': ' + error}",

@@ -8,9 +8,12 @@ never leaves a half-written slide folder; a failing slide is recorded in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -64,8 +67,11 @@ class Engine:
 
 @dataclass
 class RunResult:
+    """This run's rows (scored or skipped), failures, and ids skipped as already done."""
+
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
@@ -153,6 +159,8 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) 
         "mpp": slide.mpp,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256},
         "tilscore_version": __version__,
+        "config_hash": config_hash(engine, stain, cfg),
+        "command": " ".join(sys.argv),
         "device": str(engine.device),
         "areas_mm2": areas.as_dict(),
         "counts": counts,
@@ -253,6 +261,41 @@ def _publish(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def config_hash(engine: Engine, stain: str, cfg: ScoreConfig) -> str:
+    """Short hash of everything that changes a slide's numbers besides the slide itself
+    (the model is identified separately by its sha256)."""
+    card = engine.card
+    key = {"stain": stain, "score": cfg.__dict__, "tile_px": card.tile_px,
+           "overlap_px": card.overlap_px, "input_mpp": card.input_mpp,
+           "heatmap": card.heatmap.model_dump(), "tilscore": __version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def completed_summary(out_dir: Path, item: InputSlide, engine: Engine, stain: str,
+                      cfg: ScoreConfig) -> dict | None:
+    """The existing summary of `item` if its outputs are complete and were made with the
+    same model and configuration (summary.json is written last, so it marks completeness)."""
+    path = out_dir / item.slide_id / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same_model = summary.get("model", {}).get("sha256") == engine.card.sha256
+    same_config = summary.get("config_hash") == config_hash(engine, stain, cfg)
+    return summary if same_model and same_config else None
+
+
+def all_summaries(out_dir: Path) -> list[dict]:
+    """Every complete slide summary under `out_dir` (one per slide folder)."""
+    rows = []
+    for path in sorted(out_dir.glob("*/summary.json")):
+        try:
+            rows.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            log.warning("unreadable summary %s skipped in scores.csv", path)
+    return rows
+
+
 def flatten(summary: dict, prefix: str = "") -> dict:
     """Scalar fields of a nested summary as a flat dict with dotted keys."""
     flat = {}
@@ -266,17 +309,30 @@ def flatten(summary: dict, prefix: str = "") -> dict:
 
 
 def score_inputs(inputs: list[str], out_dir: str | Path, stain: str = "he",
-                 model: str | None = None, device: str = "auto", **options) -> RunResult:
-    """Score every input; failures are collected, not raised (UsageError still raises)."""
+                 model: str | None = None, device: str = "auto", overwrite: bool = False,
+                 cfg: ScoreConfig | None = None, **options) -> RunResult:
+    """Score every input; failures are collected, not raised (UsageError still raises).
+
+    Slides whose complete outputs exist with the same model and configuration are
+    skipped (``overwrite`` redoes them). ``scores.csv`` is rebuilt from every summary in
+    `out_dir`, so it has exactly one row per scored slide across runs; ``failures.csv``
+    lists this run's failures.
+    """
     out_dir = Path(out_dir)
+    cfg = cfg or ScoreConfig()
     items = expand_inputs(inputs)
     _ensure_writable(out_dir)
     engine = Engine.load(model, stain, device)
     result = RunResult()
     try:
         for item in items:
+            done = None if overwrite else completed_summary(out_dir, item, engine, stain, cfg)
+            if done is not None:
+                result.skipped.append(item.slide_id)
+                result.rows.append(flatten(done))
+                continue
             try:
-                summary = score_slide(item, out_dir, engine, stain=stain, **options)
+                summary = score_slide(item, out_dir, engine, stain=stain, cfg=cfg, **options)
                 result.rows.append(flatten(summary))
             except UsageError:
                 raise
@@ -287,8 +343,9 @@ def score_inputs(inputs: list[str], out_dir: str | Path, stain: str = "he",
                 first = msg.splitlines()[0] if msg.strip() else type(exc).__name__
                 result.failures.append({"input": str(item.path), "error": first})
     finally:  # what was scored is recorded even if the run is interrupted
-        fields = sorted({k for row in result.rows for k in row}, key=_column_order)
-        atomic.write_csv(out_dir / "scores.csv", fields, result.rows)
+        rows = [flatten(s) for s in all_summaries(out_dir)]
+        fields = sorted({k for row in rows for k in row}, key=_column_order)
+        atomic.write_csv(out_dir / "scores.csv", fields, rows)
         atomic.write_csv(out_dir / "failures.csv", ["input", "error"], result.failures)
     return result
 
