@@ -91,6 +91,7 @@ def score(
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per model batch.")] = 8,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Re-score slides whose outputs already exist.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
     from tilscore.pipeline import score_inputs
@@ -99,7 +100,7 @@ def score(
     _check_stain(stain)
     result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, model=model,
                           cfg=load_score_config(config), workers=workers, batch_size=batch_size,
-                          overwrite=overwrite)
+                          overwrite=overwrite, quiet=quiet)
     for row in result.rows:
         done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
         typer.echo(f"{row['slide']}: {_headline(row)}{done}")

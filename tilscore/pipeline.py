@@ -76,8 +76,11 @@ class RunResult:
 
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
-                workers: int = 2, batch_size: int = 8) -> dict:
-    """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict."""
+                workers: int = 2, batch_size: int = 8, quiet: bool = False) -> dict:
+    """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
+
+    A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and not
+    `quiet`."""
     from tilscore.aggregate import region_summary
     from tilscore.infer import predict_slide
     from tilscore.slide import open_slide
@@ -97,8 +100,10 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
             spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
             grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
-            pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
-                                 workers=workers, batch_size=batch_size, tissue=mask)
+            with _tile_bar(item.slide_id, len(grid), quiet) as bar:
+                pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
+                                     workers=workers, batch_size=batch_size, tissue=mask,
+                                     progress=bar.update)
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
             summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg)
@@ -111,6 +116,14 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _tile_bar(slide_id: str, total: int, quiet: bool):
+    from tqdm import tqdm
+
+    # disable=None: shown only on a terminal, so logs and CI stay clean.
+    return tqdm(total=total, desc=slide_id, unit="tile", disable=True if quiet else None,
+                dynamic_ncols=True, leave=False)
 
 
 def _overlay_mpp(slide) -> float:
