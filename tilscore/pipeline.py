@@ -39,7 +39,6 @@ OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 class Engine:
     """What stays loaded across slides: the model, its card, the device, the predictor."""
 
-    model_name: str
     card: object
     device: object
     predictor: object
@@ -62,7 +61,7 @@ class Engine:
         if stain not in card.stains:
             raise UsageError(f"model {card.name} does not support stain {stain!r} "
                              f"(it supports: {', '.join(card.stains)})")
-        return cls(str(name), card, dev, Predictor(net, card, dev))
+        return cls(card, dev, Predictor(net, card, dev))
 
 
 @dataclass
@@ -106,7 +105,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                                      progress=bar.update)
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
-            summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg)
+            summary = _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg)
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             summary["runtime_s"] = round(time.perf_counter() - t0, 3)
@@ -154,7 +153,7 @@ def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
     }
 
 
-def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) -> dict:
+def _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg) -> dict:
     from tilscore.score import counts_by_compartment, densities, fraction_near, stromal_tils
 
     card = engine.card
@@ -226,6 +225,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card
     from tilscore.io.geojson import write_cells_geojson, write_regions_geojson
     from tilscore.io.ome_zarr import write_ome_zarr
     from tilscore.io.overlay import write_overlay_png
+    from tilscore.score import COMPARTMENT_OF_REGION as region_names
     from tilscore.score import density_map
 
     write_cells_csv(work / "cells.csv", {k: cells[k] for k in
@@ -233,7 +233,6 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card
                                           "compartment", "score")})
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS)
-    region_names = {1: "tumour", 2: "stroma", 3: "other"}
     write_regions_geojson(work / "regions.geojson", regions.labels,
                           regions.coarse_mpp / slide_mpp, region_names, CLASS_COLORS,
                           mpp_l0=slide_mpp)
