@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from tilscore.errors import TilscoreError, UsageError
+from tilscore.inputs import check_stain
 
 app = typer.Typer(
     add_completion=False,
@@ -71,7 +72,7 @@ def synth(
     """Write a synthetic pyramidal TIFF slide with exact ground truth beside it."""
     from tilscore.synth import write_synthetic_slide
 
-    _check_stain(stain)
+    check_stain(stain)
     res = write_synthetic_slide(
         out, stain=stain, seed=seed, size_px=size, mpp=mpp, pen_marks=pen, blur_sigma_px=blur
     )
@@ -80,27 +81,48 @@ def synth(
 
 @app.command()
 def score(
-    inputs: Annotated[list[str], typer.Argument(help="Slides, images, folders.")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="Slides, images, folders, globs ('slides/*.svs') or CSV manifests.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
+    stain: Annotated[str, typer.Option(help="he, cd20 or foxp3 (a manifest may set it "
+                                            "per slide).")] = "he",
     mpp: Annotated[float | None, typer.Option(help="Override µm/px (plain images).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="One worker process per device: 'cuda:0,cuda:1' or 'all' (default with "
+             "several GPUs and --device auto).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Slide worker processes (CPU nodes, "
+                                                     "or per --cluster).")] = 1,
+    cluster: Annotated[str | None, typer.Option(
+        help="Dask: 'local', 'tcp://HOST:8786' (a running scheduler) or 'slurm'.")] = None,
+    cluster_config: Annotated[Path | None, typer.Option(
+        help="YAML with Slurm settings (default configs/cluster.yaml).")] = None,
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Tile decoding threads.")] = 2,
+    read_threads: Annotated[int, typer.Option(min=1, help="Tile decoding threads per "
+                                                          "slide.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per model batch.")] = 8,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Re-score slides whose outputs already exist.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    fail_fast: Annotated[bool, typer.Option(
+        "--fail-fast", help="Stop at the first failing slide.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    log_file: Annotated[Path | None, typer.Option(
+        help="Append a timestamped log of every slide (for cluster jobs).")] = None,
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
-    from tilscore.pipeline import score_inputs
+    from tilscore.batch import BatchOptions, score_inputs
     from tilscore.score_config import load_score_config
 
-    _check_stain(stain)
-    result = score_inputs(inputs, out, stain=stain, mpp=mpp, device=device, model=model,
-                          cfg=load_score_config(config), workers=workers, batch_size=batch_size,
-                          overwrite=overwrite, quiet=quiet)
+    check_stain(stain)
+    if log_file is not None:
+        _log_to_file(log_file)
+    opts = BatchOptions(
+        stain=stain, model=model, device=device, cfg=load_score_config(config), mpp=mpp,
+        devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
+        overwrite=overwrite, fail_fast=fail_fast, quiet=quiet, read_threads=read_threads,
+        batch_size=batch_size, cluster=cluster, workers=workers, cluster_config=cluster_config)
+    result = score_inputs(inputs, out, opts)
     for row in result.rows:
         done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
         typer.echo(f"{row['slide']}: {_headline(row)}{done}")
@@ -108,9 +130,25 @@ def score(
         name, error = Path(failure["input"]).name, failure["error"]
         typer.echo(f"tilscore: error: {error if error.startswith(name) else name + ': ' + error}",
                    err=True)
-    typer.echo(f"outputs in {out.resolve()}")
+    typer.echo(f"{len(result.scored)} scored, {len(result.skipped)} skipped (already done), "
+               f"{len(result.failures)} failed; outputs in {out.resolve()}")
     if result.failures:
         raise typer.Exit(1)
+
+
+def _log_to_file(path: Path) -> None:
+    """INFO and above from tilscore to `path` (appended), without changing the console."""
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write log file {path}: {exc.strerror}") from exc
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    for h in root.handlers:  # the console keeps the level --verbose/--debug chose
+        h.setLevel(root.level)
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    log.addHandler(handler)
 
 
 @app.command()
@@ -196,7 +234,7 @@ def demo(
     size: Annotated[int, typer.Option(help="Side of the synthetic slide in px.")] = 4096,
 ):
     """Generate a synthetic H&E slide and score it (the quick-start job)."""
-    from tilscore.pipeline import score_inputs
+    from tilscore.batch import score_inputs
     from tilscore.synth import write_synthetic_slide
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,14 +253,6 @@ def _headline(row: dict) -> str:
     keys = ("stromal_til_percent", "areas_mm2.tissue", "qc.tiles", "runtime_s")
     parts = [f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))]
     return ", ".join(parts)
-
-
-STAINS = ("he", "cd20", "foxp3")
-
-
-def _check_stain(stain: str) -> None:
-    if stain not in STAINS:
-        raise UsageError(f"unknown stain {stain!r}; valid: {', '.join(STAINS)}")
 
 
 def main(argv: list[str] | None = None) -> int:

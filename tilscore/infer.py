@@ -39,13 +39,18 @@ def select_device(spec: str = "auto") -> torch.device:
     raise UsageError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N")
 
 
-def configure_cpu_threads(reserve_for_loader: int = 0) -> int:
-    """Use every core we are allowed for intra-op parallelism (affinity-aware)."""
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware: cgroups, taskset, Slurm)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    n = max(1, cores - reserve_for_loader)
+        return os.cpu_count() or 1
+
+
+def configure_cpu_threads(reserve_for_loader: int = 0, threads: int | None = None) -> int:
+    """Intra-op threads: `threads` when given (workers sharing a node), else every core
+    we are allowed minus `reserve_for_loader`."""
+    n = max(1, threads if threads is not None else usable_cores() - reserve_for_loader)
     torch.set_num_threads(n)
     return n
 

@@ -13,18 +13,19 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tilscore import __version__
-from tilscore.errors import InputError, TilscoreError, UsageError
-from tilscore.inputs import InputSlide, expand_inputs
+from tilscore.errors import InputError, UsageError
+from tilscore.inputs import InputSlide
 from tilscore.io import atomic
 from tilscore.score import ScoreConfig
 
@@ -44,42 +45,46 @@ class Engine:
     predictor: object
 
     @classmethod
-    def load(cls, model: str | None, stain: str, device: str = "auto") -> Engine:
+    def load(cls, model: str | None, stain: str, device: str = "auto",
+             cpu_threads: int | None = None) -> Engine:
+        """`cpu_threads`: torch threads on CPU (None: every usable core)."""
         from tilscore.infer import Predictor, configure_cpu_threads, select_device
         from tilscore.models import load_model
-        from tilscore.models.registry import MODELS_DIR
 
         dev = select_device(device)
         if dev.type == "cpu":
-            configure_cpu_threads()
-        name = model or DEFAULT_MODELS[stain]
-        if model is None and not (MODELS_DIR / name / "card.json").exists():
-            shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
-            raise UsageError(f"no default model for stain {stain!r} is installed "
-                             f"(shipped: {', '.join(shipped) or 'none'}); pass --model")
-        net, card = load_model(name)
-        if stain not in card.stains:
-            raise UsageError(f"model {card.name} does not support stain {stain!r} "
-                             f"(it supports: {', '.join(card.stains)})")
+            configure_cpu_threads(threads=cpu_threads)
+        model_card(model, stain)  # a clear error before any weights are read
+        net, card = load_model(model or DEFAULT_MODELS[stain])
         return cls(card, dev, Predictor(net, card, dev))
 
 
-@dataclass
-class RunResult:
-    """This run's rows (scored or skipped), failures, and ids skipped as already done."""
+def model_card(model: str | None, stain: str):
+    """The card of `model` (None: the stain's default), checked to support `stain`;
+    reads only card.json, so a batch client can decide what to skip without weights."""
+    from tilscore.models.card import ModelCard
+    from tilscore.models.registry import MODELS_DIR, resolve_model_dir
 
-    rows: list[dict] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    name = model or DEFAULT_MODELS[stain]
+    if model is None and not (MODELS_DIR / name / "card.json").exists():
+        shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
+        raise UsageError(f"no default model for stain {stain!r} is installed "
+                         f"(shipped: {', '.join(shipped) or 'none'}); pass --model")
+    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    if stain not in card.stains:
+        raise UsageError(f"model {card.name} does not support stain {stain!r} "
+                         f"(it supports: {', '.join(card.stains)})")
+    return card
 
 
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
-                workers: int = 2, batch_size: int = 8, quiet: bool = False) -> dict:
+                read_threads: int = 2, batch_size: int = 8, quiet: bool = False) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
 
-    A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and not
-    `quiet`."""
+    `mpp` overrides the file's pixel size unless the input carries its own (a manifest
+    row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
+    not `quiet`."""
     from tilscore.aggregate import region_summary
     from tilscore.infer import predict_slide
     from tilscore.slide import open_slide
@@ -90,10 +95,12 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     card = engine.card
     t0 = time.perf_counter()
     final = out_dir / item.slide_id
-    # Unique per process and node (PIDs repeat across containers on a shared folder).
-    work = Path(tempfile.mkdtemp(prefix=f".{item.slide_id}.tmp-", dir=out_dir))
+    # Host and PID in the name: a later run removes it if this process was killed
+    # (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique across containers.
+    work = Path(tempfile.mkdtemp(prefix=f".{item.slide_id}.tmp-{_host_tag()}-{os.getpid()}-",
+                                 dir=out_dir))
     try:
-        with open_slide(item.path, mpp=mpp) as slide:
+        with open_slide(item.path, mpp=item.mpp if item.mpp is not None else mpp) as slide:
             slide_mpp = slide.mpp  # MissingMppError here names --mpp
             thumb = slide.thumbnail(THUMBNAIL_MPP)
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
@@ -101,7 +108,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
             with _tile_bar(item.slide_id, len(grid), quiet) as bar:
                 pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
-                                     workers=workers, batch_size=batch_size, tissue=mask,
+                                     workers=read_threads, batch_size=batch_size, tissue=mask,
                                      progress=bar.update)
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
@@ -171,7 +178,7 @@ def _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg) -> dic
         "mpp": slide.mpp,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256},
         "tilscore_version": __version__,
-        "config_hash": config_hash(engine, stain, cfg),
+        "config_hash": config_hash(engine.card, stain, cfg),
         "command": " ".join(sys.argv),
         "device": str(engine.device),
         "areas_mm2": areas.as_dict(),
@@ -190,6 +197,7 @@ def _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg) -> dic
         "warnings": _warnings(areas, pred, mask) + _mpp_warnings(slide),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
         "score_config": cfg.__dict__,
+        "metadata": dict(item.metadata),  # pass-through manifest columns
     }
     return summary
 
@@ -273,108 +281,40 @@ def _publish(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def config_hash(engine: Engine, stain: str, cfg: ScoreConfig) -> str:
+def config_hash(card, stain: str, cfg: ScoreConfig) -> str:
     """Short hash of everything that changes a slide's numbers besides the slide itself
     (the model is identified separately by its sha256)."""
-    card = engine.card
     key = {"stain": stain, "score": cfg.__dict__, "tile_px": card.tile_px,
            "overlap_px": card.overlap_px, "input_mpp": card.input_mpp,
            "heatmap": card.heatmap.model_dump(), "tilscore": __version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def completed_summary(out_dir: Path, item: InputSlide, engine: Engine, stain: str,
-                      cfg: ScoreConfig) -> dict | None:
-    """The existing summary of `item` if its outputs are complete and were made with the
-    same model and configuration (summary.json is written last, so it marks completeness)."""
-    path = out_dir / item.slide_id / "summary.json"
+def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
+    """Delete work folders left in `out_dir` by killed runs on this host (their process is
+    gone); folders of live processes or other hosts sharing the folder are left alone."""
+    removed = []
+    host = _host_tag()
+    for path in out_dir.glob(".*.tmp-*"):
+        tag = path.name.rsplit(".tmp-", 1)[1].split("-")
+        if len(tag) >= 2 and tag[0] == host and tag[1].isdigit() and not _pid_alive(int(tag[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _host_tag() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    same_model = summary.get("model", {}).get("sha256") == engine.card.sha256
-    same_config = summary.get("config_hash") == config_hash(engine, stain, cfg)
-    return summary if same_model and same_config else None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def all_summaries(out_dir: Path) -> list[dict]:
-    """Every complete slide summary under `out_dir` (one per slide folder)."""
-    rows = []
-    for path in sorted(out_dir.glob("*/summary.json")):
-        try:
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            log.warning("unreadable summary %s skipped in scores.csv", path)
-    return rows
-
-
-def flatten(summary: dict, prefix: str = "") -> dict:
-    """Scalar fields of a nested summary as a flat dict with dotted keys."""
-    flat = {}
-    for key, value in summary.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-    return flat
-
-
-def score_inputs(inputs: list[str], out_dir: str | Path, stain: str = "he",
-                 model: str | None = None, device: str = "auto", overwrite: bool = False,
-                 cfg: ScoreConfig | None = None, **options) -> RunResult:
-    """Score every input; failures are collected, not raised (UsageError still raises).
-
-    Slides whose complete outputs exist with the same model and configuration are
-    skipped (``overwrite`` redoes them). ``scores.csv`` is rebuilt from every summary in
-    `out_dir`, so it has exactly one row per scored slide across runs; ``failures.csv``
-    lists this run's failures.
-    """
-    out_dir = Path(out_dir)
-    cfg = cfg or ScoreConfig()
-    items = expand_inputs(inputs)
-    _ensure_writable(out_dir)
-    engine = Engine.load(model, stain, device)
-    result = RunResult()
-    try:
-        for item in items:
-            done = None if overwrite else completed_summary(out_dir, item, engine, stain, cfg)
-            if done is not None:
-                result.skipped.append(item.slide_id)
-                result.rows.append(flatten(done))
-                continue
-            try:
-                summary = score_slide(item, out_dir, engine, stain=stain, cfg=cfg, **options)
-                result.rows.append(flatten(summary))
-            except UsageError:
-                raise
-            except Exception as exc:  # one bad slide never stops the others
-                log.debug("slide %s failed", item.path, exc_info=True)
-                msg = (str(exc) if isinstance(exc, TilscoreError)
-                       else f"{type(exc).__name__}: {exc}")
-                first = msg.splitlines()[0] if msg.strip() else type(exc).__name__
-                result.failures.append({"input": str(item.path), "error": first})
-    finally:  # what was scored is recorded even if the run is interrupted
-        rows = [flatten(s) for s in all_summaries(out_dir)]
-        fields = sorted({k for row in rows for k in row}, key=_column_order)
-        atomic.write_csv(out_dir / "scores.csv", fields, rows)
-        atomic.write_csv(out_dir / "failures.csv", ["input", "error"], result.failures)
-    return result
-
-
-def _column_order(key: str) -> tuple[int, str]:
-    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger")
-    return (first.index(key), "") if key in first else (len(first), key)
-
-
-def _ensure_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".tilscore-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"output folder {out_dir} is not writable: {exc.strerror}") from exc
-
-
-__all__ = ["Engine", "InputError", "RunResult", "score_inputs", "score_slide"]
+__all__ = ["Engine", "InputError", "config_hash", "score_slide"]

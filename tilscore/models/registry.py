@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tilscore.errors import UsageError
 from tilscore.models.card import ModelCard
 
-# Where shipped models live: <repo or install>/models/<name>/
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+# Shipped models: <models dir>/<name>/{card.json, weights.safetensors}.
+# Shipped models sit beside the package in a source checkout; an installed copy (Docker,
+# a wheel) points TILSCORE_MODELS_DIR at its models/ folder.
+MODELS_DIR = Path(os.environ.get("TILSCORE_MODELS_DIR")
+                  or Path(__file__).resolve().parents[2] / "models")
 
 # name -> (smp class name, default kwargs). Encoders start from random weights: nothing is
 # downloaded (encoder_weights=None).

