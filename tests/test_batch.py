@@ -130,7 +130,8 @@ def test_fail_fast_stops_at_the_first_failure_and_log_file_records(slides, tmp_p
     bad = tmp_path / "corrupt.tiff"
     bad.write_bytes(b"II*\x00" + b"\x00" * 64)
     assert main(["score", str(bad), str(slides[0]), "--out", str(out), "--device", "cpu",
-                 "--fail-fast", "--quiet", "--log-file", str(log_file)]) == 1
+                 "--fail-fast", "--quiet", "--log-file", str(log_file), "--no-report"]) == 1
+    assert not (out / "report.html").exists()
     assert not (out / slides[0].stem).exists()  # never started
     failures = list(csv.DictReader(open(out / "failures.csv")))
     assert [f["input"] for f in failures] == [str(bad)]
@@ -152,6 +153,7 @@ def test_manifest_metadata_reaches_summary_and_scores_csv(slides, tmp_path):
     assert summary["metadata"] == {"sample_type": "primary"}
     (row,) = _rows(out)
     assert row["slide"] == "case-1" and row["metadata.sample_type"] == "primary"
+    assert "case-1" in (out / "report.html").read_text()  # refreshed after the batch
 
 
 def test_dask_local_cluster_gives_the_sequential_results(slides, tmp_path):

@@ -46,6 +46,7 @@ class BatchOptions:
     cluster: str | None = None
     workers: int = 1
     cluster_config: Path | None = None
+    report: bool = True  # write or refresh OUT/report.html at the end
 
 
 @dataclass
@@ -92,7 +93,19 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
             _run_on_cluster(todo, out_dir, opts, devices, result)
     finally:  # what was scored is recorded even if the run is interrupted
         write_tables(out_dir, result.failures)
+    if opts.report and (result.rows or result.failures):
+        _refresh_report(out_dir)
     return result
+
+
+def _refresh_report(out_dir: Path) -> None:
+    """The cohort report is a convenience: its failure never fails the batch."""
+    from tilscore.report import write_report
+
+    try:
+        write_report(out_dir)
+    except Exception as exc:  # reported; the scores stand
+        log.warning("report.html not written: %s", one_line(exc))
 
 
 def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,

@@ -109,8 +109,11 @@ def score(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     log_file: Annotated[Path | None, typer.Option(
         help="Append a timestamped log of every slide (for cluster jobs).")] = None,
+    report: Annotated[bool, typer.Option(
+        "--report/--no-report", help="Write or refresh DIR/report.html at the end.")] = True,
 ):
-    """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv and DIR/failures.csv."""
+    """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
+    DIR/report.html."""
     from tilscore.batch import BatchOptions, score_inputs
     from tilscore.score_config import load_score_config
 
@@ -121,7 +124,8 @@ def score(
         stain=stain, model=model, device=device, cfg=load_score_config(config), mpp=mpp,
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         overwrite=overwrite, fail_fast=fail_fast, quiet=quiet, read_threads=read_threads,
-        batch_size=batch_size, cluster=cluster, workers=workers, cluster_config=cluster_config)
+        batch_size=batch_size, cluster=cluster, workers=workers, cluster_config=cluster_config,
+        report=report)
     result = score_inputs(inputs, out, opts)
     for row in result.rows:
         done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
@@ -247,6 +251,21 @@ def demo(
     typer.echo(f"outputs in {(out / 'demo_slide').resolve()}")
     if result.failures:
         raise TilscoreError(result.failures[0]["error"])
+
+
+@app.command()
+def report(
+    out_dir: Annotated[Path, typer.Argument(metavar="DIR",
+                                            help="Output folder of `tilscore score`.")],
+    group_by: Annotated[str | None, typer.Option(
+        help="Split distributions by this column (metadata or scores.csv).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="HTML file (default DIR/report.html).")] = None,
+):
+    """Write a self-contained HTML report of a scored folder: table, plots, maps."""
+    from tilscore.report import write_report
+
+    typer.echo(str(write_report(out_dir, group_by=group_by, path=out)))
 
 
 def _headline(row: dict) -> str:

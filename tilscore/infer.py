@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tilscore.errors import UsageError
+from tilscore.qc import focus_measure
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,14 @@ class TilePredictions:
     (f = region_factor); ``cells``: float32 (N, 5) rows of (tile_in_batch, class,
     x_px, y_px, score), x/y in tile pixels (pixel centres, .5); ``nucleus_fraction``:
     float32 (B, core/f, core/f) fraction of each region pixel covered by predicted
-    lymphocyte nuclei (None when the model has no nucleus channel).
+    lymphocyte nuclei (None when the model has no nucleus channel); ``focus``: float32
+    (B,) QC focus measure of each core (tilscore.qc.focus_measure).
     """
 
     regions: np.ndarray
     cells: np.ndarray
     nucleus_fraction: np.ndarray | None
+    focus: np.ndarray
 
 
 class Predictor:
@@ -116,10 +119,12 @@ class Predictor:
         if self.card.nucleus_mask:
             mask = (logits[:, r + c, ov : ov + core, ov : ov + core] > 0).float()
             nucleus = F.avg_pool2d(mask[:, None], f)[:, 0]
+        focus = focus_measure(x, core=(ov, ov + core))
         return TilePredictions(
             regions=regions.cpu().numpy(),
             cells=cells.cpu().numpy(),
             nucleus_fraction=None if nucleus is None else nucleus.cpu().numpy(),
+            focus=focus.cpu().numpy(),
         )
 
     def _peaks(self, heat: torch.Tensor) -> torch.Tensor:
@@ -165,7 +170,8 @@ class SlidePrediction:
     ``canvas``: :class:`~tilscore.stitch.RegionCanvas` (zarr-backed region labels and
     lymphocyte-nucleus coverage); ``cells``: columns ``x_px``, ``y_px`` (float64 level-0
     px), ``cls`` (int16 index into card.cell_classes), ``score`` (float32);
-    ``tiles``/``failed_tiles``: counts;
+    ``tiles``/``failed_tiles``: counts; ``focus``: float32 (len(grid),) QC focus
+    measure per tile in grid order (NaN: not measured or failed);
     ``timings_s``: seconds per stage (``read`` = waiting for the loader, ``model``,
     ``stitch``).
     """
@@ -175,6 +181,7 @@ class SlidePrediction:
     tiles: int
     failed_tiles: int
     timings_s: dict
+    focus: np.ndarray
 
 
 def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 2,
@@ -191,6 +198,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
     collector = CellCollector(grid.downsample)
     stats = LoaderStats()
     timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}
+    focus = np.full(len(grid), np.nan, np.float32)
     t_wait = time.perf_counter()
     for batch in iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
                                    stats=stats):
@@ -202,9 +210,10 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
         canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,
                      pred.nucleus_fraction)
         collector.add(batch.origins_px, pred.cells)
+        focus[batch.index] = pred.focus
         timings["stitch"] += time.perf_counter() - t_stitch
         if progress is not None:
             progress(len(batch.index))
         t_wait = time.perf_counter()
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
-                           timings)
+                           timings, focus)

@@ -112,7 +112,8 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                                      progress=bar.update)
             regions = region_summary(pred.canvas, cfg)
             cells = _cell_table(pred.cells, card, slide_mpp, regions)
-            summary = _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg)
+            summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells,
+                               cfg)
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             summary["runtime_s"] = round(time.perf_counter() - t0, 3)
@@ -160,7 +161,7 @@ def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
     }
 
 
-def _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg) -> dict:
+def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) -> dict:
     from tilscore.score import counts_by_compartment, densities, fraction_near, stromal_tils
 
     card = engine.card
@@ -187,19 +188,34 @@ def _summary(item, stain, slide, engine, mask, pred, regions, cells, cfg) -> dic
         **stromal_tils(n_bulk_stroma, areas, cfg),
         "stromal_lymphocytes_near_tumour_fraction": near,
         "near_tumour_um": cfg.near_tumour_um,
-        "qc": {
-            "tissue_mask_area_mm2": mask.area_mm2,
-            "pen_fraction": mask.pen_fraction,
-            "mpp_source": slide.mpp_source,
-            "tiles": pred.tiles,
-            "failed_tiles": pred.failed_tiles,
-        },
+        "qc": _qc(stain, slide, mask, pred, grid),
         "warnings": _warnings(areas, pred, mask) + _mpp_warnings(slide),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
         "score_config": cfg.__dict__,
         "metadata": dict(item.metadata),  # pass-through manifest columns
     }
     return summary
+
+
+def _qc(stain, slide, mask, pred, grid) -> dict:
+    """QC numbers measured while scoring, and the flags they raise (tilscore.qc)."""
+    from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags
+
+    threshold = focus_threshold(stain)
+    qc = {
+        "tissue_mask_area_mm2": mask.area_mm2,
+        "pen_fraction": mask.pen_fraction,
+        "mpp_source": slide.mpp_source,
+        "tiles": pred.tiles,
+        "failed_tiles": pred.failed_tiles,
+        "out_of_focus_fraction": out_of_focus_fraction(pred.focus, grid.tissue_fraction,
+                                                       threshold),
+        "focus_threshold": threshold,
+        "focus_median": (float(np.nanmedian(pred.focus))
+                         if np.isfinite(pred.focus).any() else None),
+    }
+    qc["flags"] = qc_flags(qc, stain)
+    return qc
 
 
 def _mpp_warnings(slide) -> list[str]:
@@ -275,6 +291,7 @@ def _jsonable(obj):
 def _publish(work: Path, final: Path) -> None:
     """Replace `final` by the complete `work` folder (old outputs removed only after)."""
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+    os.chmod(work, 0o777 & ~atomic.UMASK)  # mkdtemp makes 0700; outputs are shared
     if final.exists():
         os.replace(final, old)
     os.replace(work, final)

@@ -60,7 +60,9 @@ class TileGrid:
     """The tiles to process. Arrays have one entry per tile, in raster order.
 
     ``cols``/``rows``: int64 (N,) grid cell indices; ``n_cols``/``n_rows``: the full
-    grid extent; ``downsample``: level-0 px per grid px (spec.mpp / slide mpp).
+    grid extent; ``downsample``: level-0 px per grid px (spec.mpp / slide mpp);
+    ``tissue_fraction``: float64 (N,) fraction of each core that the tissue mask calls
+    tissue (1 without a mask).
     """
 
     spec: TileSpec
@@ -70,6 +72,7 @@ class TileGrid:
     n_rows: int
     cols: np.ndarray
     rows: np.ndarray
+    tissue_fraction: np.ndarray | None = None
 
     @property
     def downsample(self) -> float:
@@ -116,11 +119,13 @@ def tile_grid(
     n_rows = max(1, int(np.ceil(h0 / ds / core)))
     rows, cols = np.mgrid[0:n_rows, 0:n_cols]
     rows, cols = rows.ravel().astype(np.int64), cols.ravel().astype(np.int64)
+    frac = np.ones(rows.size)
     if mask is not None:
-        frac = _core_tissue_fraction(mask, spec, n_cols, n_rows)
-        keep = frac.ravel() > min_tissue_fraction
-        rows, cols = rows[keep], cols[keep]
-    return TileGrid(spec, float(slide_mpp), (int(w0), int(h0)), n_cols, n_rows, cols, rows)
+        frac = _core_tissue_fraction(mask, spec, n_cols, n_rows).ravel()
+        keep = frac > min_tissue_fraction
+        rows, cols, frac = rows[keep], cols[keep], frac[keep]
+    return TileGrid(spec, float(slide_mpp), (int(w0), int(h0)), n_cols, n_rows, cols, rows,
+                    frac)
 
 
 def _core_tissue_fraction(mask, spec: TileSpec, n_cols: int, n_rows: int) -> np.ndarray:
