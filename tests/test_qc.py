@@ -41,7 +41,8 @@ def test_focus_measure_separates_sharp_from_defocused_tissue():
 def test_flags_have_codes_and_plain_messages():
     qc = {"out_of_focus_fraction": 0.18, "pen_fraction": 0.03, "mpp_source": "override",
           "failed_tiles": 2, "tiles": 100, "tissue_mask_area_mm2": 0.1,
-          "stain_vectors": {"angle_deg": {"haematoxylin": 4.0, "dab": 22.0}}}
+          "stain_vectors": {"source": "estimated",
+                            "angle_deg": {"haematoxylin": 4.0, "dab": 22.0}}}
     flags = {f["code"]: f["message"] for f in qc_flags(qc, "he")}
     assert set(flags) == {"blur", "pen", "mpp", "failed_tiles", "little_tissue", "stain"}
     assert flags["blur"].startswith("18% of tissue out of focus") and "stromal TIL %" in \
@@ -50,6 +51,12 @@ def test_flags_have_codes_and_plain_messages():
     clean = {"out_of_focus_fraction": 0.02, "pen_fraction": 0.0, "mpp_source": "metadata",
              "failed_tiles": 0, "tiles": 10, "tissue_mask_area_mm2": 5.0}
     assert qc_flags(clean, "he") == []
+    sparse = {"source": "default", "reason": "too little DAB to estimate it (2% ...)",
+              "angle_deg": {"dab": 21.0}}
+    assert qc_flags({**clean, "stain_vectors": sparse}, "foxp3") == []
+    eosin = {"source": "default", "reason": "second stain looks like eosin, not DAB"}
+    (flag,) = qc_flags({**clean, "stain_vectors": eosin}, "cd20")
+    assert flag["code"] == "stain" and "eosin" in flag["message"]
     assert [f["code"] for f in qc_flags({**clean, "dab_positive_percent": 0.1}, "cd20")] == [
         "no_dab"]
 

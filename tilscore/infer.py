@@ -103,8 +103,12 @@ class Predictor:
         return images.permute(0, 3, 1, 2)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> TilePredictions:
-        """`images`: torch.uint8 (B, tile, tile, 3). See :class:`TilePredictions`."""
+    def predict(self, images: torch.Tensor, cell_rule=None) -> TilePredictions:
+        """`images`: torch.uint8 (B, tile, tile, 3). See :class:`TilePredictions`.
+
+        `cell_rule` (e.g. :class:`tilscore.ihc_cells.IhcCellRule`) replaces the heatmap
+        peaks as the source of cells: called with the uint8 NHWC batch on the device and
+        the core (start, stop), it returns float32 (N, 5 + k) rows like ``cells``."""
         x = self._to_device(images)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             logits = self.model(x)
@@ -114,7 +118,10 @@ class Predictor:
         # Regions: average class probabilities over f x f pixels of the core, then argmax.
         probs = logits[:, :r, ov : ov + core, ov : ov + core].softmax(dim=1)
         regions = F.avg_pool2d(probs, f).argmax(dim=1).to(torch.uint8)
-        cells = self._peaks(torch.sigmoid(logits[:, r : r + c]))
+        if cell_rule is None:
+            cells = self._peaks(torch.sigmoid(logits[:, r : r + c]))
+        else:  # NCHW channels_last permuted back is the NHWC batch (a view)
+            cells = cell_rule(x.permute(0, 2, 3, 1), (ov, ov + core))
         nucleus = None
         if self.card.nucleus_mask:
             mask = (logits[:, r + c, ov : ov + core, ov : ov + core] > 0).float()
@@ -185,17 +192,20 @@ class SlidePrediction:
 
 
 def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 2,
-                  batch_size: int = 8, progress=None, tissue=None) -> SlidePrediction:
+                  batch_size: int = 8, progress=None, tissue=None,
+                  cell_rule=None) -> SlidePrediction:
     """Stream the grid's tiles through `predictor`, stitching cores into a RegionCanvas at
     `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch;
-    `tissue` (a TissueMask) makes the tissue detector the authority on tissue vs glass."""
+    `tissue` (a TissueMask) makes the tissue detector the authority on tissue vs glass;
+    `cell_rule` replaces the heatmap cells (see :meth:`Predictor.predict`); its
+    ``extra_columns`` become extra cell-table columns."""
     import time
 
     from tilscore.stitch import CellCollector, RegionCanvas
     from tilscore.tiles import LoaderStats, iter_tile_batches
 
     canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
-    collector = CellCollector(grid.downsample)
+    collector = CellCollector(grid.downsample, getattr(cell_rule, "extra_columns", ()))
     stats = LoaderStats()
     timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}
     focus = np.full(len(grid), np.nan, np.float32)
@@ -204,7 +214,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
                                    stats=stats):
         t_model = time.perf_counter()
         timings["read"] += t_model - t_wait
-        pred = predictor.predict(batch.images)
+        pred = predictor.predict(batch.images, cell_rule)
         t_stitch = time.perf_counter()
         timings["model"] += t_stitch - t_model
         canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,

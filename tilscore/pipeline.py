@@ -106,14 +106,16 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
             spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
             grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
+            rule = _ihc_rule(stain, card, thumb, mask)
             with _tile_bar(item.slide_id, len(grid), quiet) as bar:
                 pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
                                      workers=read_threads, batch_size=batch_size, tissue=mask,
-                                     progress=bar.update)
+                                     progress=bar.update, cell_rule=rule)
             regions = region_summary(pred.canvas, cfg)
-            cells = _cell_table(pred.cells, card, slide_mpp, regions)
+            names = rule.class_names if rule else tuple(card.cell_classes)
+            cells = _cell_table(pred.cells, names, slide_mpp, regions)
             summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells,
-                               cfg)
+                               cfg, rule)
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             summary["runtime_s"] = round(time.perf_counter() - t0, 3)
@@ -123,6 +125,17 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _ihc_rule(stain: str, card, thumb: np.ndarray, mask):
+    """The H-DAB cell rule for an IHC stain, with stain vectors estimated on this slide's
+    thumbnail (None on H&E: cells come from the model's heatmaps)."""
+    if stain == "he":
+        return None
+    from tilscore.ihc import estimate_stain_vectors
+    from tilscore.ihc_cells import IhcCellRule
+
+    return IhcCellRule(stain, card.input_mpp, estimate_stain_vectors(thumb, mask.mask))
 
 
 def _tile_bar(slide_id: str, total: int, quiet: bool):
@@ -140,39 +153,44 @@ def _overlay_mpp(slide) -> float:
     return float(min(THUMBNAIL_MPP, max(slide.mpp, long_um / OVERLAY_LONG_SIDE_PX)))
 
 
-def _cell_table(raw: dict, card, slide_mpp: float, regions) -> dict:
-    """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag."""
+def _cell_table(raw: dict, class_names, slide_mpp: float, regions) -> dict:
+    """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag
+    (and any extra columns of `raw`, e.g. DAB optical density on IHC)."""
     from tilscore.score import COMPARTMENT_OF_REGION
 
     region = regions.compartment_at(raw["x_px"] * slide_mpp, raw["y_px"] * slide_mpp)
     on_tissue = region > 0
     t = {k: v[on_tissue] for k, v in raw.items()}
     t["region"] = region[on_tissue]
-    names = np.array(card.cell_classes)
+    names = np.array(class_names)
     comp_names = np.array(["other", *[COMPARTMENT_OF_REGION[k] for k in (1, 2, 3)]])
     x_um, y_um = t["x_px"] * slide_mpp, t["y_px"] * slide_mpp
     bi = np.clip((y_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[0] - 1)
     bj = np.clip((x_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[1] - 1)
     return {
-        "x_px": t["x_px"], "y_px": t["y_px"], "x_um": x_um, "y_um": y_um,
-        "class": names[t["cls"]], "cls": t["cls"], "score": t["score"],
+        **t, "x_um": x_um, "y_um": y_um, "class": names[t["cls"]],
         "compartment": comp_names[t["region"]], "in_bulk": regions.bulk[bi, bj]
         if regions.bulk.size else np.zeros(len(x_um), bool),
     }
 
 
-def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) -> dict:
-    from tilscore.score import counts_by_compartment, densities, fraction_near, stromal_tils
+def counted_class(stain: str) -> str:
+    """The cell class a stain's score counts (drawn on the overlay, mapped as density)."""
+    return "lymphocyte" if stain == "he" else f"{stain}_positive"
+
+
+def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg,
+             rule) -> dict:
+    from tilscore.score import counts_by_compartment, densities
 
     card = engine.card
     areas = regions.areas
-    counts = counts_by_compartment(list(card.cell_classes), cells["cls"], cells["compartment"])
-    lymph = cells["class"] == "lymphocyte"
-    stromal = lymph & (cells["compartment"] == "stroma")
-    n_bulk_stroma = int((stromal & cells["in_bulk"]).sum())
-    pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    near = fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp, cfg.near_tumour_um)
-    summary = {
+    names = list(rule.class_names if rule else card.cell_classes)
+    counts = counts_by_compartment(names, cells["cls"], cells["compartment"])
+    scores = (_he_scores(cells, regions, areas, cfg) if rule is None
+              else _ihc_scores(cells, counts, stain))
+    qc = _qc(stain, slide, mask, pred, grid, rule, scores)
+    return {
         "slide": item.slide_id,
         "path": str(item.path),
         "stain": stain,
@@ -185,19 +203,50 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg) 
         "areas_mm2": areas.as_dict(),
         "counts": counts,
         "densities_per_mm2": densities(counts, areas),
-        **stromal_tils(n_bulk_stroma, areas, cfg),
-        "stromal_lymphocytes_near_tumour_fraction": near,
-        "near_tumour_um": cfg.near_tumour_um,
-        "qc": _qc(stain, slide, mask, pred, grid),
-        "warnings": _warnings(areas, pred, mask) + _mpp_warnings(slide),
+        **scores,
+        "qc": qc,
+        "warnings": (_warnings(areas, pred, stain)
+                     + [f["message"] for f in qc["flags"] if f["code"] == "no_dab"]
+                     + _mpp_warnings(slide)),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
         "score_config": cfg.__dict__,
         "metadata": dict(item.metadata),  # pass-through manifest columns
     }
-    return summary
 
 
-def _qc(stain, slide, mask, pred, grid) -> dict:
+def _he_scores(cells, regions, areas, cfg) -> dict:
+    """Stromal TIL % (ITWG and TIGER) with their parts, and lymphocytes near tumour."""
+    from tilscore.score import fraction_near, stromal_tils
+
+    stromal = (cells["class"] == "lymphocyte") & (cells["compartment"] == "stroma")
+    n_bulk_stroma = int((stromal & cells["in_bulk"]).sum())
+    pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
+    near = fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp, cfg.near_tumour_um)
+    return {**stromal_tils(n_bulk_stroma, areas, cfg),
+            "stromal_lymphocytes_near_tumour_fraction": near,
+            "near_tumour_um": cfg.near_tumour_um}
+
+
+def _ihc_scores(cells, counts: dict, stain: str) -> dict:
+    """Percent positive (of detected cells, per compartment) and DAB intensity bins."""
+    from tilscore.ihc_cells import INTENSITY_BINS
+
+    pos, neg = counts[f"{stain}_positive"], counts["negative"]
+    percent = {k: (100.0 * pos[k] / (pos[k] + neg[k]) if pos[k] + neg[k] else None)
+               for k in pos}
+    bins = np.bincount(cells["intensity_bin"].astype(np.int64), minlength=4)[:4] \
+        if len(cells["cls"]) else np.zeros(4, np.int64)
+    n = int(bins.sum())
+    return {
+        "percent_positive": percent["tissue"],
+        "percent_positive_by_compartment": percent,
+        "intensity_bins": dict(zip(INTENSITY_BINS, map(int, bins), strict=True)),
+        # QuPath-style H-score (0–300) over every detected cell, from the DAB bins
+        "h_score": float((bins * np.arange(4)).sum() * 100 / n) if n else None,
+    }
+
+
+def _qc(stain, slide, mask, pred, grid, rule=None, scores=None) -> dict:
     """QC numbers measured while scoring, and the flags they raise (tilscore.qc)."""
     from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags
 
@@ -214,6 +263,14 @@ def _qc(stain, slide, mask, pred, grid) -> dict:
         "focus_median": (float(np.nanmedian(pred.focus))
                          if np.isfinite(pred.focus).any() else None),
     }
+    if rule is not None:
+        sv = rule.stain
+        qc["stain_vectors"] = {"source": sv.source, "reason": sv.reason,
+                               "angle_deg": sv.angle_deg,
+                               "haematoxylin": sv.matrix[0].tolist(),
+                               "dab": sv.matrix[1].tolist(),
+                               "background_rgb": list(sv.background_rgb)}
+        qc["dab_positive_percent"] = scores["percent_positive"]
     qc["flags"] = qc_flags(qc, stain)
     return qc
 
@@ -227,14 +284,15 @@ def _mpp_warnings(slide) -> list[str]:
     return []
 
 
-def _warnings(areas, pred, mask) -> list[str]:
+def _warnings(areas, pred, stain: str) -> list[str]:
     """Plain-language problems a reader of the numbers must know about."""
     out = []
     if len(pred.cells["x_px"]) == 0 and pred.tiles == 0:
         out.append("no tissue detected: all areas and counts are zero")
     elif areas.tumour == 0:
-        out.append("no invasive tumour found: stromal TIL % is undefined")
-    elif areas.stroma_in_bulk == 0:
+        out.append("no invasive tumour found: " + ("stromal TIL % is undefined" if stain == "he"
+                                                   else "tumour densities are undefined"))
+    elif areas.stroma_in_bulk == 0 and stain == "he":
         out.append("no stroma inside the tumour bulk: stromal TIL % is undefined")
     if pred.failed_tiles:
         out.append(f"{pred.failed_tiles} tiles failed to decode and were skipped")
@@ -252,28 +310,38 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card
     from tilscore.score import COMPARTMENT_OF_REGION as region_names
     from tilscore.score import density_map
 
-    write_cells_csv(work / "cells.csv", {k: cells[k] for k in
-                                         ("x_px", "y_px", "x_um", "y_um", "class",
-                                          "compartment", "score")})
+    stain = summary["stain"]
+    extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
+    write_cells_csv(work / "cells.csv", cells, extra=extra)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS)
     write_regions_geojson(work / "regions.geojson", regions.labels,
                           regions.coarse_mpp / slide_mpp, region_names, CLASS_COLORS,
                           mpp_l0=slide_mpp)
-    lymph = cells["class"] == "lymphocyte"
+    counted = counted_class(stain)
+    mine = cells["class"] == counted
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    dmap = density_map(pts[lymph], (pred.canvas.shape[1] * pred.canvas.mpp,
-                                    pred.canvas.shape[0] * pred.canvas.mpp), cfg.density_grid_um)
+    dmap = density_map(pts[mine], (pred.canvas.shape[1] * pred.canvas.mpp,
+                                   pred.canvas.shape[0] * pred.canvas.mpp), cfg.density_grid_um)
+    density_name = "til_density" if stain == "he" else f"{counted}_density"
     write_ome_zarr(work / "maps.zarr", pred.canvas.labels, pred.canvas.mpp, dmap,
-                   cfg.density_grid_um, region_names, CLASS_COLORS)
+                   cfg.density_grid_um, region_names, CLASS_COLORS, density_name=density_name,
+                   density_unit=f"{counted} cells per mm²")
     shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
-    til = summary.get("stromal_til_percent")
-    title = f"{summary['slide']}: sTIL {til:.1f} %" if til is not None else summary["slide"]
     write_overlay_png(work / "overlay.png", overlay[0], overlay[1], regions.labels,
-                      regions.coarse_mpp, pts[lymph],
-                      {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")},
-                      title)
+                      regions.coarse_mpp, pts[mine],
+                      {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
+                      _overlay_title(summary))
     atomic.write_json(work / "summary.json", _jsonable(summary))
+
+
+def _overlay_title(summary: dict) -> str:
+    til, pos = summary.get("stromal_til_percent"), summary.get("percent_positive")
+    if til is not None:
+        return f"{summary['slide']}: sTIL {til:.1f} %"
+    if pos is not None:
+        return f"{summary['slide']}: {summary['stain'].upper()}+ {pos:.1f} % of cells"
+    return summary["slide"]
 
 
 def _jsonable(obj):

@@ -97,12 +97,9 @@ def qc_flags(qc: dict, stain: str, cfg: QcConfig = QcConfig()) -> list[dict]:
     if pen > cfg.pen_max_fraction:
         flag("pen", f"pen marks on {100 * pen:.1f}% of the slide were excluded from tissue: "
                     "check that no tumour lies under them")
-    angles = qc.get("stain_vectors", {}).get("angle_deg") or {}
-    off = {k: v for k, v in angles.items() if v is not None and v > cfg.stain_max_angle_deg}
-    if off:
-        what = ", ".join(f"{k} {v:.0f}°" for k, v in off.items())
-        flag("stain", f"unusual staining ({what} from the reference stain vectors): check "
-                      "the stain and scanner; the model was trained on typical colours")
+    stain_flag = _stain_message(qc.get("stain_vectors") or {}, cfg)
+    if stain_flag:
+        flag("stain", stain_flag)
     if qc.get("mpp_source") == "override":
         flag("mpp", "pixel size from --mpp, not from the file: areas and densities depend "
                     "on it being right")
@@ -121,3 +118,21 @@ def qc_flags(qc: dict, stain: str, cfg: QcConfig = QcConfig()) -> list[dict]:
         flag("no_dab", f"almost no DAB signal ({positive:.2f}% of cells positive): is this "
                        f"really a {stain.upper()} IHC slide?")
     return flags
+
+
+def _stain_message(vectors: dict, cfg: QcConfig) -> str | None:
+    """Unusual stain vectors: accepted estimates far from the reference, or estimates
+    rejected as implausible (a sparse marker's too-little-DAB fallback is normal)."""
+    if vectors.get("source") == "estimated":
+        angles = vectors.get("angle_deg") or {}
+        off = {k: v for k, v in angles.items() if v is not None
+               and v > cfg.stain_max_angle_deg}
+        if off:
+            what = ", ".join(f"{k} {v:.0f}°" for k, v in off.items())
+            return (f"unusual staining ({what} from the reference stain vectors): check "
+                    "the stain and scanner")
+        return None
+    reason = vectors.get("reason") or ""
+    if reason and not reason.startswith(("too little DAB", "too few stained")):
+        return f"stain vectors not estimated ({reason}); reference vectors used"
+    return None

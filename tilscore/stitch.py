@@ -74,30 +74,31 @@ class RegionCanvas:
 
 @dataclass
 class CellCollector:
-    """Accumulates detected cells as level-0 coordinates (float64 px), class index, score."""
+    """Accumulates detected cells as level-0 coordinates (float64 px), class index, score,
+    and any `extra` per-cell measurements (e.g. DAB optical density on IHC)."""
 
     downsample: float
-    _x: list = field(default_factory=list)
-    _y: list = field(default_factory=list)
-    _cls: list = field(default_factory=list)
-    _score: list = field(default_factory=list)
+    extra: tuple[str, ...] = ()
+    _parts: list = field(default_factory=list)
 
     def add(self, origins_px: np.ndarray, cells: np.ndarray) -> None:
-        """`origins_px`: int (B, 2) tile top-left in grid px; `cells`: (N, 5) rows of
-        (tile_in_batch, class, x_px, y_px, score) in tile pixels."""
+        """`origins_px`: int (B, 2) tile top-left in grid px; `cells`: (N, 5 + len(extra))
+        rows of (tile_in_batch, class, x_px, y_px, score, *extra) in tile pixels."""
         if len(cells) == 0:
             return
         tile = cells[:, 0].astype(np.int64)
-        self._x.append((origins_px[tile, 0] + cells[:, 2]) * self.downsample)
-        self._y.append((origins_px[tile, 1] + cells[:, 3]) * self.downsample)
-        self._cls.append(cells[:, 1].astype(np.int16))
-        self._score.append(cells[:, 4].astype(np.float32))
+        part = {"x_px": (origins_px[tile, 0] + cells[:, 2]) * self.downsample,
+                "y_px": (origins_px[tile, 1] + cells[:, 3]) * self.downsample,
+                "cls": cells[:, 1].astype(np.int16), "score": cells[:, 4].astype(np.float32)}
+        for k, name in enumerate(self.extra):
+            part[name] = cells[:, 5 + k].astype(np.float32)
+        self._parts.append(part)
 
     def table(self) -> dict[str, np.ndarray]:
         """Columns ``x_px``, ``y_px`` (float64 level-0 px), ``cls`` (int16), ``score``
-        (float32)."""
-        if not self._x:
-            return {"x_px": np.zeros(0), "y_px": np.zeros(0), "cls": np.zeros(0, np.int16),
-                    "score": np.zeros(0, np.float32)}
-        return {"x_px": np.concatenate(self._x), "y_px": np.concatenate(self._y),
-                "cls": np.concatenate(self._cls), "score": np.concatenate(self._score)}
+        (float32), then each extra column (float32)."""
+        dtypes = {"x_px": np.float64, "y_px": np.float64, "cls": np.int16, "score": np.float32,
+                  **{name: np.float32 for name in self.extra}}
+        if not self._parts:
+            return {k: np.zeros(0, t) for k, t in dtypes.items()}
+        return {k: np.concatenate([p[k] for p in self._parts]) for k in dtypes}

@@ -88,6 +88,23 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> No
                     "sched": sched.state_dict(), "step": step, "best": best}, tmp)
 
 
+def _init_from(model, card: ModelCard, source: str) -> None:
+    """Start from the weights of model `source` (fine-tuning); it must have the same
+    architecture and output channels."""
+    from tilscore.models import load_model
+
+    net, src = load_model(source)
+    same = (src.architecture, src.architecture_kwargs, src.out_channels) == (
+        card.architecture, card.architecture_kwargs, card.out_channels)
+    if not same:
+        raise UsageError(f"init_from {source}: its architecture {src.architecture} "
+                         f"{src.architecture_kwargs} with {src.out_channels} outputs does not "
+                         f"match {card.architecture} {card.architecture_kwargs} with "
+                         f"{card.out_channels}")
+    model.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    log.info("initialised from %s", src.name)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
           device: str | None = None, max_steps: int | None = None,
           progress: bool = True) -> ModelCard:
@@ -102,7 +119,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     card = cfg.model_card()
     model = create_model(card.architecture, card.out_channels, card.mean, card.std,
                          **card.architecture_kwargs)
-    init_heatmap_bias(model, card)
+    if cfg.init_from:
+        _init_from(model, card, cfg.init_from)
+    else:
+        init_heatmap_bias(model, card)
     model = model.to(dev).to(memory_format=torch.channels_last)
     train_ds, val_tiles, data_info = build_datasets(cfg)
     if len(val_tiles) == 0:
@@ -166,7 +186,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         _append_metrics(metrics_path, row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(parts['total']):.3f}", best_f1=f"{best['f1']:.3f}")
+            bar.set_postfix(loss=f"{parts['total'].item():.3f}", best_f1=f"{best['f1']:.3f}")
         if step % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, model, opt, sched, step, best)
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
@@ -183,7 +203,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             update={"threshold": best_thr})})
         best["metrics"] = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
     card = card.model_copy(update={
-        "training": {**card.training, **data_info, "steps": step, "best_step": best["step"],
+        "training": {**card.training, **data_info, "init_from": cfg.init_from,
+                     "steps": step, "best_step": best["step"],
                      "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),
                      "config": cfg.model_dump(mode="json")},
         "metrics": {"validation": best["metrics"]},

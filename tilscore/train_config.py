@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     augment: bool = True
     save_fp16: bool = True
     lymphocyte_radius_um: float = 3.5  # weak nucleus masks: ~7 µm lymphocyte nucleus
+    init_from: str | None = None  # model name/folder to fine-tune (same architecture)
 
     def model_card(self) -> ModelCard:
         return ModelCard(

@@ -27,8 +27,9 @@ Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
 
 
 def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
-                    chunk_rows: int = CHUNK_ROWS) -> None:
-    """Write ``cells.csv`` atomically with columns ``x_px,y_px,x_um,y_um,class,compartment,score``.
+                    chunk_rows: int = CHUNK_ROWS, extra: tuple[str, ...] = ()) -> None:
+    """Write ``cells.csv`` atomically with columns ``x_px,y_px,x_um,y_um,class,compartment,score``
+    and then the numeric columns named in `extra` (3 decimals; e.g. ``dab_od`` on IHC).
 
     `cells`: equal-length 1-D arrays under those keys (extra keys are ignored): ``x_px``,
     ``y_px`` level-0 pixels and ``x_um``, ``y_um`` micrometres (written with 2 decimals),
@@ -37,10 +38,11 @@ def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
     in the last digit); non-finite numbers are written as ``nan``. Class and compartment
     names must not contain ``,``, ``"`` or newlines (they are fixed vocabularies).
     """
-    missing = [c for c in COLUMNS if c not in cells]
+    columns = (*COLUMNS, *extra)
+    missing = [c for c in columns if c not in cells]
     if missing:
-        raise ValueError(f"cells table lacks columns {missing}; needs {list(COLUMNS)}")
-    cols = {c: np.asarray(cells[c]) for c in COLUMNS}
+        raise ValueError(f"cells table lacks columns {missing}; needs {list(columns)}")
+    cols = {c: np.asarray(cells[c]) for c in columns}
     n = len(cols["x_px"])
     bad = {c: v.shape for c, v in cols.items() if v.ndim != 1 or len(v) != n}
     if bad:
@@ -48,16 +50,16 @@ def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
     for c in ("class", "compartment"):
         _check_names(cols[c], c)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write((",".join(COLUMNS) + "\n").encode())
+        fh.write((",".join(columns) + "\n").encode())
         for start in range(0, n, chunk_rows):
             sl = slice(start, start + chunk_rows)
             m = len(cols["x_px"][sl])
             pieces: list[Field] = []
-            for i, c in enumerate(COLUMNS):
+            for i, c in enumerate(columns):
                 v = cols[c][sl]
-                pieces.append(format_fixed(v, DECIMALS[c]) if c in DECIMALS
-                              else format_strings(v))
-                pieces.append(literal("\n" if i == len(COLUMNS) - 1 else ",", m))
+                pieces.append(format_strings(v) if c in ("class", "compartment")
+                              else format_fixed(v, DECIMALS.get(c, 3)))
+                pieces.append(literal("\n" if i == len(columns) - 1 else ",", m))
             fh.write(join_fields(pieces))
     log.debug("wrote %d cells to %s", n, path)
 

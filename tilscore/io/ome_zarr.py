@@ -47,14 +47,17 @@ def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
                    density_map: np.ndarray | None, density_mpp: float | None,
                    class_names: dict[int, str],
                    colors: dict[str, tuple[int, int, int]] | None = None,
-                   band_rows: int = BAND_ROWS) -> None:
+                   band_rows: int = BAND_ROWS, density_name: str = "til_density",
+                   density_unit: str = "lymphocytes per mm²") -> None:
     """Write ``maps.zarr`` atomically (temporary folder, then rename; replaces `path`).
 
     `labels_source`: 2-D integer (H, W) region codes at `mpp_labels` µm/px, 0 = background:
     a zarr array (e.g. ``RegionCanvas.labels``) or numpy array, read `band_rows` rows at
-    a time so memory stays bounded. `density_map`: float32 (h, w) lymphocytes per mm² on
-    a `density_mpp` µm/px grid, or None to leave it out. `class_names`: code → name;
-    `colors`: name → RGB (default: the shared table).
+    a time so memory stays bounded. `density_map`: float32 (h, w) cells per mm² on a
+    `density_mpp` µm/px grid, or None to leave it out; written as group `density_name`
+    (``til_density`` on H&E, ``<marker>_positive_density`` on IHC) described by
+    `density_unit`. `class_names`: code → name; `colors`: name → RGB (default: the shared
+    table).
     """
     shape = tuple(getattr(labels_source, "shape", ()))
     dtype = np.dtype(getattr(labels_source, "dtype", np.float64))
@@ -86,17 +89,17 @@ def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
             dmap = np.asarray(density_map, np.float32)
             if dmap.ndim != 2:
                 raise ValueError(f"density map must be 2-D; got shape {dmap.shape}")
-            group = root.create_group("til_density")
+            group = root.create_group(density_name)
             levels = _write_pyramid(group, dmap, np.dtype(np.float32), _mean2x2, band_rows)
             group.attrs["ome"] = {
                 "version": NGFF_VERSION,
-                "multiscales": [_multiscale("til_density", levels, density_mpp, "mean",
-                                            "2x2 mean of finite values; lymphocytes per mm²")],
+                "multiscales": [_multiscale(density_name, levels, density_mpp, "mean",
+                                            f"2x2 mean of finite values; {density_unit}")],
             }
-            images.append("til_density")
+            images.append(density_name)
         root.attrs.update({"ome": {"version": NGFF_VERSION},
                            "tilscore": {"images": images, "units": {
-                               "regions": "region code", "til_density": "cells per mm²"}}})
+                               "regions": "region code", density_name: "cells per mm²"}}})
     log.debug("wrote %s (%s)", path, ", ".join(images))
 
 

@@ -1,0 +1,272 @@
+"""Validate the classical IHC detector (tilscore.ihc_detect) against labelled data.
+
+Prints a markdown table: per dataset TP, FP, FN, precision, recall, F1 and positive calls
+per true (annotated) positive cell, for tilscore and for a naive baseline (Ruifrok
+deconvolution, DAB threshold, connected components; its threshold picked on the data
+itself, which flatters it); per synthetic marker the same plus the count ratio
+(positive calls / true positives); and the positives found on synthetic H&E.
+
+    .venv/bin/python scripts/validate_ihc.py [--data ../shared/data] [--device cpu] [--sweep]
+
+Datasets (under ``--data``; see its README):
+- ihc-ki67-deepliif: Ki67 (nuclear, "foxp3" rules), 0.25 µm/px; truth positives are the
+  connected components of the dominant-red mask. The masks leave many clearly brown
+  nuclei unlabelled (neither red nor blue), so besides the strict score a "judged" score
+  ignores unmatched calls farther than JUDGED_RADIUS_UM from any labelled pixel.
+- ihc-cd3cd8-nuclick: CD3/CD8 (membranous, "cd20" rules), 0.12 µm/px; truth cells are
+  the components of the mask thresholded at 128. Not every DAB+ cell is annotated, so
+  precision is a lower bound; the bar is recall and calls per annotated cell.
+- synthetic: tilscore.synth_scene tiles at 0.5 µm/px (the pipeline's mpp) with exact
+  truth; positives centred just outside a tile are ignore points (neither right nor wrong).
+
+Each real image plays its own slide: its stain vectors and glass colour come from
+:func:`tilscore.ihc.estimate_stain_vectors` on the image (``--no-calibrate``: Ruifrok
+defaults, glass 255). The loaders are reused by tests/test_ihc.py (imported by path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tilscore.evaluate import DetectionScore, detection_score, match_points  # noqa: E402
+from tilscore.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
+from tilscore.ihc_detect import detect_cells, ihc_params  # noqa: E402
+
+MATCH_RADIUS_UM = 4.0
+JUDGED_RADIUS_UM = 1.5  # an unmatched call with no labelled pixel this close is not judged
+KI67_MPP, NUCLICK_MPP = 0.25, 0.12
+MIN_TRUTH_AREA_UM2 = 2.0  # truth components smaller than this are annotation specks
+NAIVE_GRID = [(t, a) for t in (0.15, 0.3, 0.5) for a in (5.0, 15.0)]  # (DAB OD, µm²)
+
+
+class Item(NamedTuple):
+    """One labelled image. truth_xy: float64 (n, 2) x, y px of the true positive cells;
+    annotated: bool (H, W) pixels carrying any label (None: not known); ignore_xy:
+    (m, 2) positions where a call is neither right nor wrong (None: none)."""
+
+    name: str
+    rgb: np.ndarray
+    truth_xy: np.ndarray
+    mpp: float
+    annotated: np.ndarray | None = None
+    ignore_xy: np.ndarray | None = None
+
+
+def _centroids(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    """float64 (n, 2) x, y centroids (pixel centres at +0.5) of 8-connected components
+    of at least `min_area_px` pixels."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros((0, 2))
+    idx = np.arange(1, n + 1)
+    area = ndi.sum(mask, lab, idx)
+    cy_cx = np.array(ndi.center_of_mass(mask, lab, idx)).reshape(-1, 2)
+    return cy_cx[area >= min_area_px][:, ::-1] + 0.5
+
+
+def load_ki67(folder: Path) -> list[Item]:
+    """Ki67 tiles; truth = red components; `annotated` = red, green or blue pixels."""
+    from PIL import Image
+
+    items = []
+    for img_path in sorted((folder / "images").glob("*.png")):
+        rgb = np.asarray(Image.open(img_path).convert("RGB"))
+        m = np.asarray(Image.open(folder / "masks" / img_path.name).convert("RGB")).astype(int)
+        red = (m[..., 0] > 127) & (m[..., 0] > m[..., 1]) & (m[..., 0] > m[..., 2])
+        truth = _centroids(red, MIN_TRUTH_AREA_UM2 / KI67_MPP**2)
+        items.append(Item(img_path.stem, rgb, truth, KI67_MPP, m.max(axis=-1) > 127))
+    return items
+
+
+def load_nuclick(folder: Path) -> list[Item]:
+    """CD3/CD8 crops; truth = annotated lymphocytes (no negatives are annotated)."""
+    from PIL import Image
+
+    items = []
+    for img_path in sorted((folder / "images").glob("*.jpg")):
+        rgb = np.asarray(Image.open(img_path).convert("RGB"))
+        mask = np.asarray(Image.open(folder / "masks" / img_path.name).convert("L")) >= 128
+        truth = _centroids(mask, MIN_TRUTH_AREA_UM2 / NUCLICK_MPP**2)
+        items.append(Item(img_path.stem, rgb, truth, NUCLICK_MPP))
+    return items
+
+
+def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: float = 2.0,
+                   scene_px: int = 4096, margin_um: float = 5.0,
+                   supersample_um: float | None = None) -> list[Item]:
+    """Tiles from the centre of synthetic scenes (0.25 µm/px level 0, rendered at
+    `downsample`; `supersample_um` as in SyntheticScene.render, None = area-averaged from
+    level 0); positives centred within `margin_um` outside the tile are ignore points."""
+    from tilscore.synth_scene import SyntheticScene
+
+    items = []
+    for seed in seeds:
+        scene = SyntheticScene(scene_px, scene_px, mpp=0.25, stain=stain, seed=seed)
+        x0 = y0 = (scene_px - size_px * downsample) / 2
+        x1 = y1 = x0 + size_px * downsample
+        m = margin_um / 0.25
+        rgb = scene.render(x0, y0, size_px, size_px, downsample=downsample,
+                           supersample_um=supersample_um)
+        cells = scene.cells(x0 - m, y0 - m, x1 + m, y1 + m)
+        xy = np.stack([(cells["x_px"] - x0) / downsample, (cells["y_px"] - y0) / downsample], 1)
+        inside = ((cells["x_px"] >= x0) & (cells["x_px"] < x1)
+                  & (cells["y_px"] >= y0) & (cells["y_px"] < y1))
+        pos = cells["positive"]
+        items.append(Item(f"{stain}-seed{seed}", rgb, xy[pos & inside], 0.25 * downsample,
+                          ignore_xy=xy[pos & ~inside]))
+    return items
+
+
+def detector_positives(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
+                       calibrate: bool = True, params=None) -> np.ndarray:
+    """float64 (n, 2) x, y px of tilscore's positive cells in one image. `calibrate`:
+    stain vectors and glass colour estimated on the image itself (it plays its own slide
+    thumbnail), else the Ruifrok defaults with glass at 255."""
+    batch = torch.from_numpy(np.array(rgb))[None].to(device)
+    stains = estimate_stain_vectors(rgb) if calibrate else None
+    cells = detect_cells(batch, mpp, marker, params, stains)[0]
+    pos = cells.positive
+    return torch.stack([cells.x_px[pos], cells.y_px[pos]], 1).cpu().numpy().astype(np.float64)
+
+
+def naive_positives(rgb: np.ndarray, mpp: float, dab_threshold_od: float = 0.3,
+                    min_area_um2: float = 15.0) -> np.ndarray:
+    """Naive baseline: Ruifrok deconvolution (glass 255), DAB >= threshold, one call per
+    8-connected component of at least `min_area_um2`, at its centroid."""
+    dab = deconvolve(torch.from_numpy(np.array(rgb))[None])[0, 1].numpy()
+    return _centroids(dab >= dab_threshold_od, min_area_um2 / mpp**2)
+
+
+def _unjudged(pred: np.ndarray, annotated: np.ndarray, radius_px: float) -> np.ndarray:
+    """bool (n,): calls with no annotated pixel within `radius_px` (unlabelled tissue)."""
+    from scipy import ndimage as ndi
+
+    dist = ndi.distance_transform_edt(~annotated)
+    ix = np.clip(pred[:, 0].astype(int), 0, annotated.shape[1] - 1)
+    iy = np.clip(pred[:, 1].astype(int), 0, annotated.shape[0] - 1)
+    return dist[iy, ix] > radius_px
+
+
+def evaluate(items, find, radius_um: float = MATCH_RADIUS_UM, judged_only: bool = False):
+    """(total DetectionScore, number of calls, per-image rows) of `find(rgb, mpp) -> xy`.
+
+    Calls at an item's ignore points are dropped (not counted as calls either).
+    judged_only: also drop unmatched calls farther than JUDGED_RADIUS_UM from any
+    labelled pixel (for items with an `annotated` mask)."""
+    total, calls, per_image = DetectionScore(0, 0, 0), 0, []
+    for item in items:
+        pred = find(item.rgb, item.mpp)
+        r_px = radius_um / item.mpp
+        matched = match_points(pred, item.truth_xy, r_px) >= 0
+        drop = np.zeros(len(pred), bool)
+        if item.ignore_xy is not None and len(item.ignore_xy) and len(pred):
+            drop |= ~matched & (match_points(pred, item.ignore_xy, r_px) >= 0)
+        if judged_only and item.annotated is not None and len(pred):
+            drop |= ~matched & _unjudged(pred, item.annotated, JUDGED_RADIUS_UM / item.mpp)
+        score = detection_score(pred[~drop], item.truth_xy, r_px)
+        total, calls = total + score, calls + int((~drop).sum())
+        per_image.append((item.name, score, int((~drop).sum()), len(item.truth_xy)))
+    return total, calls, per_image
+
+
+def _row(label: str, score: DetectionScore, calls: int) -> str:
+    n_true = max(score.tp + score.fn, 1)
+    return (f"| {label} | {score.tp} | {score.fp} | {score.fn} | {score.precision:.3f} | "
+            f"{score.recall:.3f} | {score.f1:.3f} | {calls / n_true:.2f} |")
+
+
+def _best_naive(items, judged_only=False, key="f1"):
+    """The naive baseline at its best setting (by `key`: "f1" or "recall") on these items,
+    as (label, score, calls)."""
+    best = None
+    for thr, area in NAIVE_GRID:
+        score, calls, _ = evaluate(items, lambda rgb, mpp, t=thr, a=area: naive_positives(
+            rgb, mpp, t, a), judged_only=judged_only)
+        if best is None or getattr(score, key) > getattr(best[1], key):
+            best = (f"naive, best {key} (DAB ≥ {thr}, ≥ {area:g} µm²)", score, calls)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-calibrate", action="store_true", help="Ruifrok defaults, glass 255")
+    ap.add_argument("--per-image", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also sweep dab_threshold_od")
+    args = ap.parse_args(argv)
+    calibrate = not args.no_calibrate
+
+    def ours(marker, **overrides):
+        params = ihc_params(marker, **overrides)
+        return lambda rgb, mpp: detector_positives(rgb, mpp, marker, args.device, calibrate,
+                                                   params)
+
+    print("| dataset: method | TP | FP | FN | precision | recall | F1 | calls per true cell |")
+    print("|---|---|---|---|---|---|---|---|")
+    per_image, sweeps = [], []
+    real = [("Ki67 DeepLIIF", "ihc-ki67-deepliif", load_ki67, "foxp3"),
+            ("CD3/CD8 NuClick", "ihc-cd3cd8-nuclick", load_nuclick, "cd20")]
+    for label, sub, loader, marker in real:
+        if not (args.data / sub).exists():
+            print(f"| {label}: missing {args.data / sub} | | | | | | | |")
+            continue
+        items = loader(args.data / sub)
+        score, calls, detail = evaluate(items, ours(marker))
+        per_image += detail
+        print(_row(f"{label}: tilscore, {marker} rules", score, calls))
+        for key in ("f1", "recall"):
+            naive = _best_naive(items, key=key)
+            print(_row(f"{label}: {naive[0]}", *naive[1:]))
+        if items[0].annotated is not None:
+            score, calls, _ = evaluate(items, ours(marker), judged_only=True)
+            print(_row(f"{label}, judged calls only: tilscore", score, calls))
+            naive = _best_naive(items, judged_only=True)
+            print(_row(f"{label}, judged calls only: {naive[0]}", *naive[1:]))
+        if args.sweep:
+            for thr in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0):
+                score, calls, _ = evaluate(items, ours(marker, dab_threshold_od=thr))
+                judged = (evaluate(items, ours(marker, dab_threshold_od=thr), judged_only=True)[0]
+                          if items[0].annotated is not None else None)
+                sweeps.append((label, thr, score, calls, judged))
+    for stain in ("foxp3", "cd20"):
+        items = load_synthetic(stain)
+        score, calls, detail = evaluate(items, ours(stain))
+        per_image += detail
+        print(_row(f"synthetic {stain}, 0.5 µm/px: tilscore (count ratio "
+                   f"{calls / max(score.tp + score.fn, 1):.3f})", score, calls))
+        naive = _best_naive(items)
+        print(_row(f"synthetic {stain}: {naive[0]}", *naive[1:]))
+    he = load_synthetic("he")
+    area_mm2 = sum(it.rgb.shape[0] * it.rgb.shape[1] * it.mpp**2 for it in he) * 1e-6
+    for marker in ("foxp3", "cd20"):
+        n = sum(len(ours(marker)(it.rgb, it.mpp)) for it in he)
+        print(f"| synthetic H&E scored as {marker}: {n} positives in {area_mm2:.3f} mm² "
+              f"({n / area_mm2:.1f} per mm²) | | | | | | | |")
+    if args.per_image:
+        print("\n| image | TP | FP | FN | calls | truth |\n|---|---|---|---|---|---|")
+        for name, s, calls, n_true in per_image:
+            print(f"| {name} | {s.tp} | {s.fp} | {s.fn} | {calls} | {n_true} |")
+    if sweeps:
+        print("\n| dataset | dab_threshold_od | recall | precision | F1 | calls per true cell |"
+              " judged F1 |\n|---|---|---|---|---|---|---|")
+        for label, thr, s, calls, judged in sweeps:
+            jf1 = f"{judged.f1:.3f}" if judged is not None else ""
+            print(f"| {label} | {thr} | {s.recall:.3f} | {s.precision:.3f} | {s.f1:.3f} | "
+                  f"{calls / max(s.tp + s.fn, 1):.2f} | {jf1} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
