@@ -156,13 +156,22 @@ def test_manifest_metadata_reaches_summary_and_scores_csv(slides, tmp_path):
     assert "case-1" in (out / "report.html").read_text()  # refreshed after the batch
 
 
-def test_dask_local_cluster_gives_the_sequential_results(slides, tmp_path):
+@pytest.fixture(scope="module")
+def sequential(slides, tmp_path_factory) -> Path:
+    seq = tmp_path_factory.mktemp("seq")
+    assert main(["score", *map(str, slides[:2]), "--out", str(seq), "--device", "cpu", "-q",
+                 "--no-report"]) == 0
+    return seq
+
+
+@pytest.mark.parametrize("how", [("--device", "cpu", "--cluster", "local", "--workers", "2"),
+                                 ("--devices", "cpu,cpu")],  # one worker per device
+                         ids=["local-cluster", "devices"])
+def test_two_worker_processes_give_the_sequential_results(slides, sequential, tmp_path, how):
     pytest.importorskip("distributed")
     two = [str(p) for p in slides[:2]]
-    seq, par = tmp_path / "seq", tmp_path / "par"
-    assert main(["score", *two, "--out", str(seq), "--device", "cpu", "-q"]) == 0
-    assert main(["score", *two, "--out", str(par), "--device", "cpu", "-q",
-                 "--cluster", "local", "--workers", "2"]) == 0
+    seq, par = sequential, tmp_path / "par"
+    assert main(["score", *two, "--out", str(par), "-q", *how]) == 0
     for p in slides[:2]:
         a = json.loads((seq / p.stem / "summary.json").read_text())
         b = json.loads((par / p.stem / "summary.json").read_text())

@@ -54,6 +54,8 @@ def test_flags_have_codes_and_plain_messages():
     sparse = {"source": "default", "reason": "too little DAB to estimate it (2% ...)",
               "angle_deg": {"dab": 21.0}}
     assert qc_flags({**clean, "stain_vectors": sparse}, "foxp3") == []
+    faint = qc_flags({**clean, "od_percentiles": {"p05": 0.05, "p50": 0.23, "p95": 0.37}}, "he")
+    assert [f["code"] for f in faint] == ["faint"] and "0.23" in faint[0]["message"]
     eosin = {"source": "default", "reason": "second stain looks like eosin, not DAB"}
     (flag,) = qc_flags({**clean, "stain_vectors": eosin}, "cd20")
     assert flag["code"] == "stain" and "eosin" in flag["message"]
@@ -83,5 +85,6 @@ def test_qc_flags_fire_on_blur_and_pen_and_stay_quiet_on_clean(qc_batch):
     assert codes["pen"] == ["pen", "little_tissue"]
     assert qc_batch["pen"]["qc"]["tissue_mask_area_mm2"] < QcConfig().tissue_min_mm2
     assert qc_batch["clean"]["qc"]["out_of_focus_fraction"] == 0.0
+    assert qc_batch["clean"]["qc"]["od_percentiles"]["p50"] > QcConfig().he_min_median_od
     assert qc_batch["blurred"]["qc"]["out_of_focus_fraction"] > 0.9
     assert qc_batch["pen"]["qc"]["pen_fraction"] > QcConfig().pen_max_fraction

@@ -104,6 +104,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             slide_mpp = slide.mpp  # MissingMppError here names --mpp
             thumb = slide.thumbnail(THUMBNAIL_MPP)
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
+            t_tissue = time.perf_counter() - t0
             spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
             grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
             rule = _ihc_rule(stain, card, thumb, mask)
@@ -111,16 +112,18 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                 pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
                                      workers=read_threads, batch_size=batch_size, tissue=mask,
                                      progress=bar.update, cell_rule=rule)
+            t_agg = time.perf_counter()
             regions = region_summary(pred.canvas, cfg)
             names = rule.class_names if rule else tuple(card.cell_classes)
             cells = _cell_table(pred.cells, names, slide_mpp, regions)
-            summary = _summary(item, stain, slide, engine, mask, grid, pred, regions, cells,
-                               cfg, rule)
+            summary = _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions,
+                               cells, cfg, rule)
+            summary["timings_s"].update(tissue=round(t_tissue, 3),
+                                        aggregate=round(time.perf_counter() - t_agg, 3))
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
-            summary["runtime_s"] = round(time.perf_counter() - t0, 3)
             _write_outputs(work, summary, cells, regions, (overlay, overlay_mpp), slide_mpp,
-                           card, cfg, pred)
+                           card, cfg, pred, t0)
         _publish(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -179,7 +182,7 @@ def counted_class(stain: str) -> str:
     return "lymphocyte" if stain == "he" else f"{stain}_positive"
 
 
-def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg,
+def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells, cfg,
              rule) -> dict:
     from tilscore.score import counts_by_compartment, densities
 
@@ -189,7 +192,7 @@ def _summary(item, stain, slide, engine, mask, grid, pred, regions, cells, cfg,
     counts = counts_by_compartment(names, cells["cls"], cells["compartment"])
     scores = (_he_scores(cells, regions, areas, cfg) if rule is None
               else _ihc_scores(cells, counts, stain))
-    qc = _qc(stain, slide, mask, pred, grid, rule, scores)
+    qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
     return {
         "slide": item.slide_id,
         "path": str(item.path),
@@ -246,9 +249,9 @@ def _ihc_scores(cells, counts: dict, stain: str) -> dict:
     }
 
 
-def _qc(stain, slide, mask, pred, grid, rule=None, scores=None) -> dict:
+def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None) -> dict:
     """QC numbers measured while scoring, and the flags they raise (tilscore.qc)."""
-    from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags
+    from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags, tissue_od_percentiles
 
     threshold = focus_threshold(stain)
     qc = {
@@ -262,6 +265,7 @@ def _qc(stain, slide, mask, pred, grid, rule=None, scores=None) -> dict:
         "focus_threshold": threshold,
         "focus_median": (float(np.nanmedian(pred.focus))
                          if np.isfinite(pred.focus).any() else None),
+        "od_percentiles": tissue_od_percentiles(thumb, mask.mask),
     }
     if rule is not None:
         sv = rule.stain
@@ -300,8 +304,10 @@ def _warnings(areas, pred, stain: str) -> list[str]:
 
 
 def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card, cfg,
-                   pred) -> None:
-    """Everything but summary.json; summary.json is written last (it marks completeness)."""
+                   pred, t0: float) -> None:
+    """Every output; summary.json last (it marks completeness), with the time spent
+    writing the others and the slide's runtime since `t0` (perf_counter)."""
+    t_write = time.perf_counter()
     from tilscore.io.cells import write_cells_csv
     from tilscore.io.colors import CLASS_COLORS
     from tilscore.io.geojson import write_cells_geojson, write_regions_geojson
@@ -332,6 +338,9 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card
                       regions.coarse_mpp, pts[mine],
                       {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
                       _overlay_title(summary))
+    now = time.perf_counter()
+    summary["timings_s"]["write"] = round(now - t_write, 3)
+    summary["runtime_s"] = round(now - t0, 3)
     atomic.write_json(work / "summary.json", _jsonable(summary))
 
 

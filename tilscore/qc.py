@@ -37,6 +37,7 @@ class QcConfig:
     pen_max_fraction: float = 0.01
     stain_max_angle_deg: float = 15.0
     tissue_min_mm2: float = 0.2
+    he_min_median_od: float = 0.30  # faint H&E (docs/qc.md: typical 0.58–0.98)
     dab_min_positive_percent: float = 0.5  # IHC: below this, no DAB signal to speak of
 
 
@@ -77,6 +78,21 @@ def out_of_focus_fraction(focus, tissue_fraction, threshold: float) -> float | N
     return float((w[judged] * (var[judged] < threshold)).sum() / w[judged].sum())
 
 
+def tissue_od_percentiles(thumbnail_rgb, tissue) -> dict | None:
+    """Stain intensity of the tissue: 5th/50th/95th percentiles of the optical-density
+    norm (-ln((I + 1) / 256) per channel) of the tissue pixels of the ~8 µm/px thumbnail
+    (uint8 (H, W, 3); `tissue` bool (H, W)). None without tissue."""
+    import numpy as np
+
+    from tilscore.tissue import optical_density
+
+    if not tissue.any():
+        return None
+    od = np.linalg.norm(optical_density(thumbnail_rgb[tissue]), axis=-1)
+    p05, p50, p95 = np.percentile(od, [5, 50, 95])
+    return {"p05": float(p05), "p50": float(p50), "p95": float(p95)}
+
+
 def focus_threshold(stain: str, cfg: QcConfig = QcConfig()) -> float:
     return cfg.focus_min_var_he if stain == "he" else cfg.focus_min_var_ihc
 
@@ -100,6 +116,11 @@ def qc_flags(qc: dict, stain: str, cfg: QcConfig = QcConfig()) -> list[dict]:
     stain_flag = _stain_message(qc.get("stain_vectors") or {}, cfg)
     if stain_flag:
         flag("stain", stain_flag)
+    od = qc.get("od_percentiles") or {}
+    if stain == "he" and od.get("p50") is not None and od["p50"] < cfg.he_min_median_od:
+        flag("faint", f"faint staining (median tissue optical density {od['p50']:.2f} < "
+                      f"{cfg.he_min_median_od:.2f}): faded or under-stained H&E; nuclei and "
+                      "compartments may be missed")
     if qc.get("mpp_source") == "override":
         flag("mpp", "pixel size from --mpp, not from the file: areas and densities depend "
                     "on it being right")

@@ -88,6 +88,14 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> No
                     "sched": sched.state_dict(), "step": step, "best": best}, tmp)
 
 
+def _selection_score(val: dict, val_f1: float, select_by: str) -> float:
+    """What "best weights" means: lymphocyte F1 (at the best threshold), or the mean Dice
+    of tumour and stroma (a compartment model such as ihc-default)."""
+    if select_by == "region_dice":
+        return (val.get("dice_tumour", 0.0) + val.get("dice_stroma", 0.0)) / 2
+    return val_f1
+
+
 def _init_from(model, card: ModelCard, source: str) -> None:
     """Start from the weights of model `source` (fine-tuning); it must have the same
     architecture and output channels."""
@@ -145,6 +153,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, best = int(state["step"]), state["best"]
+        if best.get("metrics"):  # the selection rule may differ from the first run's
+            best["score"] = _selection_score(best["metrics"], best["f1"], cfg.select_by)
         log.info("resumed from step %d", step)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
@@ -175,8 +185,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                 "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
                 "best_f1": max(val["sweep_f1"].values())})
             val_f1 = max(val["sweep_f1"].values())  # at the best threshold
-            if val_f1 > best["f1"]:
-                best = {"f1": val_f1, "step": step, "metrics": val}
+            score = _selection_score(val, val_f1, cfg.select_by)
+            if score > best.get("score", best["f1"]):
+                best = {"f1": val_f1, "score": score, "step": step, "metrics": val}
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 stale = 0
             else:

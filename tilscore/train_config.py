@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,6 +66,7 @@ class TrainConfig(BaseModel):
     save_fp16: bool = True
     lymphocyte_radius_um: float = 3.5  # weak nucleus masks: ~7 µm lymphocyte nucleus
     init_from: str | None = None  # model name/folder to fine-tune (same architecture)
+    select_by: Literal["lymphocyte_f1", "region_dice"] = "lymphocyte_f1"  # best weights
 
     def model_card(self) -> ModelCard:
         return ModelCard(
