@@ -246,3 +246,22 @@ def test_devices_one_worker_each():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_devices(BatchOptions(devices=("all",)))
+
+
+def test_work_dir_of_a_killed_unreaped_process_is_removed(tmp_path):
+    """A SIGKILLed run whose parent has not reaped it yet (a zombie) counts as gone."""
+    from tilscore.pipeline import _host_tag, remove_stale_work_dirs
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f".a.tmp-{_host_tag()}-{os.getpid()}-x1"
+    dead = tmp_path / f".b.tmp-{_host_tag()}-{child.pid}-x2"
+    other_host = tmp_path / f".c.tmp-elsewhere-{child.pid}-x3"
+    for d in (live, dead, other_host):
+        d.mkdir()
+    child.send_signal(signal.SIGKILL)
+    time.sleep(0.5)  # not waited for: a zombie until reaped
+    try:
+        assert remove_stale_work_dirs(tmp_path) == [dead]
+        assert live.exists() and other_host.exists() and not dead.exists()
+    finally:
+        child.wait()

@@ -64,7 +64,9 @@ def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> np.
 
 def detection_score(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float,
                     ignore_xy: np.ndarray | None = None) -> DetectionScore:
-    """TP/FP/FN of predictions vs truth; unmatched predictions near `ignore_xy` are dropped."""
+    """TP/FP/FN of predictions vs truth. Unmatched predictions are matched one-to-one
+    against `ignore_xy` (nuclei without a class): each ignored point excuses at most one
+    prediction within `radius`; the others are false positives."""
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
     match = match_points(pred_xy, true_xy, radius)
     unmatched = match < 0

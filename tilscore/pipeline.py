@@ -381,6 +381,12 @@ def config_hash(card, stain: str, cfg: ScoreConfig) -> str:
     key = {"stain": stain, "score": cfg.__dict__, "tile_px": card.tile_px,
            "overlap_px": card.overlap_px, "input_mpp": card.input_mpp,
            "heatmap": card.heatmap.model_dump(), "tilscore": __version__}
+    if stain != "he":  # the IHC cell rule's constants change the counts too
+        from dataclasses import asdict
+
+        from tilscore.ihc_detect import ihc_params
+
+        key["ihc"] = asdict(ihc_params(stain))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -402,13 +408,19 @@ def _host_tag() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a killed process not yet reaped by its parent, a zombie,
+    no longer counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: state is the field after the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 __all__ = ["Engine", "InputError", "config_hash", "score_slide"]
