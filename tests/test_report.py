@@ -1,9 +1,9 @@
 """`tilscore report`: the self-contained HTML cohort report, on a small scored cohort.
 
 Two tiny synthetic H&E slides are scored once per module; two more slide folders are made
-from copies with edited summaries (an H&E slide and a CD20 IHC slide, since no IHC model
-ships yet), metadata and QC flags are added to the summaries, and an incomplete folder, an
-unreadable summary and a failures.csv row are added.
+from copies with edited summaries (an H&E slide and a CD20 IHC slide, which keeps the
+fixture fast), metadata and QC flags are added to the summaries, and an incomplete folder,
+an unreadable summary and a failures.csv row are added.
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ def _log_to_file(path: Path) -> None:
     for h in root.handlers:  # the console keeps the level --verbose/--debug chose
         h.setLevel(root.level)
     log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)  # one log file per run (main() may be called again)
+        old.close()
     log.addHandler(handler)
 
 
