@@ -250,7 +250,8 @@ def test_devices_one_worker_each():
 
 def test_work_dir_of_a_killed_unreaped_process_is_removed(tmp_path):
     """A SIGKILLed run whose parent has not reaped it yet (a zombie) counts as gone."""
-    from tilscore.pipeline import _host_tag, remove_stale_work_dirs
+    from tilscore.io.atomic import host_tag as _host_tag
+    from tilscore.pipeline import remove_stale_work_dirs
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     live = tmp_path / f".a.tmp-{_host_tag()}-{os.getpid()}-x1"

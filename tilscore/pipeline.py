@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -97,8 +96,8 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     final = out_dir / item.slide_id
     # Host and PID in the name: a later run removes it if this process was killed
     # (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique across containers.
-    work = Path(tempfile.mkdtemp(prefix=f".{item.slide_id}.tmp-{_host_tag()}-{os.getpid()}-",
-                                 dir=out_dir))
+    prefix = f".{item.slide_id}.tmp-{atomic.host_tag()}-{os.getpid()}-"
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
         with open_slide(item.path, mpp=item.mpp if item.mpp is not None else mpp) as slide:
             slide_mpp = slide.mpp  # MissingMppError here names --mpp
@@ -394,33 +393,16 @@ def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
     """Delete work folders left in `out_dir` by killed runs on this host (their process is
     gone); folders of live processes or other hosts sharing the folder are left alone."""
     removed = []
-    host = _host_tag()
+    host = atomic.host_tag()
     for path in out_dir.glob(".*.tmp-*"):
         tag = path.name.rsplit(".tmp-", 1)[1].split("-")
-        if len(tag) >= 2 and tag[0] == host and tag[1].isdigit() and not _pid_alive(int(tag[1])):
+        mine = len(tag) >= 2 and tag[0] == host and tag[1].isdigit()
+        if mine and not atomic.pid_alive(int(tag[1])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def _host_tag() -> str:
-    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a killed process not yet reaped by its parent, a zombie,
-    no longer counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: state is the field after the parenthesised command name
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
 
 
 __all__ = ["Engine", "InputError", "config_hash", "score_slide"]

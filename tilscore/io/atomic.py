@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -50,3 +51,25 @@ def write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict]) -> 
         writer.writeheader()
         for row in rows:
             writer.writerow(row)
+
+
+def host_tag() -> str:
+    """This host's name reduced to letters and digits (no "-": work-folder names use "-"
+    as a separator between host and process id)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` of this host runs (a killed process not yet reaped by
+    its parent, a zombie, no longer counts): decides whether a work folder is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state is the field after the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

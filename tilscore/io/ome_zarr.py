@@ -27,12 +27,12 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from tilscore.io.atomic import host_tag, pid_alive
 from tilscore.io.colors import color_of
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname().replace("-", "_")
+    host = host_tag()
     _remove_stale(path, host)
     tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}")
     _remove(tmp)
@@ -209,16 +209,6 @@ def _remove_stale(path: Path, host: str) -> None:
     for kind in ("tmp", "old"):
         for p in path.parent.glob(f".{path.name}.{kind}-{host}-*"):
             pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 log.debug("removing stale %s", p)
                 _remove(p)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
