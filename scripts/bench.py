@@ -2,14 +2,16 @@
 """End-to-end scoring benchmark on synthetic slides of growing size, per stage.
 
 Usage:  .venv/bin/python scripts/bench.py [--sizes 8192 16384 32768] [--device auto]
-                                         [--stain he] [--batch-size 8] [--json OUT]
+            [--stain he] [--batch-size N] [--read-threads N] [--compile] [--json OUT]
 
 For each size, writes (or reuses) a synthetic 40x (0.25 µm/px) slide in --cache, scores it
 with `tilscore.batch.score_inputs` in a fresh subprocess (so peak RSS is that run's), and
 reports: wall seconds; per stage (tissue: thumbnail + mask; read: waiting for the tile
 loader; model: forward + on-device post-processing incl. host copies; stitch; aggregate:
 regions, cells and scores; write: every output file); tiles/s; mm² of tissue per second;
-peak RSS (VmHWM); on CUDA the peak GPU memory and the model's share of the slide's time.
+peak RSS (VmHWM); on CUDA the peak GPU memory and the model's share of the slide's time,
+then, warm, the engine alone (read + model + stitch: tiles/s, mm²/s, the GPU's busy
+fraction sampled from NVML every 50 ms) and the tile loader alone (the decode limit).
 Also times the naive decode reference (openslide.read_region over the same tiles) once
 for the largest slide. Time should grow linearly with tissue area and memory stay flat.
 """
@@ -25,24 +27,80 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time, tempfile
+import json, sys, threading, time, tempfile
 from pathlib import Path
 from tilscore.batch import score_inputs
-slide, device, stain, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+slide, device, stain = sys.argv[1], sys.argv[2], sys.argv[3]
+batch, threads, compile_model, engine_only = (None if a == "auto" else int(a)
+                                              for a in sys.argv[4:8])
+decode = sys.argv[8]  # engine-only decoding: threads (as scoring) or processes
 out = Path(tempfile.mkdtemp(prefix="tilscore-bench-out-"))
 t0 = time.perf_counter()
 res = score_inputs([slide], out, device=device, stain=stain, batch_size=batch, quiet=True,
-                   report=False)
+                   read_threads=threads, compile=bool(compile_model), report=False)
 wall = time.perf_counter() - t0
 if res.failures:
     raise SystemExit(res.failures[0]["error"])
 summary = json.loads(next(out.glob("*/summary.json")).read_text())
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-gpu = {}
+extra = {}
 import torch
-if torch.cuda.is_available() and summary["device"].startswith("cuda"):
-    gpu = {"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
-print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 1e6, **gpu}))
+cuda = torch.cuda.is_available() and summary["device"].startswith("cuda")
+if cuda:
+    extra["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+if cuda or engine_only:
+    # The engine alone (read + model + stitch), warm, with the GPU's busy fraction
+    # sampled from NVML (percent of time a kernel ran) every 50 ms; and the loader alone.
+    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.pipeline import Engine, THUMBNAIL_MPP
+    from tilscore.slide import open_slide
+    from tilscore.tiles import SlideRef, TileSpec, iter_tile_batches, tile_grid
+    from tilscore.tissue import tissue_mask_from_thumbnail
+    engine = Engine.load(None, stain, device, compile_model=bool(compile_model))
+    card = engine.card
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    threads = threads or default_read_threads(engine.device, engine.cores)
+    batch = batch or default_batch_size(engine.device)
+    with open_slide(slide) as s:
+        thumb = s.thumbnail(THUMBNAIL_MPP)
+        mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
+        grid = tile_grid(s.dimensions, s.mpp,
+                         TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
+        procs = decode == "processes"
+        source = SlideRef(slide) if procs else s
+        samples, stop = [], threading.Event()
+        def sample():
+            while cuda and not stop.is_set():
+                try:
+                    samples.append(torch.cuda.utilization(engine.device))
+                except Exception as exc:  # no NVML: no busy fraction
+                    print("no GPU utilisation:", exc, file=sys.stderr)
+                    return
+                time.sleep(0.05)
+        for rep in range(2 if cuda else 1):  # a first pass warms up (and compiles)
+            sync()
+            samples.clear()
+            stop.clear()
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            t1 = time.perf_counter()
+            pred = predict_slide(source, grid, engine.predictor, out / f"engine{rep}.zarr",
+                                 workers=threads, batch_size=batch, tissue=mask,
+                                 use_processes=procs)
+            sync()
+            engine_s = time.perf_counter() - t1
+            stop.set()
+            sampler.join()
+        t1 = time.perf_counter()
+        n = sum(len(b.index) for b in iter_tile_batches(source, grid, batch_size=batch,
+                                                        workers=threads,
+                                                        use_processes=procs))
+        decode_s = time.perf_counter() - t1
+    extra.update(engine_s=engine_s, engine_timings=pred.timings_s,
+                 gpu_busy=sum(samples) / len(samples) / 100 if samples else None,
+                 samples=len(samples), decode_only_s=decode_s, decode_tiles=n,
+                 read_threads=threads, batch_size=batch, decode_processes=procs)
+print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 1e6, **extra}))
 """
 
 
@@ -52,13 +110,20 @@ def ensure_slide(size: int, cache: Path, stain: str) -> Path:
         from tilscore.synth import write_synthetic_slide
 
         t0 = time.perf_counter()
-        write_synthetic_slide(path, stain=stain, seed=7, size_px=(size, size), mpp=0.25)
+        from tilscore.infer import usable_cores
+
+        write_synthetic_slide(path, stain=stain, seed=7, size_px=(size, size), mpp=0.25,
+                              workers=usable_cores())
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
 
-def run_one(slide: Path, device: str, stain: str, batch: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(slide), device, stain, str(batch)],
+def run_one(slide: Path, device: str, stain: str, batch: int | None,
+            threads: int | None = None, compile_model: bool = False,
+            engine_only: bool = False, decode: str = "threads") -> dict:
+    args = [str(v) if v else "auto" for v in (batch, threads)]
+    args += [str(int(compile_model)), str(int(engine_only)), decode]
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(slide), device, stain, *args],
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"bench run failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -76,6 +141,13 @@ def run_one(slide: Path, device: str, stain: str, batch: int) -> dict:
     if "peak_gpu_mem_gb" in r:
         row["peak_gpu_mem_gb"] = r["peak_gpu_mem_gb"]
         row["model_share"] = t["model"] / s["runtime_s"]
+    if "engine_s" in r:
+        row.update({k: r[k] for k in ("engine_s", "engine_timings", "gpu_busy", "samples",
+                                      "decode_only_s", "decode_tiles", "read_threads",
+                                      "batch_size", "decode_processes")})
+        row["engine_tiles_per_s"] = s["qc"]["tiles"] / r["engine_s"]
+        row["engine_mm2_per_s"] = area / r["engine_s"]
+        row["decode_tiles_per_s"] = r["decode_tiles"] / r["decode_only_s"]
     return row
 
 
@@ -91,7 +163,13 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--stain", default="he")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the device's")
+    ap.add_argument("--read-threads", type=int, default=None, help="default: the device's")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--decode", choices=["threads", "processes"], default="threads",
+                    help="tile decoding for the engine-only pass (scoring uses threads)")
+    ap.add_argument("--engine", action="store_true",
+                    help="also time the engine and the loader alone (always on CUDA)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp"))
     ap.add_argument("--no-naive", action="store_true", help="skip the read_region reference")
     ap.add_argument("--json", type=Path)
@@ -100,7 +178,8 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         slide = ensure_slide(size, args.cache, args.stain)
-        row = run_one(slide, args.device, args.stain, args.batch_size)
+        row = run_one(slide, args.device, args.stain, args.batch_size, args.read_threads,
+                      args.compile, args.engine, args.decode)
         row["size_px"] = size
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -108,7 +187,9 @@ def main() -> None:
                                                                     args.stain))
     cols = ["size_px", "tissue_mm2", "tiles", "runtime_s", "tissue_s", "read_s", "model_s",
             "stitch_s", "aggregate_s", "write_s", "tiles_per_s", "mm2_per_s", "peak_rss_gb"]
-    cols += [c for c in ("peak_gpu_mem_gb", "model_share") if c in rows[0]]
+    cols += [c for c in ("peak_gpu_mem_gb", "model_share", "engine_s", "engine_tiles_per_s",
+                         "engine_mm2_per_s", "gpu_busy", "decode_tiles_per_s")
+             if c in rows[0] and rows[0][c] is not None]
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"device {rows[0]['device']}, {time.strftime('%Y-%m-%d')}")
     print("| " + " | ".join(cols) + " |")

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from tilscore.errors import UsageError
-from tilscore.infer import Predictor, find_peaks, predict_slide, select_device
+from tilscore.infer import (
+    Predictor,
+    _decode_peaks,
+    find_peaks,
+    predict_slide,
+    select_device,
+    top_peaks,
+)
 from tilscore.models import ModelCard
 from tilscore.slide import open_slide
 from tilscore.tiles import TileSpec, tile_grid
@@ -37,6 +44,18 @@ def test_find_peaks_positions_classes_and_core():
     assert got == [(0.0, 12.5, 10.5), (1.0, 5.5, 30.5)]
     core_only = find_peaks(heat, 5, 0.4, core=(8, 32))
     assert core_only[:, 1:4].tolist() == [[0.0, 12.5, 10.5]]
+
+
+def test_top_peaks_equal_find_peaks_and_flag_a_full_tile():
+    gen = torch.Generator().manual_seed(3)
+    heat = torch.nn.functional.avg_pool2d(torch.rand(3, 2, 64, 64, generator=gen), 5, 1, 2)
+    heat = (heat - heat.min()) / (heat.max() - heat.min())
+    exact = find_peaks(heat, 5, 0.3, core=(4, 60)).numpy()
+    assert len(exact) > 20
+    score, index = top_peaks(heat, 5, 0.3, (4, 60), k=256)
+    assert np.array_equal(_decode_peaks(score.numpy(), index.numpy(), (64, 64)), exact)
+    score, _ = top_peaks(heat, 5, 0.3, (4, 60), k=4)  # fewer slots than peaks
+    assert (score.numpy() >= 0).all(axis=1).all()  # every tile flagged as possibly cut
 
 
 class DarkBlobNet(nn.Module):
@@ -72,8 +91,8 @@ def _disc_image(centres, size=(400, 400), r=4):
     return img
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_cell_on_tile_seam_is_reported_once(tmp_path, workers):
+@pytest.mark.parametrize("workers,cap", [(1, None), (2, None), (2, 1)])
+def test_cell_on_tile_seam_is_reported_once(tmp_path, workers, cap):
     card = _card()
     core = card.tile_px - 2 * card.overlap_px  # 64
     # Cells exactly on core boundaries (x = 128 is the edge between cores 1 and 2), on a
@@ -83,6 +102,8 @@ def test_cell_on_tile_seam_is_reported_once(tmp_path, workers):
     spec = TileSpec(mpp=0.5, tile_px=card.tile_px, overlap_px=card.overlap_px)
     grid = tile_grid(slide.dimensions, slide.mpp, spec)
     predictor = Predictor(DarkBlobNet(), card, torch.device("cpu"), region_factor=4)
+    if cap is not None:  # every tile with a cell fills its peak slots: exact fallback
+        predictor.max_peaks_per_tile = cap
     pred = predict_slide(slide, grid, predictor, tmp_path / "c.zarr", workers=workers,
                          batch_size=3)
     xy = np.stack([pred.cells["x_px"], pred.cells["y_px"]], 1)

@@ -309,7 +309,8 @@ def _peak_rss_mb(size_px: tuple[int, int], out: Path) -> float:
         hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
         print(int(hwm.split()[1]) / 1024)
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=REPO, check=True)
     return float(done.stdout.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ import numpy as np
 
 from tilscore.score import RegionAreas, ScoreConfig, tumour_bulk
 
-_BAND_CHUNKS = 8  # canvas chunk rows per band
+_BAND_CHUNKS = 2  # canvas chunk rows per band (a chunk row is 4 tile rows)
 
 
 def _bands(canvas, factor: int):

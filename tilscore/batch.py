@@ -41,8 +41,9 @@ class BatchOptions:
     overwrite: bool = False
     fail_fast: bool = False
     quiet: bool = False
-    read_threads: int = 2
-    batch_size: int = 8
+    read_threads: int | None = None  # None: the device's default (infer.default_read_threads)
+    batch_size: int | None = None  # None: the device's default (infer.default_batch_size)
+    compile: bool = False  # torch.compile the network
     cluster: str | None = None
     workers: int = 1
     cluster_config: Path | None = None
@@ -116,7 +117,8 @@ def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
             if item.stain not in engines:  # UsageError (no model for the stain) raises
                 from tilscore.pipeline import Engine
 
-                engines[item.stain] = Engine.load(opts.model, item.stain, opts.device)
+                engines[item.stain] = Engine.load(opts.model, item.stain, opts.device,
+                                                  compile_model=opts.compile)
             outcome = _score_one(item, out_dir, engines[item.stain], opts)
             _collect(outcome, result, bar)
             if opts.fail_fast and result.failures:
@@ -234,7 +236,7 @@ def _score_on_worker(item: InputSlide, out_dir: str, opts: BatchOptions,
     key = (opts.model, item.stain, device)
     if key not in _WORKER_ENGINES:
         _WORKER_ENGINES[key] = Engine.load(opts.model, item.stain, device,
-                                           cpu_threads=cpu_threads)
+                                           cpu_threads=cpu_threads, compile_model=opts.compile)
     return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True))
 
 

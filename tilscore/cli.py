@@ -99,9 +99,13 @@ def score(
         help="YAML with Slurm settings (default configs/cluster.yaml).")] = None,
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
-    read_threads: Annotated[int, typer.Option(min=1, help="Tile decoding threads per "
-                                                          "slide.")] = 2,
-    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per model batch.")] = 8,
+    read_threads: Annotated[int | None, typer.Option(
+        min=1, help="Tile decoding threads per slide [default: 2 on CPU, the cores minus 2 "
+                    "on CUDA].")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the network (pays on long GPU runs).")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Re-score slides whose outputs already exist.")] = False,
     fail_fast: Annotated[bool, typer.Option(
@@ -124,7 +128,8 @@ def score(
         stain=stain, model=model, device=device, cfg=load_score_config(config), mpp=mpp,
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         overwrite=overwrite, fail_fast=fail_fast, quiet=quiet, read_threads=read_threads,
-        batch_size=batch_size, cluster=cluster, workers=workers, cluster_config=cluster_config,
+        batch_size=batch_size, compile=compile_model, cluster=cluster, workers=workers,
+        cluster_config=cluster_config,
         report=report)
     result = score_inputs(inputs, out, opts)
     for row in result.rows:

@@ -42,12 +42,14 @@ class Engine:
     card: object
     device: object
     predictor: object
+    cores: int = 1  # CPU cores this engine may use (torch threads on CPU, tile decoding)
 
     @classmethod
     def load(cls, model: str | None, stain: str, device: str = "auto",
-             cpu_threads: int | None = None) -> Engine:
-        """`cpu_threads`: torch threads on CPU (None: every usable core)."""
-        from tilscore.infer import Predictor, configure_cpu_threads, select_device
+             cpu_threads: int | None = None, compile_model: bool = False) -> Engine:
+        """`cpu_threads`: cores this engine may use (None: every usable core);
+        `compile_model`: torch.compile the network (see docs/benchmarks.md)."""
+        from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
         from tilscore.models import load_model
 
         dev = select_device(device)
@@ -55,7 +57,8 @@ class Engine:
             configure_cpu_threads(threads=cpu_threads)
         model_card(model, stain)  # a clear error before any weights are read
         net, card = load_model(model or DEFAULT_MODELS[stain])
-        return cls(card, dev, Predictor(net, card, dev))
+        return cls(card, dev, Predictor(net, card, dev, compile_model=compile_model),
+                   cpu_threads or usable_cores())
 
 
 def model_card(model: str | None, stain: str):
@@ -78,20 +81,26 @@ def model_card(model: str | None, stain: str):
 
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
-                read_threads: int = 2, batch_size: int = 8, quiet: bool = False) -> dict:
+                read_threads: int | None = None, batch_size: int | None = None,
+                quiet: bool = False) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
+
+    `read_threads`/`batch_size` None: the device's defaults
+    (:func:`tilscore.infer.default_read_threads`, :func:`~tilscore.infer.default_batch_size`).
 
     `mpp` overrides the file's pixel size unless the input carries its own (a manifest
     row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
     not `quiet`."""
     from tilscore.aggregate import region_summary
-    from tilscore.infer import predict_slide
+    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
     cfg = cfg or ScoreConfig()
     card = engine.card
+    read_threads = read_threads or default_read_threads(engine.device, engine.cores)
+    batch_size = batch_size or default_batch_size(engine.device)
     t0 = time.perf_counter()
     final = out_dir / item.slide_id
     # Host and PID in the name: a later run removes it if this process was killed

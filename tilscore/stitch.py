@@ -2,8 +2,8 @@
 
 Each tile contributes only its core (its overlap is context), so cores tile the grid
 exactly: the region map has no seams and no cell is counted twice. The region map is a
-zarr array on disk written one core-sized chunk at a time, never a whole-slide array
-in RAM; cells accumulate as compact columns.
+zarr array on disk (chunks of 4 x 4 tile cores) written a band of tile rows at a time,
+never a whole-slide array in RAM; cells accumulate as compact columns.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import numpy as np
 
 from tilscore.tiles import TileGrid
 
+BAND_TILE_ROWS = 4  # tile rows per buffered band (the loader reads blocks of 4 x 4 tiles)
+
 
 class RegionCanvas:
     """Region labels (uint8) and lymphocyte-nucleus coverage (uint8, 0–255 = 0–100 %) at
-    ``mpp`` = tile mpp × factor, in zarr arrays under `store_path` (chunk = one tile core).
+    ``mpp`` = tile mpp × factor, in zarr arrays under `store_path`; ``block`` = one tile
+    core in canvas pixels, ``chunk`` = the zarr chunk side (BAND_TILE_ROWS blocks).
 
     Pixel (i, j) covers grid px [j·f, (j+1)·f) × [i·f, (i+1)·f). Pixels never written
     (no tissue tile) read as 0 = background.
@@ -30,39 +33,70 @@ class RegionCanvas:
         self.tissue = tissue  # TissueMask: decides tissue vs glass (see write)
         core = grid.spec.core_px
         self.factor = int(factor)
-        self.chunk = core // self.factor
+        self.block = core // self.factor
+        self.chunk = BAND_TILE_ROWS * self.block  # one chunk row = one band: written once
         self.mpp = grid.spec.mpp * self.factor
-        shape = (grid.n_rows * self.chunk, grid.n_cols * self.chunk)
+        shape = (grid.n_rows * self.block, grid.n_cols * self.block)
         self.group = zarr.open_group(str(store_path), mode="w")
         kw = dict(shape=shape, chunks=(self.chunk, self.chunk), dtype="uint8", fill_value=0)
         self.labels = self.group.create_array("labels", **kw)
         self.nuclei = self.group.create_array("lymphocyte_nuclei", **kw)
         self.shape = shape
+        bands, counts = np.unique(np.asarray(grid.rows) // BAND_TILE_ROWS, return_counts=True)
+        self._band_tiles = dict(zip(bands.tolist(), counts.tolist(), strict=True))
+        self._bands: dict[int, list] = {}
 
     def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
               nucleus_fraction: np.ndarray | None) -> None:
-        """Write per-tile blocks: regions uint8 (B, chunk, chunk) for tiles (cols, rows).
+        """Write per-tile blocks: regions uint8 (B, block, block) for tiles (cols, rows).
 
         With a tissue mask, the tissue detector decides tissue vs glass and the model only
         subdivides tissue: model background inside the mask becomes 3 (other tissue:
         necrosis, fat, ...), model tissue outside the mask becomes 0.
+
+        Blocks gather in a band of BAND_TILE_ROWS tile rows (bounded memory: one band is
+        a few MB for any slide width), written to zarr in one call when every tile of the
+        band has arrived: each zarr chunk is encoded and stored once, whole (a chunk per
+        tile core cost a small file per tile: ~1-4 ms each, the engine's largest host cost).
+        Call :meth:`flush` after the last tile (tiles that failed to decode never arrive).
         """
-        c = self.chunk
+        c = self.block
         for k, (col, row) in enumerate(zip(cols, rows, strict=True)):
-            sl = (slice(row * c, (row + 1) * c), slice(col * c, (col + 1) * c))
             block = regions[k]
             if self.tissue is not None:
                 inside = self._tissue_block(row, col)
                 block = np.where(inside, np.where(block == 0, 3, block), 0).astype(np.uint8)
-            self.labels[sl] = block
+            band = int(row) // BAND_TILE_ROWS
+            buf = self._bands.get(band)
+            if buf is None:
+                rows_px = min(BAND_TILE_ROWS * c, self.shape[0] - band * BAND_TILE_ROWS * c)
+                buf = self._bands[band] = [np.zeros((rows_px, self.shape[1]), np.uint8),
+                                           np.zeros((rows_px, self.shape[1]), np.uint8), 0]
+            r0 = (int(row) - band * BAND_TILE_ROWS) * c
+            buf[0][r0 : r0 + c, col * c : (col + 1) * c] = block
             if nucleus_fraction is not None:
-                self.nuclei[sl] = np.round(nucleus_fraction[k] * 255).astype(np.uint8)
+                buf[1][r0 : r0 + c, col * c : (col + 1) * c] = np.round(
+                    nucleus_fraction[k] * 255).astype(np.uint8)
+            buf[2] += 1
+            if buf[2] == self._band_tiles.get(band, 0):
+                self._write_band(band)
 
+    def flush(self) -> None:
+        """Write every band still buffered (those with tiles that never arrived)."""
+        for band in sorted(self._bands):
+            self._write_band(band)
+
+    def _write_band(self, band: int) -> None:
+        labels, nuclei, _ = self._bands.pop(band)
+        r0 = band * self.chunk
+        rows = slice(r0, r0 + labels.shape[0])
+        self.labels[rows] = labels
+        self.nuclei[rows] = nuclei
 
     def _tissue_block(self, row: int, col: int) -> np.ndarray:
-        """bool (chunk, chunk): tissue-mask value at each canvas pixel centre of a block."""
+        """bool (block, block): tissue-mask value at each canvas pixel centre of a block."""
         m = self.tissue
-        c = self.chunk
+        c = self.block
         centres_um = (np.arange(c) + 0.5) * self.mpp
         i = ((row * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
         j = ((col * c * self.mpp + centres_um) / m.mpp).astype(np.int64)

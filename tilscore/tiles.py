@@ -320,8 +320,13 @@ def _make_executor(slide, grid: TileGrid, workers: int, use_processes: bool):
     if use_processes:
         if not isinstance(slide, SlideRef):
             raise UsageError("worker processes need a SlideRef (path), not an open slide")
+        # forkserver, not fork: the parent may hold CUDA, zarr's event-loop thread and
+        # other threads that a forked child would inherit half-alive.
+        import multiprocessing
+
         executor: Executor = ProcessPoolExecutor(
-            max_workers=workers, initializer=_init_worker, initargs=(slide,)
+            max_workers=workers, initializer=_init_worker, initargs=(slide,),
+            mp_context=multiprocessing.get_context("forkserver"),
         )
         return executor, lambda o: executor.submit(_read_block_in_worker, o, spec, ds), None
     owned = slide.open() if isinstance(slide, SlideRef) else None

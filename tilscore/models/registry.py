@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from tilscore.errors import UsageError
+from tilscore.models.architectures import ARCHITECTURES
 from tilscore.models.card import ModelCard
 
 # Shipped models: <models dir>/<name>/{card.json, weights.safetensors}.
@@ -14,20 +15,6 @@ from tilscore.models.card import ModelCard
 # a wheel) points TILSCORE_MODELS_DIR at its models/ folder.
 MODELS_DIR = Path(os.environ.get("TILSCORE_MODELS_DIR")
                   or Path(__file__).resolve().parents[2] / "models")
-
-# name -> (smp class name, default kwargs). Encoders start from random weights: nothing is
-# downloaded (encoder_weights=None).
-ARCHITECTURES: dict[str, tuple[str, dict]] = {
-    "unet-resnet18": ("Unet", {"encoder_name": "resnet18",
-                               "decoder_channels": (128, 64, 48, 32, 16)}),
-    "unet-resnet34": ("Unet", {"encoder_name": "resnet34",
-                               "decoder_channels": (256, 128, 64, 32, 16)}),
-    "unet-mobilenetv3": ("Unet", {"encoder_name": "timm-mobilenetv3_small_100",
-                                  "decoder_channels": (96, 64, 32, 24, 16)}),
-    "unet-efficientnet-b0": ("Unet", {"encoder_name": "efficientnet-b0",
-                                      "decoder_channels": (128, 64, 48, 32, 16)}),
-    "fpn-resnet18": ("FPN", {"encoder_name": "resnet18"}),
-}
 
 
 def create_model(name: str, out_channels: int, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
