@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                      "config": cfg.model_dump(mode="json")},
         "metrics": {"validation": best["metrics"]},
     })
-    return save_model(model.cpu(), card, out_dir, half=cfg.save_fp16)
+    return save_model(model.cpu(), card, out_dir, storage=cfg.weights_storage)
 
 
 def _worker_seed(worker_id: int) -> None:

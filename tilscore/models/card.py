@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +40,10 @@ class ModelCard(BaseModel):
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     heatmap: HeatmapSpec = HeatmapSpec()
     weights_file: str = "weights.safetensors"
+    # How the weights are stored (always computed in float32/bf16): float16, float32, or
+    # int8 = convolution/linear weights as int8 with a float32 scale per output channel
+    # (symmetric), everything else float16 (registry.save_model).
+    weights_storage: Literal["float32", "float16", "int8"] = "float16"
     sha256: str | None = None
     training: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)

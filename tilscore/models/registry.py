@@ -90,6 +90,7 @@ def load_model(name_or_path: str | Path):
     except Exception as exc:  # safetensors raises its own error types on bad headers
         raise UsageError(f"model {card.name}: {weights.name} is not a valid safetensors "
                          f"file ({str(exc).splitlines()[0]})") from exc
+    state = dequantize(state)
     model = model_from_card(card)
     expected = model.state_dict()
     mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
@@ -107,20 +108,62 @@ def load_model(name_or_path: str | Path):
     return model.to(memory_format=torch.channels_last), card
 
 
-def save_model(model, card: ModelCard, folder: str | Path, half: bool = True) -> ModelCard:
-    """Write weights.safetensors (fp16 when `half`) and card.json with its sha256."""
+INT8_SCALE = ".int8_scale"  # key suffix of the per-output-channel scales of int8 weights
+
+
+def quantize_int8(state: dict) -> dict:
+    """Weights of ≥ 2 dimensions (convolutions, linear) → int8 with a float32 scale per
+    output channel (symmetric: w ≈ q · scale, |q| ≤ 127); other floats → float16."""
+    import torch
+
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif v.ndim >= 2:
+            w = v.float()
+            amax = w.abs().flatten(1).amax(dim=1).clamp_min(1e-12)
+            scale = amax / 127.0
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            out[k] = torch.round(w / scale.view(shape)).clamp(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale
+        else:
+            out[k] = v.half()
+    return out
+
+
+def dequantize(state: dict) -> dict:
+    """Inverse of :func:`quantize_int8` (float32 weights); other states pass unchanged."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(INT8_SCALE):
+            continue
+        scale = state.get(k + INT8_SCALE)
+        out[k] = v if scale is None else v.float() * scale.view((-1,) + (1,) * (v.ndim - 1))
+    return out
+
+
+def save_model(model, card: ModelCard, folder: str | Path, half: bool = True,
+               storage: str | None = None) -> ModelCard:
+    """Write weights.safetensors and card.json with its sha256. `storage`: "float32",
+    "float16" or "int8" (see :func:`quantize_int8`); None: float16 when `half`."""
     from safetensors.torch import save_file
 
     from tilscore.io.atomic import atomic_path
 
+    storage = storage or ("float16" if half else "float32")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if storage == "int8":
+        state = quantize_int8(state)
+    elif storage == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    elif storage != "float32":
+        raise UsageError(f"unknown weights storage {storage!r}; valid: float32, float16, int8")
     with atomic_path(folder / card.weights_file) as tmp:
-        save_file(state, str(tmp))
-    card = card.model_copy(update={"sha256": file_sha256(folder / card.weights_file)})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    card = card.model_copy(update={"weights_storage": storage,
+                                   "sha256": file_sha256(folder / card.weights_file)})
     card.write(folder / "card.json")
     return card
