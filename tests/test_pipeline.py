@@ -94,6 +94,10 @@ def test_outputs_are_complete_and_readable(scored):
     assert cells["features"][0]["properties"]["objectType"] == "detection"
     group = zarr.open_group(str(out / "maps.zarr"), mode="r")
     assert group.attrs["ome"]["version"] == "0.5"
+    # The maps cover the slide (1,024 µm), not the tile grid (5 cores of 224 µm = 1,120 µm).
+    assert group["regions"]["0"].shape == (512, 512)  # 2 µm/px
+    grid_um = summary["score_config"]["density_grid_um"]
+    assert group["til_density"]["0"].shape == (int(np.ceil(1024 / grid_um)),) * 2
     assert not list(out.parent.glob(".*tmp*"))  # no temporary leftovers
     rows = list(csv.DictReader(open(out.parent / "scores.csv")))
     assert len(rows) == 1 and rows[0]["slide"] == "golden"

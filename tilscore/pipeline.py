@@ -130,8 +130,9 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                                         aggregate=round(time.perf_counter() - t_agg, 3))
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
+            extent_um = (slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp)
             _write_outputs(work, summary, cells, regions, (overlay, overlay_mpp), slide_mpp,
-                           card, cfg, pred, t0)
+                           extent_um, card, cfg, pred, t0)
         _publish(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -311,10 +312,11 @@ def _warnings(areas, pred, stain: str) -> list[str]:
     return out
 
 
-def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card, cfg,
-                   pred, t0: float) -> None:
+def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, extent_um,
+                   card, cfg, pred, t0: float) -> None:
     """Every output; summary.json last (it marks completeness), with the time spent
-    writing the others and the slide's runtime since `t0` (perf_counter)."""
+    writing the others and the slide's runtime since `t0` (perf_counter). The maps cover
+    the slide's extent (w, h) in µm, `extent_um`."""
     t_write = time.perf_counter()
     from tilscore.io.cells import write_cells_csv
     from tilscore.io.colors import CLASS_COLORS
@@ -335,11 +337,10 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, card
     counted = counted_class(stain)
     mine = cells["class"] == counted
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    dmap = density_map(pts[mine], (pred.canvas.shape[1] * pred.canvas.mpp,
-                                   pred.canvas.shape[0] * pred.canvas.mpp), cfg.density_grid_um)
+    dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
     density_name = "til_density" if stain == "he" else f"{counted}_density"
-    write_ome_zarr(work / "maps.zarr", pred.canvas.labels, pred.canvas.mpp, dmap,
-                   cfg.density_grid_um, region_names, CLASS_COLORS, density_name=density_name,
+    write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um), pred.canvas.mpp,
+                   dmap, cfg.density_grid_um, region_names, CLASS_COLORS, density_name=density_name,
                    density_unit=f"{counted} cells per mm²")
     shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
     write_overlay_png(work / "overlay.png", overlay[0], overlay[1], regions.labels,

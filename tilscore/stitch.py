@@ -93,6 +93,13 @@ class RegionCanvas:
         self.labels[rows] = labels
         self.nuclei[rows] = nuclei
 
+    def labels_within(self, extent_um: tuple[float, float]) -> CroppedRows:
+        """The labels cropped to the slide's extent (w, h) in µm (the last cores reach
+        past the slide edge), read lazily in row bands."""
+        h = min(self.shape[0], int(np.ceil(extent_um[1] / self.mpp)))
+        w = min(self.shape[1], int(np.ceil(extent_um[0] / self.mpp)))
+        return CroppedRows(self.labels, h, w)
+
     def _tissue_block(self, row: int, col: int) -> np.ndarray:
         """bool (block, block): tissue-mask value at each canvas pixel centre of a block."""
         m = self.tissue
@@ -104,6 +111,18 @@ class RegionCanvas:
         out = np.zeros((c, c), bool)
         out[np.ix_(valid_i, valid_j)] = m.mask[np.ix_(i[valid_i], j[valid_j])]
         return out
+
+
+class CroppedRows:
+    """The top-left (h, w) of a 2-D array, read by row slices (``view[r0:r1]``): what
+    :func:`tilscore.io.ome_zarr.write_ome_zarr` reads, without loading the array."""
+
+    def __init__(self, array, h: int, w: int):
+        self.array, self.shape, self.dtype = array, (int(h), int(w)), array.dtype
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        return np.asarray(self.array[start:stop, : self.shape[1]])
 
 
 @dataclass
