@@ -156,12 +156,14 @@ def test_estimation_falls_back_on_an_he_slide():
     rng = np.random.default_rng(3)
     rgb, tissue = _thumbnail((HAEMATOXYLIN_OD, EOSIN_OD), rng)
     sv = estimate_stain_vectors(rgb, tissue)
-    assert sv.source == "default" and "eosin" in sv.reason
+    assert sv.source == "default" and sv.fallback == "eosin" and "eosin" in sv.reason
     assert np.array_equal(sv.matrix, DEFAULT_STAIN_MATRIX)
 
 
-@pytest.mark.parametrize("case", ["glass", "haematoxylin only", "far from default"])
-def test_estimation_falls_back_with_a_reason(case):
+@pytest.mark.parametrize("case,code", [("glass", "too_few_pixels"),
+                                       ("haematoxylin only", "little_dab"),
+                                       ("far from default", "deviation")])
+def test_estimation_falls_back_with_a_reason(case, code):
     rng = np.random.default_rng(4)
     if case == "glass":
         rgb, tissue = np.full((64, 64, 3), 250, np.uint8), None
@@ -170,7 +172,7 @@ def test_estimation_falls_back_with_a_reason(case):
     else:
         rgb, tissue = _thumbnail((HAEMATOXYLIN_OD, _rotate(DAB_OD, (1, 0, 0), 40)), rng)
     sv = estimate_stain_vectors(rgb, tissue)
-    assert sv.source == "default" and sv.reason
+    assert sv.source == "default" and sv.reason and sv.fallback == code
     assert np.array_equal(sv.matrix, DEFAULT_STAIN_MATRIX)
 
 

@@ -51,12 +51,13 @@ def test_flags_have_codes_and_plain_messages():
     clean = {"out_of_focus_fraction": 0.02, "pen_fraction": 0.0, "mpp_source": "metadata",
              "failed_tiles": 0, "tiles": 10, "tissue_mask_area_mm2": 5.0}
     assert qc_flags(clean, "he") == []
-    sparse = {"source": "default", "reason": "too little DAB to estimate it (2% ...)",
-              "angle_deg": {"dab": 21.0}}
+    sparse = {"source": "default", "fallback": "little_dab",
+              "reason": "too little DAB to estimate it (2% ...)", "angle_deg": {"dab": 21.0}}
     assert qc_flags({**clean, "stain_vectors": sparse}, "foxp3") == []
     faint = qc_flags({**clean, "od_percentiles": {"p05": 0.05, "p50": 0.23, "p95": 0.37}}, "he")
     assert [f["code"] for f in faint] == ["faint"] and "0.23" in faint[0]["message"]
-    eosin = {"source": "default", "reason": "second stain looks like eosin, not DAB"}
+    eosin = {"source": "default", "fallback": "eosin",
+             "reason": "second stain looks like eosin, not DAB"}
     (flag,) = qc_flags({**clean, "stain_vectors": eosin}, "cd20")
     assert flag["code"] == "stain" and "eosin" in flag["message"]
     assert [f["code"] for f in qc_flags({**clean, "dab_positive_percent": 0.1}, "cd20")] == [

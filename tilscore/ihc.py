@@ -105,7 +105,8 @@ class StainVectors:
     ``matrix``: float64 (3, 3) unit rows haematoxylin, DAB, residual. ``source``:
     "estimated" or "default". ``angle_deg``: {"haematoxylin", "dab"} degrees between the
     estimated vectors and the Ruifrok defaults (empty when nothing was estimated).
-    ``reason``: why the defaults were used ("" when estimated). ``background_rgb``: the
+    ``reason``: why the defaults were used ("" when estimated), in words; ``fallback``: the
+    same as a code (:data:`FALLBACKS`; "" when estimated). ``background_rgb``: the
     glass intensity per channel (OD zero), measured on the slide: scanners' white balance
     often leaves glass at e.g. (225, 222, 214), a tint that a 255 reference would read
     as ~0.2 OD of DAB everywhere.
@@ -116,6 +117,13 @@ class StainVectors:
     angle_deg: dict = field(default_factory=dict)
     reason: str = ""
     background_rgb: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    fallback: str = ""
+
+
+# Why estimate_stain_vectors kept the defaults. The first two are normal for a sparse
+# marker (little DAB on the thumbnail) or a small field; the others question the stain.
+FALLBACKS = ("too_few_pixels", "little_dab", "eosin", "collinear", "deviation")
+BENIGN_FALLBACKS = ("too_few_pixels", "little_dab")
 
 
 @dataclass(frozen=True)
@@ -147,9 +155,10 @@ class EstimationLimits:
     max_glass_spread: float = 30.0
 
 
-def _default(reason: str, angles: dict | None = None, glass=(255.0, 255.0, 255.0)
-             ) -> StainVectors:
-    return StainVectors(DEFAULT_STAIN_MATRIX.copy(), "default", angles or {}, reason, glass)
+def _default(code: str, reason: str, angles: dict | None = None,
+             glass=(255.0, 255.0, 255.0)) -> StainVectors:
+    return StainVectors(DEFAULT_STAIN_MATRIX.copy(), "default", angles or {}, reason, glass,
+                        code)
 
 
 def estimate_background_rgb(rgb_uint8: np.ndarray, tissue: np.ndarray | None = None,
@@ -203,8 +212,8 @@ def estimate_stain_vectors(rgb_uint8: np.ndarray, tissue: np.ndarray | None = No
     od = -np.log(np.minimum(np.maximum(pix.astype(np.float64), 1.0), i0) / i0)
     od = od[np.linalg.norm(od, axis=1) > limits.min_od]
     if len(od) < limits.min_pixels:
-        return _default(f"too few stained tissue pixels ({len(od)} < {limits.min_pixels})",
-                        glass=glass)
+        return _default("too_few_pixels", "too few stained tissue pixels "
+                        f"({len(od)} < {limits.min_pixels})", glass=glass)
     # DAB present? Judge with the default vectors first: with no DAB, the second
     # principal direction is noise (or eosin) and any estimate is meaningless.
     conc = od @ np.linalg.pinv(DEFAULT_STAIN_MATRIX)
@@ -224,19 +233,20 @@ def estimate_stain_vectors(rgb_uint8: np.ndarray, tissue: np.ndarray | None = No
     h_est, d_est = (ends[0], ends[1]) if keep <= swap else (ends[1], ends[0])
     angles = {"haematoxylin": angle_deg(h_est, h_def), "dab": angle_deg(d_est, d_def)}
     if angle_deg(d_est, e_def) < angle_deg(d_est, d_def):
-        return _default("second stain looks like eosin, not DAB (an H&E slide?): "
+        return _default("eosin", "second stain looks like eosin, not DAB (an H&E slide?): "
                         f"{angle_deg(d_est, e_def):.0f}° from eosin, "
                         f"{angles['dab']:.0f}° from DAB", angles, glass)
     if dab_fraction < limits.min_dab_fraction:
-        return _default(f"too little DAB to estimate it ({100 * dab_fraction:.2f}% of stained "
-                        f"pixels DAB-dominated < {100 * limits.min_dab_fraction:.0f}%)", angles,
-                        glass)
+        return _default("little_dab", "too little DAB to estimate it "
+                        f"({100 * dab_fraction:.2f}% of stained pixels DAB-dominated < "
+                        f"{100 * limits.min_dab_fraction:.0f}%)", angles, glass)
     separation = angle_deg(h_est, d_est)
     if separation < limits.min_separation_deg:
-        return _default(f"estimated H and DAB vectors nearly collinear ({separation:.1f}° "
-                        f"apart < {limits.min_separation_deg}°)", angles, glass)
+        return _default("collinear", "estimated H and DAB vectors nearly collinear "
+                        f"({separation:.1f}° apart < {limits.min_separation_deg}°)", angles,
+                        glass)
     for name, value in angles.items():
         if value > limits.max_deviation_deg:
-            return _default(f"estimated {name} vector {value:.1f}° from its default "
-                            f"(> {limits.max_deviation_deg}°)", angles, glass)
+            return _default("deviation", f"estimated {name} vector {value:.1f}° from its "
+                            f"default (> {limits.max_deviation_deg}°)", angles, glass)
     return StainVectors(stain_matrix(h_est, d_est), "estimated", angles, "", glass)

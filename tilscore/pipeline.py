@@ -278,7 +278,8 @@ def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None) -> dict:
     }
     if rule is not None:
         sv = rule.stain
-        qc["stain_vectors"] = {"source": sv.source, "reason": sv.reason,
+        qc["stain_vectors"] = {"source": sv.source, "fallback": sv.fallback,
+                               "reason": sv.reason,
                                "angle_deg": sv.angle_deg,
                                "haematoxylin": sv.matrix[0].tolist(),
                                "dab": sv.matrix[1].tolist(),

@@ -153,7 +153,8 @@ def _stain_message(vectors: dict, cfg: QcConfig) -> str | None:
             return (f"unusual staining ({what} from the reference stain vectors): check "
                     "the stain and scanner")
         return None
-    reason = vectors.get("reason") or ""
-    if reason and not reason.startswith(("too little DAB", "too few stained")):
-        return f"stain vectors not estimated ({reason}); reference vectors used"
+    from tilscore.ihc import BENIGN_FALLBACKS
+
+    if vectors.get("fallback") and vectors["fallback"] not in BENIGN_FALLBACKS:
+        return f"stain vectors not estimated ({vectors.get('reason')}); reference vectors used"
     return None
