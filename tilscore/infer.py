@@ -121,17 +121,15 @@ class Predictor:
         # NHWC memory permuted to NCHW is exactly channels_last: no copy.
         return images.permute(0, 3, 1, 2)
 
-    def predict(self, images: torch.Tensor, cell_rule=None) -> TilePredictions:
-        """`images`: torch.uint8 (B, tile, tile, 3). See :class:`TilePredictions`.
-
-        `cell_rule` (e.g. :class:`tilscore.ihc_cells.IhcCellRule`) replaces the heatmap
-        peaks as the source of cells: called with the uint8 NHWC batch on the device and
-        the core (start, stop), it returns float32 (N, 5 + k) rows like ``cells``."""
-        return self.collect(self.launch(images, cell_rule))
-
     @torch.inference_mode()
     def launch(self, images: torch.Tensor, cell_rule=None) -> PendingBatch:
-        """Queue a batch on the device and start copying its results to the host.
+        """Queue a batch on the device and start copying its results to the host;
+        :meth:`collect` turns it into :class:`TilePredictions`.
+
+        `images`: torch.uint8 (B, tile, tile, 3). `cell_rule` (e.g.
+        :class:`tilscore.ihc_cells.IhcCellRule`) replaces the heatmap peaks as the source
+        of cells: called with the uint8 NHWC batch on the device and the core (start,
+        stop), it returns float32 (N, 5 + k) rows like ``cells``.
 
         On CUDA nothing here waits for the GPU (no host synchronisation: peaks are
         compacted to a fixed size by top-k, copies are non-blocking into pinned memory
@@ -306,7 +304,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
     """Stream the grid's tiles through `predictor`, stitching cores into a RegionCanvas at
     `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch;
     `tissue` (a TissueMask) makes the tissue detector the authority on tissue vs glass;
-    `cell_rule` replaces the heatmap cells (see :meth:`Predictor.predict`); its
+    `cell_rule` replaces the heatmap cells (see :meth:`Predictor.launch`); its
     ``extra_columns`` become extra cell-table columns. `use_processes`: decode in worker
     processes (`slide` must then be a :class:`~tilscore.tiles.SlideRef`)."""
     import time
