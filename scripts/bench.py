@@ -3,6 +3,7 @@
 
 Usage:  .venv/bin/python scripts/bench.py [--sizes 8192 16384 32768] [--device auto]
             [--stain he] [--batch-size N] [--read-threads N] [--compile] [--json OUT]
+            [--decode auto|host|device|processes] [--mode full|fast] [--engine]
 
 For each size, writes (or reuses) a synthetic 40x (0.25 µm/px) slide in --cache, scores it
 with `tilscore.batch.score_inputs` in a fresh subprocess (so peak RSS is that run's), and
@@ -33,11 +34,12 @@ from tilscore.batch import score_inputs
 slide, device, stain = sys.argv[1], sys.argv[2], sys.argv[3]
 batch, threads, compile_model, engine_only = (None if a == "auto" else int(a)
                                               for a in sys.argv[4:8])
-decode = sys.argv[8]  # engine-only decoding: threads (as scoring) or processes
+decode, mode = sys.argv[8], sys.argv[9]  # decode: auto, host, device or processes
 out = Path(tempfile.mkdtemp(prefix="tilscore-bench-out-"))
 t0 = time.perf_counter()
 res = score_inputs([slide], out, device=device, stain=stain, batch_size=batch, quiet=True,
-                   read_threads=threads, compile=bool(compile_model), report=False)
+                   read_threads=threads, compile=bool(compile_model), report=False,
+                   decode="host" if decode == "processes" else decode, mode=mode)
 wall = time.perf_counter() - t0
 if res.failures:
     raise SystemExit(res.failures[0]["error"])
@@ -51,6 +53,7 @@ if cuda:
 if cuda or engine_only:
     # The engine alone (read + model + stitch), warm, with the GPU's busy fraction
     # sampled from NVML (percent of time a kernel ran) every 50 ms; and the loader alone.
+    from tilscore.device_decode import device_tile_reader, iter_device_batches
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.pipeline import Engine, THUMBNAIL_MPP
     from tilscore.slide import open_slide
@@ -67,6 +70,7 @@ if cuda or engine_only:
         grid = tile_grid(s.dimensions, s.mpp,
                          TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
         procs = decode == "processes"
+        on_device = decode == "device" or (decode == "auto" and cuda)
         source = SlideRef(slide) if procs else s
         samples, stop = [], threading.Event()
         def sample():
@@ -86,20 +90,27 @@ if cuda or engine_only:
             t1 = time.perf_counter()
             pred = predict_slide(source, grid, engine.predictor, out / f"engine{rep}.zarr",
                                  workers=threads, batch_size=batch, tissue=mask,
-                                 use_processes=procs)
+                                 use_processes=procs,
+                                 decode="device" if on_device else "host")
             sync()
             engine_s = time.perf_counter() - t1
             stop.set()
             sampler.join()
         t1 = time.perf_counter()
-        n = sum(len(b.index) for b in iter_tile_batches(source, grid, batch_size=batch,
-                                                        workers=threads,
-                                                        use_processes=procs))
+        reader = device_tile_reader(s, grid) if on_device else None
+        batches = (iter_device_batches(reader, s, grid, engine.device, batch)
+                   if reader is not None else
+                   iter_tile_batches(source, grid, batch_size=batch, workers=threads,
+                                     use_processes=procs))
+        n = sum(len(b.index) for b in batches)
+        sync()
         decode_s = time.perf_counter() - t1
     extra.update(engine_s=engine_s, engine_timings=pred.timings_s,
                  gpu_busy=sum(samples) / len(samples) / 100 if samples else None,
                  samples=len(samples), decode_only_s=decode_s, decode_tiles=n,
-                 read_threads=threads, batch_size=batch, decode_processes=procs)
+                 read_threads=threads, batch_size=batch,
+                 decode=("device" if reader is not None else
+                         "processes" if procs else "threads"))
 print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 1e6, **extra}))
 """
 
@@ -120,9 +131,9 @@ def ensure_slide(size: int, cache: Path, stain: str) -> Path:
 
 def run_one(slide: Path, device: str, stain: str, batch: int | None,
             threads: int | None = None, compile_model: bool = False,
-            engine_only: bool = False, decode: str = "threads") -> dict:
+            engine_only: bool = False, decode: str = "auto", mode: str = "full") -> dict:
     args = [str(v) if v else "auto" for v in (batch, threads)]
-    args += [str(int(compile_model)), str(int(engine_only)), decode]
+    args += [str(int(compile_model)), str(int(engine_only)), decode, mode]
     proc = subprocess.run([sys.executable, "-c", CHILD, str(slide), device, stain, *args],
                           capture_output=True, text=True)
     if proc.returncode:
@@ -137,14 +148,18 @@ def run_one(slide: Path, device: str, stain: str, batch: int | None,
                                            "write")},
            "tiles_per_s": s["qc"]["tiles"] / s["runtime_s"],
            "mm2_per_s": area / s["runtime_s"], "peak_rss_gb": r["peak_rss_gb"],
-           "device": s["device"]}
+           "device": s["device"], "mode": s.get("mode", "full")}
+    if "fast" in s:
+        row.update(region_tiles=s["fast"]["region_tiles"], cell_tiles=s["fast"]["cell_tiles"],
+                   region_pass_s=t.get("region_pass"), cell_pass_s=t.get("cell_pass"),
+                   stromal_til_percent=s.get("stromal_til_percent"))
     if "peak_gpu_mem_gb" in r:
         row["peak_gpu_mem_gb"] = r["peak_gpu_mem_gb"]
         row["model_share"] = t["model"] / s["runtime_s"]
     if "engine_s" in r:
         row.update({k: r[k] for k in ("engine_s", "engine_timings", "gpu_busy", "samples",
                                       "decode_only_s", "decode_tiles", "read_threads",
-                                      "batch_size", "decode_processes")})
+                                      "batch_size", "decode")})
         row["engine_tiles_per_s"] = s["qc"]["tiles"] / r["engine_s"]
         row["engine_mm2_per_s"] = area / r["engine_s"]
         row["decode_tiles_per_s"] = r["decode_tiles"] / r["decode_only_s"]
@@ -166,8 +181,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the device's")
     ap.add_argument("--read-threads", type=int, default=None, help="default: the device's")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
-    ap.add_argument("--decode", choices=["threads", "processes"], default="threads",
-                    help="tile decoding for the engine-only pass (scoring uses threads)")
+    ap.add_argument("--decode", choices=["auto", "host", "device", "processes"],
+                    default="auto", help="where JPEG tiles are decoded: auto (on the GPU "
+                    "with CUDA), host threads, device, or host processes (engine pass only)")
+    ap.add_argument("--mode", choices=["full", "fast"], default="full",
+                    help="scoring mode (fast: regions at 2 µm/px, cells in bulk stroma)")
     ap.add_argument("--engine", action="store_true",
                     help="also time the engine and the loader alone (always on CUDA)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp"))
@@ -179,7 +197,7 @@ def main() -> None:
     for size in args.sizes:
         slide = ensure_slide(size, args.cache, args.stain)
         row = run_one(slide, args.device, args.stain, args.batch_size, args.read_threads,
-                      args.compile, args.engine, args.decode)
+                      args.compile, args.engine, args.decode, args.mode)
         row["size_px"] = size
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -187,7 +205,8 @@ def main() -> None:
                                                                     args.stain))
     cols = ["size_px", "tissue_mm2", "tiles", "runtime_s", "tissue_s", "read_s", "model_s",
             "stitch_s", "aggregate_s", "write_s", "tiles_per_s", "mm2_per_s", "peak_rss_gb"]
-    cols += [c for c in ("peak_gpu_mem_gb", "model_share", "engine_s", "engine_tiles_per_s",
+    cols += [c for c in ("mode", "region_tiles", "cell_tiles", "stromal_til_percent",
+                         "peak_gpu_mem_gb", "model_share", "engine_s", "engine_tiles_per_s",
                          "engine_mm2_per_s", "gpu_busy", "decode_tiles_per_s")
              if c in rows[0] and rows[0][c] is not None]
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "

@@ -44,6 +44,9 @@ class BatchOptions:
     read_threads: int | None = None  # None: the device's default (infer.default_read_threads)
     batch_size: int | None = None  # None: the device's default (infer.default_batch_size)
     compile: bool = False  # torch.compile the network
+    decode: str = "auto"  # JPEG tiles decoded on the device (auto: on CUDA) or the host
+    mode: str = "full"  # "fast" (H&E): regions at 2 µm/px everywhere, cells in bulk stroma
+    region_model: str | None = None  # the fast mode's region model (None: he-regions)
     cluster: str | None = None
     workers: int = 1
     cluster_config: Path | None = None
@@ -115,14 +118,20 @@ def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
     with _slide_bar(len(items), opts.quiet) as bar:
         for item in items:
             if item.stain not in engines:  # UsageError (no model for the stain) raises
-                from tilscore.pipeline import Engine
-
-                engines[item.stain] = Engine.load(opts.model, item.stain, opts.device,
-                                                  compile_model=opts.compile)
+                engines[item.stain] = load_engine(opts, item.stain, opts.device)
             outcome = _score_one(item, out_dir, engines[item.stain], opts)
             _collect(outcome, result, bar)
             if opts.fail_fast and result.failures:
                 break
+
+
+def load_engine(opts: BatchOptions, stain: str, device: str, cpu_threads: int | None = None):
+    """The :class:`~tilscore.pipeline.Engine` `opts` asks for, for `stain` on `device`."""
+    from tilscore.pipeline import Engine
+
+    return Engine.load(opts.model, stain, device, cpu_threads=cpu_threads,
+                       compile_model=opts.compile, mode=opts.mode,
+                       region_model=opts.region_model)
 
 
 def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions) -> dict:
@@ -132,7 +141,8 @@ def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions) -> d
     try:
         summary = score_slide(item, out_dir, engine, stain=item.stain, mpp=opts.mpp,
                               cfg=opts.cfg, read_threads=opts.read_threads,
-                              batch_size=opts.batch_size, quiet=opts.quiet)
+                              batch_size=opts.batch_size, quiet=opts.quiet,
+                              decode=opts.decode)
         return {"slide_id": item.slide_id, "row": flatten(summary)}
     except UsageError:
         raise
@@ -230,13 +240,10 @@ def _score_on_worker(item: InputSlide, out_dir: str, opts: BatchOptions,
                      devices: list[str], cpu_threads: int | None) -> dict:
     """Runs in a Dask worker: pick this worker's device, load (once) and score.
     `cpu_threads`: torch threads (local workers split the node's cores; None = all)."""
-    from tilscore.pipeline import Engine
-
     device = _worker_device(devices)
-    key = (opts.model, item.stain, device)
+    key = (opts.model, opts.mode, opts.region_model, item.stain, device)
     if key not in _WORKER_ENGINES:
-        _WORKER_ENGINES[key] = Engine.load(opts.model, item.stain, device,
-                                           cpu_threads=cpu_threads, compile_model=opts.compile)
+        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device, cpu_threads)
     return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True))
 
 
@@ -255,10 +262,12 @@ def _worker_device(devices: list[str]) -> str:
 
 def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
     """(model sha256, config hash) a complete earlier result must match to be reused."""
-    from tilscore.pipeline import config_hash, model_card
+    from tilscore.pipeline import config_hash, fast_region_model, model_card
 
     card = model_card(opts.model, stain)
-    return card.sha256, config_hash(card, stain, opts.cfg)
+    region = fast_region_model(opts.mode, stain, opts.region_model)  # bad mode: fails here
+    region_card = None if region is None else model_card(region, stain)
+    return card.sha256, config_hash(card, stain, opts.cfg, region_card)
 
 
 def completed_summary(out_dir: Path, item: InputSlide, model_sha256: str,

@@ -98,12 +98,20 @@ def score(
     cluster_config: Annotated[Path | None, typer.Option(
         help="YAML with Slurm settings (default configs/cluster.yaml).")] = None,
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
+    mode: Annotated[str, typer.Option(
+        help="full, or fast (H&E): regions at 2 µm/px everywhere, lymphocytes searched only "
+             "in the tumour bulk's stroma (what the sTIL score counts).")] = "full",
+    region_model: Annotated[str | None, typer.Option(
+        help="Region model of --mode fast [default: he-regions].")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     read_threads: Annotated[int | None, typer.Option(
         min=1, help="Tile decoding threads per slide [default: 2 on CPU, the cores minus 2 "
                     "on CUDA].")] = None,
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+    decode: Annotated[str, typer.Option(
+        help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
+             "allows it), host or device.")] = "auto",
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the network (pays on long GPU runs).")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -128,7 +136,8 @@ def score(
         stain=stain, model=model, device=device, cfg=load_score_config(config), mpp=mpp,
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         overwrite=overwrite, fail_fast=fail_fast, quiet=quiet, read_threads=read_threads,
-        batch_size=batch_size, compile=compile_model, cluster=cluster, workers=workers,
+        batch_size=batch_size, compile=compile_model, decode=decode, mode=mode,
+        region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
         report=report)
     result = score_inputs(inputs, out, opts)
@@ -186,8 +195,10 @@ def train(
     cfg = load_train_config(config, **overrides)
     card = run_training(cfg, out, resume=resume, device=device, max_steps=max_steps)
     val = card.metrics.get("validation", {})
+    shown = (("lymphocyte F1", "lymphocyte_f1") if "lymphocyte_f1" in val
+             else ("Dice tumour", "dice_tumour"))
     typer.echo(f"wrote {out / card.weights_file} (sha256 {card.sha256[:12]}…); "
-               f"validation lymphocyte F1 {val.get('lymphocyte_f1', float('nan')):.3f}")
+               f"validation {shown[0]} {val.get(shown[1], float('nan')):.3f}")
 
 
 @app.command("eval")
@@ -215,16 +226,22 @@ def evaluate(
     metrics = evaluate_model(net.to(dev), card, tiles, dev, radius_um)
     metrics.update({"model": card.name, "data": data, "split": split, "tiles": len(tiles),
                     "radius_um": radius_um})
-    for key in ("precision", "recall", "f1"):
-        typer.echo(f"lymphocyte {key:9s} {metrics['lymphocyte_' + key]:.3f}")
-    typer.echo(f"(threshold {metrics['threshold']:.2f}; best {metrics['best_threshold']:.2f} "
-               f"F1 {metrics['sweep_f1'][metrics['best_threshold']]:.3f})")
+    cells = "lymphocyte_f1" in metrics  # False for a region-only model
+    if calibrate and not cells:
+        raise UsageError(f"--calibrate: model {card.name} has no lymphocyte heatmap")
+    if cells:
+        for key in ("precision", "recall", "f1"):
+            typer.echo(f"lymphocyte {key:9s} {metrics['lymphocyte_' + key]:.3f}")
+        typer.echo(f"(threshold {metrics['threshold']:.2f}; best "
+                   f"{metrics['best_threshold']:.2f} "
+                   f"F1 {metrics['sweep_f1'][metrics['best_threshold']]:.3f})")
     for k, v in metrics.items():
         if k.startswith("dice_"):
             typer.echo(f"{k:20s} {v:.3f}")
-    froc_s = ", ".join(f"{int(k)}: {v:.2f}"
-                       for k, v in metrics["froc_sensitivity_at_fp_per_mm2"].items())
-    typer.echo(f"FROC sensitivity at FP/mm² {{{froc_s}}}")
+    if cells:
+        froc_s = ", ".join(f"{int(k)}: {v:.2f}"
+                           for k, v in metrics["froc_sensitivity_at_fp_per_mm2"].items())
+        typer.echo(f"FROC sensitivity at FP/mm² {{{froc_s}}}")
     if json_out:
         from tilscore.io.atomic import write_json
 

@@ -29,7 +29,8 @@ def predict_tiles(model, card, tiles, device, batch_size: int = 8):
         for group in ([chunk] if same else [[t] for t in chunk]):
             x = torch.from_numpy(np.stack([t.image for t in group])).to(device)
             logits = model(x.permute(0, 3, 1, 2)).float()
-            peaks = find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel, min(SWEEP)).cpu()
+            peaks = (find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel, min(SWEEP)).cpu()
+                     if c else torch.zeros((0, 5)))
             regions = logits[:, :r].argmax(1).to(torch.uint8).cpu().numpy()
             for k in range(len(group)):
                 out.append((peaks[peaks[:, 0] == k].numpy(), regions[k]))
@@ -38,9 +39,13 @@ def predict_tiles(model, card, tiles, device, batch_size: int = 8):
 
 def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
     """Metrics dict: ``lymphocyte_*`` at the card threshold, ``sweep`` {threshold: f1},
-    ``best_threshold``, ``froc`` {fp_per_mm2: sensitivity}, ``dice_<region>``."""
-    lymph = card.cell_classes.index("lymphocyte")
+    ``best_threshold``, ``froc`` {fp_per_mm2: sensitivity}, ``dice_<region>`` (a
+    region-only model: ``dice_<region>`` and an empty ``sweep_f1``)."""
     preds = predict_tiles(model, card, tiles, device)
+    result = {"sweep_f1": {}, **_region_dice(preds, tiles, card)}
+    if "lymphocyte" not in card.cell_classes:
+        return result
+    lymph = card.cell_classes.index("lymphocyte")
     radius_px = radius_um / card.input_mpp
 
     def score_at(thr: float) -> DetectionScore:
@@ -52,7 +57,8 @@ def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
         return total
 
     sweep = {thr: score_at(thr).f1 for thr in SWEEP}
-    result = {f"lymphocyte_{k}": v for k, v in score_at(card.heatmap.threshold).as_dict().items()}
+    result.update({f"lymphocyte_{k}": v
+                   for k, v in score_at(card.heatmap.threshold).as_dict().items()})
     result["threshold"] = card.heatmap.threshold
     result["sweep_f1"] = sweep
     result["best_threshold"] = max(sweep, key=lambda t: (sweep[t], -abs(t - 0.4)))
@@ -62,6 +68,12 @@ def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
                   t.points_xy[t.point_cls == lymph]) for (p, _), t in zip(preds, tiles,
                                                                           strict=True)]
     result["froc_sensitivity_at_fp_per_mm2"] = froc(per_image, radius_px, max(area_mm2, 1e-9))
+    return result
+
+
+def _region_dice(preds, tiles, card) -> dict:
+    """Mean Dice per region class over the tiles that have region masks."""
+    result = {}
     dice: dict[int, list[float]] = {}
     for (_, regions), tile in zip(preds, tiles, strict=True):
         if tile.region is not None:

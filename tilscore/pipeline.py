@@ -35,20 +35,31 @@ THUMBNAIL_MPP = 8.0  # µm/px: tissue detection (and the overlay of large slides
 OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 
 
+MODES = ("full", "fast")
+
+
 @dataclass
 class Engine:
-    """What stays loaded across slides: the model, its card, the device, the predictor."""
+    """What stays loaded across slides: the model, its card, the device, the predictor;
+    in the fast mode also the region model's predictor (`regions`, tilscore.fast)."""
 
     card: object
     device: object
     predictor: object
     cores: int = 1  # CPU cores this engine may use (torch threads on CPU, tile decoding)
+    regions: object = None  # Predictor of the region model (fast mode), else None
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.regions is None else "fast"
 
     @classmethod
     def load(cls, model: str | None, stain: str, device: str = "auto",
-             cpu_threads: int | None = None, compile_model: bool = False) -> Engine:
+             cpu_threads: int | None = None, compile_model: bool = False,
+             mode: str = "full", region_model: str | None = None) -> Engine:
         """`cpu_threads`: cores this engine may use (None: every usable core);
-        `compile_model`: torch.compile the network (see docs/benchmarks.md)."""
+        `compile_model`: torch.compile the network (see docs/benchmarks.md); `mode`:
+        ``full`` or ``fast`` (H&E: `region_model` for pass 1, default he-regions)."""
         from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
         from tilscore.models import load_model
 
@@ -56,9 +67,35 @@ class Engine:
         if dev.type == "cpu":
             configure_cpu_threads(threads=cpu_threads)
         model_card(model, stain)  # a clear error before any weights are read
+        region_name = fast_region_model(mode, stain, region_model)
         net, card = load_model(model or DEFAULT_MODELS[stain])
+        regions = None
+        if region_name is not None:
+            rnet, rcard = load_model(region_name)
+            regions = Predictor(rnet, rcard, dev, compile_model=compile_model)
         return cls(card, dev, Predictor(net, card, dev, compile_model=compile_model),
-                   cpu_threads or usable_cores())
+                   cpu_threads or usable_cores(), regions)
+
+
+def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | None:
+    """The region model the fast mode runs (None in the full mode); checks the mode, the
+    stain and that the model is a region model for H&E (reads only its card)."""
+    from tilscore.fast import DEFAULT_REGION_MODEL
+    from tilscore.models.card import ModelCard
+    from tilscore.models.registry import resolve_model_dir
+
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "full":
+        return None
+    if stain != "he":
+        raise UsageError(f"--mode fast is for H&E (stain he), not {stain!r}: on IHC every "
+                         "cell is counted, so there is nothing to skip")
+    name = region_model or DEFAULT_REGION_MODEL
+    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    if "he" not in card.stains:
+        raise UsageError(f"region model {card.name} does not support H&E")
+    return name
 
 
 def model_card(model: str | None, stain: str):
@@ -82,16 +119,18 @@ def model_card(model: str | None, stain: str):
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False) -> dict:
+                quiet: bool = False, decode: str = "auto") -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
 
     `read_threads`/`batch_size` None: the device's defaults
-    (:func:`tilscore.infer.default_read_threads`, :func:`~tilscore.infer.default_batch_size`).
+    (:func:`tilscore.infer.default_read_threads`, :func:`~tilscore.infer.default_batch_size`);
+    `decode`: where JPEG tiles are decoded (:func:`tilscore.infer.predict_slide`).
 
     `mpp` overrides the file's pixel size unless the input carries its own (a manifest
     row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
     not `quiet`."""
     from tilscore.aggregate import region_summary
+    from tilscore.fast import predict_fast
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
     from tilscore.tiles import TileSpec, tile_grid
@@ -113,26 +152,36 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             thumb = slide.thumbnail(THUMBNAIL_MPP)
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
             t_tissue = time.perf_counter() - t0
-            spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
-            grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
             rule = _ihc_rule(stain, card, thumb, mask)
-            with _tile_bar(item.slide_id, len(grid), quiet) as bar:
-                pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
-                                     workers=read_threads, batch_size=batch_size, tissue=mask,
-                                     progress=bar.update, cell_rule=rule)
+            plan = None
+            with _tile_bar(item.slide_id, quiet) as bar:
+                if engine.regions is None:
+                    spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px,
+                                    overlap_px=card.overlap_px)
+                    grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
+                    bar.total = len(grid)
+                    pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
+                                         workers=read_threads, batch_size=batch_size,
+                                         tissue=mask, progress=bar.update, cell_rule=rule,
+                                         decode=decode)
+                else:
+                    pred, plan = predict_fast(slide, mask, engine.regions, engine.predictor,
+                                              work, cfg, read_threads, batch_size, bar.update,
+                                              decode)
+                    grid = plan.cell_grid
             t_agg = time.perf_counter()
             regions = region_summary(pred.canvas, cfg)
             names = rule.class_names if rule else tuple(card.cell_classes)
             cells = _cell_table(pred.cells, names, slide_mpp, regions)
             summary = _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions,
-                               cells, cfg, rule)
+                               cells, cfg, rule, plan)
             summary["timings_s"].update(tissue=round(t_tissue, 3),
                                         aggregate=round(time.perf_counter() - t_agg, 3))
             overlay_mpp = _overlay_mpp(slide)
             overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             extent_um = (slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp)
             _write_outputs(work, summary, cells, regions, (overlay, overlay_mpp), slide_mpp,
-                           extent_um, card, cfg, pred, t0)
+                           extent_um, card, cfg, pred, t0, plan)
         _publish(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -150,11 +199,12 @@ def _ihc_rule(stain: str, card, thumb: np.ndarray, mask):
     return IhcCellRule(stain, card.input_mpp, estimate_stain_vectors(thumb, mask.mask))
 
 
-def _tile_bar(slide_id: str, total: int, quiet: bool):
+def _tile_bar(slide_id: str, quiet: bool):
+    """A tile progress bar (the caller sets ``total`` once the grid is known)."""
     from tqdm import tqdm
 
     # disable=None: shown only on a terminal, so logs and CI stay clean.
-    return tqdm(total=total, desc=slide_id, unit="tile", disable=True if quiet else None,
+    return tqdm(desc=slide_id, unit="tile", disable=True if quiet else None,
                 dynamic_ncols=True, leave=False)
 
 
@@ -192,24 +242,35 @@ def counted_class(stain: str) -> str:
 
 
 def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells, cfg,
-             rule) -> dict:
+             rule, plan=None) -> dict:
+    """`plan`: the fast mode's :class:`~tilscore.fast.FastPlan` (None in the full mode):
+    counts outside the compartment it searched are null, not zero."""
     from tilscore.score import counts_by_compartment, densities
 
     card = engine.card
     areas = regions.areas
     names = list(rule.class_names if rule else card.cell_classes)
-    counts = counts_by_compartment(names, cells["cls"], cells["compartment"])
-    scores = (_he_scores(cells, regions, areas, cfg) if rule is None
+    counts = counts_by_compartment(names, cells["cls"], cells["compartment"],
+                                   cells["in_bulk"])
+    if plan is not None:
+        from tilscore.fast import COUNTED_COMPARTMENT
+
+        counts = {k: {c: (n if c == COUNTED_COMPARTMENT else None) for c, n in row.items()}
+                  for k, row in counts.items()}
+    scores = (_he_scores(cells, regions, areas, cfg, plan is None) if rule is None
               else _ihc_scores(cells, counts, stain))
     qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
+    fast = {} if plan is None else {"fast": plan.as_dict(engine.regions.card)}
     return {
         "slide": item.slide_id,
         "path": str(item.path),
         "stain": stain,
         "mpp": slide.mpp,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256},
+        "mode": engine.mode,
+        **fast,
         "tilscore_version": __version__,
-        "config_hash": config_hash(engine.card, stain, cfg),
+        "config_hash": config_hash(engine.card, stain, cfg, _region_card(engine)),
         "command": " ".join(sys.argv),
         "device": str(engine.device),
         "areas_mm2": areas.as_dict(),
@@ -226,14 +287,20 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
     }
 
 
-def _he_scores(cells, regions, areas, cfg) -> dict:
-    """Stromal TIL % (ITWG and TIGER) with their parts, and lymphocytes near tumour."""
+def _region_card(engine):
+    return None if engine.regions is None else engine.regions.card
+
+
+def _he_scores(cells, regions, areas, cfg, all_stroma: bool = True) -> dict:
+    """Stromal TIL % (ITWG and TIGER) with their parts, and lymphocytes near tumour
+    (None unless `all_stroma`: the fast mode looks only in the bulk's stroma)."""
     from tilscore.score import fraction_near, stromal_tils
 
     stromal = (cells["class"] == "lymphocyte") & (cells["compartment"] == "stroma")
     n_bulk_stroma = int((stromal & cells["in_bulk"]).sum())
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    near = fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp, cfg.near_tumour_um)
+    near = (fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp,
+                          cfg.near_tumour_um) if all_stroma else None)
     return {**stromal_tils(n_bulk_stroma, areas, cfg),
             "stromal_lymphocytes_near_tumour_fraction": near,
             "near_tumour_um": cfg.near_tumour_um}
@@ -314,10 +381,11 @@ def _warnings(areas, pred, stain: str) -> list[str]:
 
 
 def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, extent_um,
-                   card, cfg, pred, t0: float) -> None:
+                   card, cfg, pred, t0: float, plan=None) -> None:
     """Every output; summary.json last (it marks completeness), with the time spent
     writing the others and the slide's runtime since `t0` (perf_counter). The maps cover
-    the slide's extent (w, h) in µm, `extent_um`."""
+    the slide's extent (w, h) in µm, `extent_um`; in the fast mode (`plan`) the density
+    map is NaN where no cells were searched."""
     t_write = time.perf_counter()
     from tilscore.io.cells import write_cells_csv
     from tilscore.io.colors import CLASS_COLORS
@@ -339,6 +407,10 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     mine = cells["class"] == counted
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
     dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
+    if plan is not None:
+        from tilscore.fast import mask_unsearched
+
+        dmap = mask_unsearched(dmap, plan.cell_grid, cfg.density_grid_um)
     density_name = "til_density" if stain == "he" else f"{counted}_density"
     write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um), pred.canvas.mpp,
                    dmap, cfg.density_grid_um, region_names, CLASS_COLORS, density_name=density_name,
@@ -385,12 +457,15 @@ def _publish(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def config_hash(card, stain: str, cfg: ScoreConfig) -> str:
+def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
     """Short hash of everything that changes a slide's numbers besides the slide itself
-    (the model is identified separately by its sha256)."""
+    (the model is identified separately by its sha256); `region_card`: the fast mode's
+    region model (None: the full mode)."""
     key = {"stain": stain, "score": cfg.__dict__, "tile_px": card.tile_px,
            "overlap_px": card.overlap_px, "input_mpp": card.input_mpp,
            "heatmap": card.heatmap.model_dump(), "tilscore": __version__}
+    if region_card is not None:
+        key["fast"] = {"region_model": region_card.sha256}
     if stain != "he":  # the IHC cell rule's constants change the counts too
         from dataclasses import asdict
 

@@ -78,24 +78,29 @@ class RegionAreas:
                 "tumour_bulk": self.bulk}
 
 
-def counts_by_compartment(cls_names: list[str], cell_cls: np.ndarray, compartment: np.ndarray
-                          ) -> dict[str, dict[str, int]]:
-    """{class: {tumour, stroma, other, tissue}} counts; `cell_cls` int indices into
-    `cls_names`, `compartment` str array ("tumour"/"stroma"/"other")."""
+def counts_by_compartment(cls_names: list[str], cell_cls: np.ndarray, compartment: np.ndarray,
+                          in_bulk: np.ndarray | None = None) -> dict[str, dict[str, int]]:
+    """{class: {tumour, stroma, other, tissue[, stroma_in_tumour_bulk]}} counts; `cell_cls`
+    int indices into `cls_names`, `compartment` str array ("tumour"/"stroma"/"other"),
+    `in_bulk` bool array (the cell lies in the tumour bulk)."""
     out = {}
     for k, name in enumerate(cls_names):
         mine = compartment[cell_cls == k]
         row = {c: int((mine == c).sum()) for c in ("tumour", "stroma", "other")}
         row["tissue"] = int(len(mine))
+        if in_bulk is not None:
+            row["stroma_in_tumour_bulk"] = int(((mine == "stroma") & in_bulk[cell_cls == k]).sum())
         out[name] = row
     return out
 
 
-def densities(counts: dict[str, dict[str, int]], areas: RegionAreas) -> dict:
-    """Counts ÷ area (per mm²) for tumour, stroma and tissue; None where the area is 0."""
+def densities(counts: dict[str, dict[str, int | None]], areas: RegionAreas) -> dict:
+    """Counts ÷ area (per mm²) per compartment; None where the area is 0 or the count was
+    not measured (None)."""
     area = {"tumour": areas.tumour, "stroma": areas.stroma, "other": areas.other,
-            "tissue": areas.tissue}
-    return {name: {c: (n / area[c] if area[c] > 0 else None) for c, n in row.items()}
+            "tissue": areas.tissue, "stroma_in_tumour_bulk": areas.stroma_in_bulk}
+    return {name: {c: (n / area[c] if n is not None and area[c] > 0 else None)
+                   for c, n in row.items()}
             for name, row in counts.items()}
 
 

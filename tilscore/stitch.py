@@ -93,6 +93,16 @@ class RegionCanvas:
         self.labels[rows] = labels
         self.nuclei[rows] = nuclei
 
+    def copy_nuclei_from(self, other: RegionCanvas) -> None:
+        """Take the lymphocyte-nucleus coverage of `other` (same mpp and origin; e.g. the
+        cell pass of the fast mode onto its region canvas), a band of rows at a time."""
+        if abs(other.mpp - self.mpp) > 1e-9:
+            raise ValueError(f"canvas mpp differ: {other.mpp} vs {self.mpp}")
+        h, w = min(self.shape[0], other.shape[0]), min(self.shape[1], other.shape[1])
+        for r0 in range(0, h, self.chunk):
+            r1 = min(h, r0 + self.chunk)
+            self.nuclei[r0:r1, :w] = other.nuclei[r0:r1, :w]
+
     def labels_within(self, extent_um: tuple[float, float]) -> CroppedRows:
         """The labels cropped to the slide's extent (w, h) in µm (the last cores reach
         past the slide edge), read lazily in row bands."""

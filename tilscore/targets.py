@@ -16,14 +16,15 @@ def gaussian_heatmaps(points_xy: np.ndarray, classes: np.ndarray, n_classes: int
     at the pixel that holds the centre.
 
     `points_xy`: float (N, 2) pixel coordinates (pixel centres at .5); `classes`: int (N,)
-    in [0, n_classes); points with a negative class are skipped.
+    in [0, n_classes); points with a negative class or one >= n_classes (e.g. every
+    point, for a region-only model) are skipped.
     """
     h, w = shape
     heat = np.zeros((n_classes, h, w), dtype=np.float32)
     r = int(np.ceil(3 * sigma_px))
     offs = np.arange(-r, r + 1)
     for (x, y), c in zip(points_xy, classes, strict=True):
-        if c < 0:
+        if not 0 <= c < n_classes:
             continue
         cx, cy = int(np.floor(x)), int(np.floor(y))
         xs, ys = cx + offs, cy + offs

@@ -20,7 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +126,16 @@ def tile_grid(
         rows, cols, frac = rows[keep], cols[keep], frac[keep]
     return TileGrid(spec, float(slide_mpp), (int(w0), int(h0)), n_cols, n_rows, cols, rows,
                     frac)
+
+
+def select_tiles(grid: TileGrid, mask) -> TileGrid:
+    """The tiles of `grid` whose core overlaps a True pixel of `mask` (a
+    :class:`~tilscore.tissue.TissueMask`-like grid with ``mask`` and ``mpp``), e.g. the
+    tumour-bulk stroma where the fast mode looks for lymphocytes."""
+    touched = _core_tissue_fraction(mask, grid.spec, grid.n_cols, grid.n_rows) > 0
+    keep = touched[grid.rows, grid.cols]
+    frac = None if grid.tissue_fraction is None else grid.tissue_fraction[keep]
+    return replace(grid, cols=grid.cols[keep], rows=grid.rows[keep], tissue_fraction=frac)
 
 
 def _core_tissue_fraction(mask, spec: TileSpec, n_cols: int, n_rows: int) -> np.ndarray:
@@ -242,6 +252,20 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     return tiles, failed, first_error
 
 
+def check_failures(stats: LoaderStats, idx: np.ndarray, failed: np.ndarray,
+                   error: str | None, n_tiles: int) -> None:
+    """Record a block's failed tiles in `stats`; raise SlideReadError once more than
+    MAX_FAILED_TILE_FRACTION of the slide's `n_tiles` have failed."""
+    if not failed.any():
+        return
+    stats.failed_tiles.extend(int(i) for i in idx[failed])
+    stats.first_error = stats.first_error or error
+    if len(stats.failed_tiles) > int(np.ceil(MAX_FAILED_TILE_FRACTION * n_tiles)):  # ≥ 1
+        raise SlideReadError(f"{len(stats.failed_tiles)} of {n_tiles} tiles failed to decode "
+                             f"(first error: {stats.first_error})")
+    log.warning("%d tiles failed to decode: %s", int(failed.sum()), error)
+
+
 def iter_tile_batches(
     slide,
     grid: TileGrid,
@@ -268,7 +292,6 @@ def iter_tile_batches(
     origins = grid.origins_px
     workers = max(1, int(workers))
     executor, submit, owned_slide = _make_executor(slide, grid, workers, use_processes)
-    max_failed = int(np.ceil(MAX_FAILED_TILE_FRACTION * len(grid)))  # ≥ 1 tile
     pending: deque = deque()
     buf_imgs: list[np.ndarray] = []
     buf_idx: list[np.ndarray] = []
@@ -285,15 +308,7 @@ def iter_tile_batches(
             if nxt is not None:
                 pending.append((nxt, submit(origins[nxt])))
             tiles, failed, err = fut.result()
-            if failed.any():
-                stats.failed_tiles.extend(int(i) for i in idx[failed])
-                stats.first_error = stats.first_error or err
-                if len(stats.failed_tiles) > max_failed:
-                    raise SlideReadError(
-                        f"{len(stats.failed_tiles)} of {len(grid)} tiles failed to decode "
-                        f"(first error: {stats.first_error})"
-                    )
-                log.warning("%d tiles failed to decode: %s", int(failed.sum()), err)
+            check_failures(stats, idx, failed, err, len(grid))
             ok = ~failed
             buf_imgs.append(tiles[ok])
             buf_idx.append(idx[ok])

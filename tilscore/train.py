@@ -47,18 +47,20 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def init_heatmap_bias(model, card: ModelCard, prior: float = 0.01) -> None:
     """Start cell heatmaps at a low probability everywhere (CenterNet): without it the
     focal loss begins dominated by millions of easy negatives at p = 0.5."""
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     r, c = len(card.region_classes), len(card.cell_classes)
+    if c == 0:  # a region-only model
+        return
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         head.bias[r : r + c].fill_(math.log(prior / (1 - prior)))
 
 
 def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) -> dict:
     r, c = len(card.region_classes), len(card.cell_classes)
-    parts = {
-        "region": region_loss(logits[:, :r].float(), batch["region"]),
-        "heat": heatmap_focal_loss(logits[:, r : r + c], batch["heat"], batch["heat_weight"]),
-    }
+    parts = {"region": region_loss(logits[:, :r].float(), batch["region"])}
+    if c:
+        parts["heat"] = heatmap_focal_loss(logits[:, r : r + c], batch["heat"],
+                                           batch["heat_weight"])
     if card.nucleus_mask:
         parts["nucleus"] = mask_loss(logits[:, r + c], batch["nucleus"], batch["nucleus_weight"])
     parts["total"] = sum(getattr(weights, k) * v for k, v in parts.items())
@@ -98,19 +100,21 @@ def _selection_score(val: dict, val_f1: float, select_by: str) -> float:
 
 def _init_from(model, card: ModelCard, source: str) -> None:
     """Start from the weights of model `source` (fine-tuning); it must have the same
-    architecture and output channels."""
+    architecture. When the outputs differ (e.g. a region-only model from he-default), the
+    output head keeps its random initialisation and everything else is copied."""
     from tilscore.models import load_model
 
     net, src = load_model(source)
-    same = (src.architecture, src.architecture_kwargs, src.out_channels) == (
-        card.architecture, card.architecture_kwargs, card.out_channels)
-    if not same:
+    if (src.architecture, src.architecture_kwargs) != (card.architecture,
+                                                       card.architecture_kwargs):
         raise UsageError(f"init_from {source}: its architecture {src.architecture} "
-                         f"{src.architecture_kwargs} with {src.out_channels} outputs does not "
-                         f"match {card.architecture} {card.architecture_kwargs} with "
-                         f"{card.out_channels}")
-    model.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
-    log.info("initialised from %s", src.name)
+                         f"{src.architecture_kwargs} does not match {card.architecture} "
+                         f"{card.architecture_kwargs}")
+    own = model.state_dict()
+    copied = {k: v.float() for k, v in net.state_dict().items() if v.shape == own[k].shape}
+    model.load_state_dict({**own, **copied})
+    log.info("initialised from %s (%d of %d tensors; %s)", src.name, len(copied), len(own),
+             "head re-initialised" if len(copied) < len(own) else "all")
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
@@ -183,8 +187,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
             _append_metrics(out_dir / "validation.csv", {
                 "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
-                "best_f1": max(val["sweep_f1"].values())})
-            val_f1 = max(val["sweep_f1"].values())  # at the best threshold
+                "best_f1": max(val["sweep_f1"].values(), default=0.0)})
+            val_f1 = max(val["sweep_f1"].values(), default=0.0)  # at the best threshold
             score = _selection_score(val, val_f1, cfg.select_by)
             if score > best.get("score", best["f1"]):
                 best = {"f1": val_f1, "score": score, "step": step, "metrics": val}
@@ -192,8 +196,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                 stale = 0
             else:
                 stale += 1
-            log.info("step %d: val F1 %.3f (best threshold %.2f; best %.3f @ %d)", step,
-                     val_f1, val["best_threshold"], best["f1"], best["step"])
+            log.info("step %d: val F1 %.3f (best threshold %s), selection score %.3f "
+                     "(best %.3f @ %d)", step, val_f1, val.get("best_threshold"), score,
+                     best.get("score", best["f1"]), best["step"])
         _append_metrics(metrics_path, row)
         if bar is not None:
             bar.update(1)
@@ -208,7 +213,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     if not val_tiles:
         best_state = model.state_dict()
     model.load_state_dict(best_state)
-    if val_tiles:  # the peak threshold is calibrated on validation data, not guessed
+    if val_tiles and card.cell_classes:  # the peak threshold is calibrated, not guessed
         best_thr = best["metrics"].get("best_threshold", card.heatmap.threshold)
         card = card.model_copy(update={"heatmap": card.heatmap.model_copy(
             update={"threshold": best_thr})})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tilscore.errors import UsageError
 from tilscore.models.card import HeatmapSpec, ModelCard
@@ -25,6 +25,7 @@ class DataSource(BaseModel):
     mpp: float | None = None  # override for folders without mpp
     scenes: int = 12  # synthetic: distinct training layouts
     val_tiles: int = 16  # synthetic: validation tiles (from held-out layouts)
+    scene_px: int = 3072  # synthetic: scene side in level-0 px (0.25 µm/px)
 
 
 class LossWeights(BaseModel):
@@ -45,7 +46,8 @@ class TrainConfig(BaseModel):
     tile_px: int = 512  # inference tile (card); training crops are crop_px
     overlap_px: int = 32
     crop_px: int = 256
-    cell_classes: tuple[str, ...] = ("lymphocyte", "other")
+    cell_classes: tuple[str, ...] = ("lymphocyte", "other")  # () = a region-only model
+    nucleus_mask: bool = True  # lymphocyte-nucleus channel (False for a region-only model)
     region_classes: tuple[str, ...] = ("background", "tumour", "stroma", "other")
     heatmap: HeatmapSpec = HeatmapSpec()
     data: tuple[DataSource, ...] = (DataSource(kind="synthetic"),)
@@ -70,13 +72,19 @@ class TrainConfig(BaseModel):
     init_from: str | None = None  # model name/folder to fine-tune (same architecture)
     select_by: Literal["lymphocyte_f1", "region_dice"] = "lymphocyte_f1"  # best weights
 
+    @model_validator(mode="after")
+    def _region_only_selects_by_dice(self):
+        if "lymphocyte" not in self.cell_classes and self.select_by == "lymphocyte_f1":
+            raise ValueError("a model without a lymphocyte class needs select_by: region_dice")
+        return self
+
     def model_card(self) -> ModelCard:
         return ModelCard(
             name=self.name, version=self.version, architecture=self.architecture,
             architecture_kwargs=self.architecture_kwargs, stains=self.stains,
             input_mpp=self.input_mpp, tile_px=self.tile_px, overlap_px=self.overlap_px,
             region_classes=self.region_classes, cell_classes=self.cell_classes,
-            heatmap=self.heatmap,
+            nucleus_mask=self.nucleus_mask, heatmap=self.heatmap,
         )
 
 
