@@ -145,3 +145,27 @@ def test_mostly_corrupt_slide_fails(tmp_path):
     grid = tile_grid((256, 256), 0.5, TileSpec(mpp=0.5, tile_px=64, overlap_px=0))
     with pytest.raises(SlideReadError, match="tiles failed to decode"):
         list(iter_tile_batches(SlideRef(str(path)), grid, workers=1))
+
+
+def test_prefetch_keeps_order_reraises_and_stops_its_source():
+    from tilscore.tiles import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+    closed = []
+
+    def source():
+        try:
+            yield 1
+            yield 2
+            raise ValueError("bad tile")
+        finally:
+            closed.append(True)
+
+    it = prefetch(source())
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(ValueError, match="bad tile"):
+        next(it)
+    assert closed == [True]
+    endless = prefetch(iter(lambda: 0, 1), depth=3)  # never ends by itself
+    assert next(endless) == 0
+    endless.close()  # returns: the thread stopped

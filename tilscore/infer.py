@@ -325,7 +325,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
 
     from tilscore.device_decode import device_tile_reader, iter_device_batches
     from tilscore.stitch import CellCollector, RegionCanvas
-    from tilscore.tiles import LoaderStats, SlideRef, iter_tile_batches
+    from tilscore.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
 
     canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
     collector = CellCollector(grid.downsample, getattr(cell_rule, "extra_columns", ()))
@@ -351,13 +351,15 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
     on_device = decode == "device" or (decode == "auto" and predictor.device.type == "cuda")
     reader = (device_tile_reader(slide, grid)
               if on_device and not isinstance(slide, SlideRef) and len(grid) else None)
-    batches = (iter_device_batches(reader, slide, grid, predictor.device, batch_size,
-                                   stats=stats) if reader is not None else
+    batches = (prefetch(iter_device_batches(reader, slide, grid, predictor.device,
+                                            batch_size, stats=stats))
+               if reader is not None else
                iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
                                  stats=stats, use_processes=use_processes))
     try:
         _run_batches(batches, predictor, cell_rule, finish, timings)
     finally:
+        batches.close()  # stops the loader (and its thread) before the file is closed
         if reader is not None:
             reader.close()
     canvas.flush()

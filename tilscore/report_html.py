@@ -345,6 +345,8 @@ def _slide_section(e: SlideEntry, maps: SlideMaps, anchor: str, links: list,
     run = [("tilscore", s.get("tilscore_version")), ("model version", model.get("version")),
            ("model sha256", str(model.get("sha256", ""))[:12] or None),
            ("config hash", s.get("config_hash")), ("device", s.get("device")),
+           ("mode", s.get("mode")),
+           ("region model", ((s.get("fast") or {}).get("region_model") or {}).get("name")),
            ("runtime s", s.get("runtime_s")), ("input", s.get("path"))]
     meta = list((s.get("metadata") or {}).items())
     if group_column and not group_column.startswith("metadata."):

@@ -8,6 +8,7 @@ never a whole-slide array in RAM; cells accumulate as compact columns.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from tilscore.tiles import TileGrid
 
 BAND_TILE_ROWS = 4  # tile rows per buffered band (the loader reads blocks of 4 x 4 tiles)
+MAX_PENDING_BANDS = 2  # complete bands waiting for the background writer
 
 
 class RegionCanvas:
@@ -45,6 +47,10 @@ class RegionCanvas:
         bands, counts = np.unique(np.asarray(grid.rows) // BAND_TILE_ROWS, return_counts=True)
         self._band_tiles = dict(zip(bands.tolist(), counts.tolist(), strict=True))
         self._bands: dict[int, list] = {}
+        # Complete bands are encoded and stored on one background thread (zarr's codecs
+        # release the GIL), off the engine's critical path; flush() waits for them.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvas")
+        self._writes: list = []
 
     def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
               nucleus_fraction: np.ndarray | None) -> None:
@@ -82,14 +88,30 @@ class RegionCanvas:
                 self._write_band(band)
 
     def flush(self) -> None:
-        """Write every band still buffered (those with tiles that never arrived)."""
+        """Write every band still buffered (those with tiles that never arrived) and wait
+        until every band is stored (a write error is raised here). Call it once, last."""
         for band in sorted(self._bands):
             self._write_band(band)
+        writes, self._writes = self._writes, []
+        for fut in writes:
+            fut.result()
+        self._writer.shutdown(wait=True)
 
     def _write_band(self, band: int) -> None:
         labels, nuclei, _ = self._bands.pop(band)
         r0 = band * self.chunk
         rows = slice(r0, r0 + labels.shape[0])
+        pending = []
+        for fut in self._writes:  # a failed write raises here, not later
+            if fut.done():
+                fut.result()
+            else:
+                pending.append(fut)
+        while len(pending) >= MAX_PENDING_BANDS:  # bounded memory if storage is slow
+            pending.pop(0).result()
+        self._writes = [*pending, self._writer.submit(self._store, rows, labels, nuclei)]
+
+    def _store(self, rows: slice, labels: np.ndarray, nuclei: np.ndarray) -> None:
         self.labels[rows] = labels
         self.nuclei[rows] = nuclei
 

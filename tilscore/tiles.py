@@ -329,6 +329,55 @@ def iter_tile_batches(
             owned_slide.close()
 
 
+def prefetch(batches: Iterator, depth: int = 2) -> Iterator:
+    """Run the iterator `batches` on a background thread, `depth` items ahead: the device
+    loader's host work (reading file tiles, queueing decodes) then overlaps the model's
+    launches and the stitching. Its exceptions re-raise here, in order; closing this
+    generator stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in batches:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # re-raised in the consumer
+            put((done, exc))
+        finally:  # the source's own cleanup runs on its thread, before join() returns
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=run, name="tile-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _make_executor(slide, grid: TileGrid, workers: int, use_processes: bool):
     """Executor + submit(origins) for block reads; returns the slide it opened (to close)."""
     spec, ds = grid.spec, grid.downsample
