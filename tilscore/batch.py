@@ -264,8 +264,8 @@ def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
     """(model sha256, config hash) a complete earlier result must match to be reused."""
     from tilscore.pipeline import config_hash, fast_region_model, model_card
 
-    card = model_card(opts.model, stain)
     region = fast_region_model(opts.mode, stain, opts.region_model)  # bad mode: fails here
+    card = model_card(opts.model, stain)
     region_card = None if region is None else model_card(region, stain)
     return card.sha256, config_hash(card, stain, opts.cfg, region_card)
 
