@@ -165,3 +165,17 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
 
     dens = zarr.open_group(str(out / "maps.zarr"), mode="r")["til_density"]["0"][:]
     assert np.isfinite(dens).any()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
+def test_region_model_must_have_the_region_map_codes(tmp_path):
+    from tilscore.errors import UsageError
+    from tilscore.pipeline import fast_region_model
+
+    assert fast_region_model("full", "cd20", None) is None
+    assert fast_region_model("fast", "he", None) == "he-regions"
+    card = json.loads((MODELS_DIR / "he-regions" / "card.json").read_text())
+    card["region_classes"] = ["background", "stroma", "tumour", "other"]
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(UsageError, match="not \\['background', 'tumour'"):
+        fast_region_model("fast", "he", str(tmp_path))

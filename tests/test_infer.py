@@ -151,3 +151,27 @@ def test_cuda_matches_cpu(tmp_path):
         out[dev] = np.stack([pred.cells["x_px"], pred.cells["y_px"]], 1)
     assert len(out["cpu"]) == len(out["cuda"]) == 2
     assert np.abs(np.sort(out["cpu"], 0) - np.sort(out["cuda"], 0)).max() <= 1.0
+
+
+def test_failed_slide_leaves_no_canvas_write_running(tmp_path):
+    """A failure mid-slide stops the canvas's background writer before predict_slide
+    returns, so the caller can delete the work folder with nothing still writing."""
+    import threading
+
+    card = _card()
+    slide = open_slide(_disc_image([(40.0, 40.0)]), mpp=0.5)
+    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(0.5, card.tile_px, card.overlap_px))
+
+    class Boom(DarkBlobNet):
+        calls = 0
+
+        def forward(self, x):
+            Boom.calls += 1
+            if Boom.calls == 31:  # after the first band (4 rows of 7 tiles) is stored
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_slide(slide, grid, Predictor(Boom(), card, torch.device("cpu")),
+                      tmp_path / "c.zarr", batch_size=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("canvas")]

@@ -357,12 +357,15 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
                iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
                                  stats=stats, use_processes=use_processes))
     try:
-        _run_batches(batches, predictor, cell_rule, finish, timings)
-    finally:
-        batches.close()  # stops the loader (and its thread) before the file is closed
-        if reader is not None:
-            reader.close()
-    canvas.flush()
+        try:
+            _run_batches(batches, predictor, cell_rule, finish, timings)
+        finally:
+            batches.close()  # stops the loader (and its thread) before the file is closed
+            if reader is not None:
+                reader.close()
+        canvas.flush()
+    finally:  # on failure too: no band write may outlive the slide's work folder
+        canvas.close()
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
                            timings, focus)
 

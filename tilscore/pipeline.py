@@ -26,7 +26,7 @@ from tilscore import __version__
 from tilscore.errors import InputError, UsageError
 from tilscore.inputs import InputSlide
 from tilscore.io import atomic
-from tilscore.score import ScoreConfig
+from tilscore.score import COMPARTMENT_OF_REGION, ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
     card = ModelCard.read(resolve_model_dir(name) / "card.json")
     if "he" not in card.stains:
         raise UsageError(f"region model {card.name} does not support H&E")
+    codes = ("background", *COMPARTMENT_OF_REGION.values())  # the region map's codes
+    if tuple(card.region_classes) != codes:
+        raise UsageError(f"region model {card.name}: its classes {list(card.region_classes)} "
+                         f"are not {list(codes)} in that order")
     return name
 
 
@@ -218,7 +222,6 @@ def _overlay_mpp(slide) -> float:
 def _cell_table(raw: dict, class_names, slide_mpp: float, regions) -> dict:
     """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag
     (and any extra columns of `raw`, e.g. DAB optical density on IHC)."""
-    from tilscore.score import COMPARTMENT_OF_REGION
 
     region = regions.compartment_at(raw["x_px"] * slide_mpp, raw["y_px"] * slide_mpp)
     on_tissue = region > 0

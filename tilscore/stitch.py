@@ -95,6 +95,14 @@ class RegionCanvas:
         writes, self._writes = self._writes, []
         for fut in writes:
             fut.result()
+        self.close()
+
+    def close(self) -> None:
+        """Wait for band writes in flight (their errors ignored: after a failure the
+        caller discards the canvas) and stop the writer thread; safe to call again."""
+        for fut in self._writes:
+            fut.exception()
+        self._writes = []
         self._writer.shutdown(wait=True)
 
     def _write_band(self, band: int) -> None:
