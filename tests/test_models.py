@@ -41,6 +41,17 @@ def test_round_trip_fp16_weights(saved):
     assert torch.allclose(a, b, atol=0.05, rtol=0.05)  # fp16 storage
 
 
+def test_saved_weights_are_readable_by_others(saved):
+    """safetensors recreates the file it writes: the shared mode must survive it."""
+    import os
+
+    from tilscore.io.atomic import UMASK
+
+    folder, _, card = saved
+    for name in (card.weights_file, "card.json"):
+        assert os.stat(folder / name).st_mode & 0o777 == 0o666 & ~UMASK
+
+
 def test_int8_storage_halves_the_file_and_keeps_outputs(saved, tmp_path):
     from tilscore.models.registry import quantize_int8
 

@@ -27,9 +27,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs are shared files
     try:
         yield tmp_path
+        # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file):
+        # outputs are shared files, so set the umask's mode on what was written.
+        os.chmod(tmp_path, 0o666 & ~UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
