@@ -179,3 +179,10 @@ def test_region_model_must_have_the_region_map_codes(tmp_path):
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(UsageError, match="not \\['background', 'tumour'"):
         fast_region_model("fast", "he", str(tmp_path))
+
+
+def test_unknown_decode_is_refused_before_any_work(tmp_path):
+    proc = run("score", tmp_path / "missing.tiff", "--decode", "gpu", "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "valid: auto, host, device" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()

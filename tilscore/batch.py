@@ -71,6 +71,10 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     skipped (``overwrite`` redoes them). Keyword `overrides` replace fields of `opts`.
     """
     opts = replace(opts or BatchOptions(), **overrides)
+    from tilscore.infer import DECODE_MODES
+
+    if opts.decode not in DECODE_MODES:  # before any slide is touched
+        raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
     out_dir = Path(out_dir)
     items = [replace(i, stain=check_stain(i.stain or opts.stain)) for i in expand_inputs(inputs)]
     _ensure_writable(out_dir)

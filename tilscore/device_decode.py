@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 
@@ -39,12 +39,11 @@ class DeviceTileReader:
     ``level_ds``: level-0 px per level px."""
 
     path: str
-    page: object  # tifffile page of the level (tiled, JPEG)
+    page: InitVar[object]  # tifffile page of the level (tiled, JPEG); read here, not kept
     factor: int
     level_ds: float
 
-    def __post_init__(self):
-        p = self.page
+    def __post_init__(self, p):
         self.tile_w, self.tile_h = int(p.tilewidth), int(p.tilelength)
         self.width, self.height = int(p.imagewidth), int(p.imagelength)
         self.n_tx = -(-self.width // self.tile_w)

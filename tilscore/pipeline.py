@@ -79,7 +79,8 @@ class Engine:
 
 def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | None:
     """The region model the fast mode runs (None in the full mode); checks the mode, the
-    stain and that the model is a region model for H&E (reads only its card)."""
+    stain, and that the model takes H&E and has the region map's classes in order (reads
+    only its card)."""
     from tilscore.fast import DEFAULT_REGION_MODEL
     from tilscore.models.card import ModelCard
     from tilscore.models.registry import resolve_model_dir
@@ -222,7 +223,6 @@ def _overlay_mpp(slide) -> float:
 def _cell_table(raw: dict, class_names, slide_mpp: float, regions) -> dict:
     """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag
     (and any extra columns of `raw`, e.g. DAB optical density on IHC)."""
-
     region = regions.compartment_at(raw["x_px"] * slide_mpp, raw["y_px"] * slide_mpp)
     on_tissue = region > 0
     t = {k: v[on_tissue] for k, v in raw.items()}
@@ -490,8 +490,6 @@ def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
 
 
 __all__ = ["Engine", "InputError", "config_hash", "score_slide"]
