@@ -104,6 +104,8 @@ if cuda or engine_only:
                                      use_processes=procs))
         n = sum(len(b.index) for b in batches)
         sync()
+        if reader is not None:
+            reader.close()
         decode_s = time.perf_counter() - t1
     extra.update(engine_s=engine_s, engine_timings=pred.timings_s,
                  gpu_busy=sum(samples) / len(samples) / 100 if samples else None,
