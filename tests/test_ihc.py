@@ -45,7 +45,7 @@ def _render(conc: np.ndarray, vectors=(HAEMATOXYLIN_OD, DAB_OD), glass=255.0) ->
 
 
 def _cell_image(mpp: float, dab: str, size_um: float = 40.0, centre_um=(20.0, 20.0),
-                dab_od: float = 1.2) -> np.ndarray:
+                dab_od: float = 2.0) -> np.ndarray:
     """uint8 (n, n, 3) one lymphocyte on glass: nucleus radius 3.5 µm (H 1.0) with DAB in
     the nucleus ("nucleus", little H left), a ring 3.5-4.75 µm ("ring") or none ("none")."""
     n = int(round(size_um / mpp))
@@ -207,15 +207,20 @@ def test_one_cell_marker_rules(marker, dab, positive):
 
 
 def test_one_cell_numbers_checked_by_hand():
-    # FOXP3: uniform DAB 1.2 over the nucleus disc (r 3.5 µm > measuring disc 2 µm) on
-    # clean glass: compartment mean 1.2, background 0, so excess 1.2 = "strong" (bin 3).
-    cells = _detect(_cell_image(0.5, "nucleus", dab_od=1.2), 0.5, "foxp3")
+    # FOXP3: uniform DAB 1.5 over the nucleus disc (r 3.5 µm > measuring disc 2 µm) on
+    # clean glass: compartment mean 1.5, background 0, so excess 1.5 = "strong" (bin 3)
+    # and positive (>= 1.2 OD). At 0.9 OD it is still "strong" by QuPath's bins but below
+    # the positive threshold: the bins and the call are separate.
+    cells = _detect(_cell_image(0.5, "nucleus", dab_od=1.5), 0.5, "foxp3")
     assert len(cells) == 1
     assert cells.x_px.item() == pytest.approx(40.0, abs=0.51)
     assert cells.y_px.item() == pytest.approx(40.0, abs=0.51)
-    assert cells.dab_od.item() == pytest.approx(1.2, abs=0.02)  # uint8 rounding only
+    assert cells.dab_od.item() == pytest.approx(1.5, abs=0.02)  # uint8 rounding only
     assert cells.dab_background_od.item() == pytest.approx(0.0, abs=0.01)
     assert cells.intensity_bin.item() == 3 and bool(cells.positive)
+    weak = _detect(_cell_image(0.5, "nucleus", dab_od=0.9), 0.5, "foxp3")
+    assert weak.dab_od.item() == pytest.approx(0.9, abs=0.02)
+    assert weak.intensity_bin.item() == 3 and not bool(weak.positive)
     # CD20: DAB 0.9 painted on pixels whose centre is 3.5-4.75 µm from the cell centre (on
     # a pixel centre, so the peak is exactly there). The measuring ring is 3-4.5 µm: weigh
     # each pixel by its area inside that ring (32 x 32 sub-samples, independent of the
@@ -331,10 +336,23 @@ def real_results():
 @pytest.mark.real_data
 def test_real_ki67_nuclear_positives(real_results):
     strict, _, judged = real_results["ki67"]
-    # Measured: strict F1 0.83 (recall 0.98); judged F1 0.97. The strict score counts as
-    # false the calls on ~20 clearly brown nuclei the masks leave unlabelled (34_3).
-    assert strict.recall >= 0.95 and strict.f1 >= 0.80
+    # Measured at the 1.2 OD default: strict F1 0.887 (P 0.84, R 0.94); judged F1 0.97.
+    # The strict score counts as false the calls on brown nuclei the masks leave
+    # unlabelled (34_3). The issue's bar: F1 >= 0.85.
+    assert strict.f1 >= 0.85 and strict.recall >= 0.92
     assert judged.f1 >= 0.95
+
+
+@pytest.mark.real_data
+def test_real_ki67_threshold_choice_generalises():
+    """Choosing the nuclear threshold on 3 of the 4 Ki67 images and applying it to the
+    4th (each in turn) still passes the bar: the default is not fitted to one image."""
+    v = _validate_module()
+    items = v.load_ki67(shared_path("ihc-ki67-deepliif"))
+    score, chosen = v.threshold_cv(items, "foxp3")
+    # Measured: chosen 1.8/1.6/1.8/1.8 OD, pooled F1 0.881.
+    assert score.f1 >= 0.85
+    assert all(1.0 <= t <= 2.2 for t in chosen)
 
 
 @pytest.mark.real_data
@@ -347,10 +365,8 @@ def test_real_cd3cd8_membranous_positives(real_results):
 
 
 @pytest.mark.real_data
-@pytest.mark.xfail(reason="requested bars not met: the truth omits DAB+ cells (see "
-                          "docs/ihc.md)", strict=False)
-def test_real_data_requested_bars(real_results):
-    ki67, _, _ = real_results["ki67"]
+@pytest.mark.xfail(reason="requested NuClick bar not met: recall 0.89 at 2.32 calls per "
+                          "annotated cell (see docs/ihc.md)", strict=False)
+def test_real_membranous_requested_bar(real_results):
     nuclick, calls, _ = real_results["nuclick"]
-    assert ki67.f1 >= 0.85
     assert nuclick.recall >= 0.90 and calls / (nuclick.tp + nuclick.fn) <= 1.5

@@ -21,10 +21,11 @@ def scored(tmp_path_factory):
     from tilscore.synth import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("ihc")
-    out = {}
+    out = {"slides": {}}
     for stain, seed in (("cd20", 31), ("foxp3", 32)):
         res = write_synthetic_slide(root / f"{stain}.tiff", stain=stain, seed=seed,
                                     size_px=(SIDE_PX, SIDE_PX), mpp=0.25)
+        out["slides"][stain] = res.slide_path
         assert main(["score", str(res.slide_path), "--stain", stain, "--out",
                      str(root / "out"), "--device", "cpu", "-q", "--no-report"]) == 0
         out[stain] = (json.loads((root / "out" / stain / "summary.json").read_text()),
@@ -53,6 +54,32 @@ def test_positive_densities_within_15_percent_of_truth(scored, stain):
         summary["counts"]["negative"]["tissue"]
     assert "stromal_til_percent" not in summary
     assert summary["qc"]["flags"] == []
+    rule = summary["positive_rule"]
+    assert rule["compartment"] == ("nucleus" if stain == "foxp3" else "membrane")
+    assert rule["dab_threshold_od"] == (1.2 if stain == "foxp3" else 0.3)
+    assert rule["intensity_bins_od"] == [0.2, 0.4, 0.6]
+
+
+def test_positive_threshold_comes_from_the_score_config(scored, tmp_path):
+    """A --config threshold reaches the detector: above every synthetic cell's DAB excess
+    no cell is positive, the bins follow the config, and the config hash changes (so a
+    resumed batch rescores instead of skipping)."""
+    cfg = tmp_path / "score.yaml"
+    cfg.write_text("score:\n  foxp3_dab_threshold_od: 20\n  dab_bin_strong_od: 1.5\n")
+    assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "foxp3", "--config",
+                 str(cfg), "--out", str(tmp_path / "out"), "--device", "cpu", "-q",
+                 "--no-report"]) == 0
+    summary = json.loads((tmp_path / "out" / "foxp3" / "summary.json").read_text())
+    default = scored["foxp3"][0]
+    assert summary["counts"]["foxp3_positive"]["tissue"] == 0
+    assert default["counts"]["foxp3_positive"]["tissue"] >= 70
+    assert summary["positive_rule"]["dab_threshold_od"] == 20
+    assert summary["positive_rule"]["intensity_bins_od"] == [0.2, 0.4, 1.5]
+    assert summary["config_hash"] != default["config_hash"]
+    # the same cells were found: only the call and the bins moved
+    total = sum(summary["intensity_bins"].values())
+    assert total == sum(default["intensity_bins"].values())
+    assert summary["intensity_bins"]["strong"] < default["intensity_bins"]["strong"]
 
 
 def test_ihc_outputs_carry_dab_measurements(scored):

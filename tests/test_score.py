@@ -80,3 +80,26 @@ def test_density_map_per_mm2():
     dmap = density_map(pts, (200.0, 100.0), 100.0)
     assert dmap.shape == (1, 2)
     assert dmap[0, 0] == pytest.approx(2 / 0.01) and dmap[0, 1] == pytest.approx(1 / 0.01)
+
+
+def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_path):
+    from pathlib import Path
+
+    from tilscore.errors import UsageError
+    from tilscore.score_config import load_score_config
+
+    shipped = load_score_config(Path(__file__).parents[1] / "configs" / "score.yaml")
+    assert shipped == ScoreConfig()  # the file states the defaults, nothing else
+    cfg = ScoreConfig(foxp3_dab_threshold_od=0.8, dab_bin_moderate_od=0.5)
+    assert cfg.ihc_overrides("foxp3", (0.2, 0.4, 0.6)) == {
+        "dab_threshold_od": 0.8, "bins_od": (0.2, 0.5, 0.6)}
+    assert cfg.ihc_overrides("cd20", (0.2, 0.4, 0.6)) == {"bins_od": (0.2, 0.5, 0.6)}
+    assert ScoreConfig().ihc_overrides("cd20", (0.2, 0.4, 0.6)) == {}
+    with pytest.raises(UsageError, match="must increase"):
+        ScoreConfig(dab_bin_weak_od=0.5).ihc_overrides("cd20", (0.2, 0.4, 0.6))
+    with pytest.raises(UsageError, match="> 0"):
+        ScoreConfig(cd20_dab_threshold_od=0.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("score:\n  foxp3_threshold: 1\n")
+    with pytest.raises(UsageError, match="unknown key.*foxp3_threshold"):
+        load_score_config(bad)

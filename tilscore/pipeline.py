@@ -157,7 +157,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             thumb = slide.thumbnail(THUMBNAIL_MPP)
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
             t_tissue = time.perf_counter() - t0
-            rule = _ihc_rule(stain, card, thumb, mask)
+            rule = _ihc_rule(stain, card, thumb, mask, cfg)
             plan = None
             with _tile_bar(item.slide_id, quiet) as bar:
                 if engine.regions is None:
@@ -193,7 +193,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     return summary
 
 
-def _ihc_rule(stain: str, card, thumb: np.ndarray, mask):
+def _ihc_rule(stain: str, card, thumb: np.ndarray, mask, cfg: ScoreConfig):
     """The H-DAB cell rule for an IHC stain, with stain vectors estimated on this slide's
     thumbnail (None on H&E: cells come from the model's heatmaps)."""
     if stain == "he":
@@ -201,7 +201,16 @@ def _ihc_rule(stain: str, card, thumb: np.ndarray, mask):
     from tilscore.ihc import estimate_stain_vectors
     from tilscore.ihc_cells import IhcCellRule
 
-    return IhcCellRule(stain, card.input_mpp, estimate_stain_vectors(thumb, mask.mask))
+    return IhcCellRule(stain, card.input_mpp, estimate_stain_vectors(thumb, mask.mask),
+                       ihc_rule_params(stain, cfg))
+
+
+def ihc_rule_params(stain: str, cfg: ScoreConfig):
+    """The :class:`~tilscore.ihc_detect.IhcParams` an IHC stain is scored with: the
+    marker's defaults with the score configuration's overrides."""
+    from tilscore.ihc_detect import ihc_params
+
+    return ihc_params(stain, **cfg.ihc_overrides(stain, ihc_params(stain).bins_od))
 
 
 def _tile_bar(slide_id: str, quiet: bool):
@@ -261,7 +270,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
         counts = {k: {c: (n if c == COUNTED_COMPARTMENT else None) for c, n in row.items()}
                   for k, row in counts.items()}
     scores = (_he_scores(cells, regions, areas, cfg, plan is None) if rule is None
-              else _ihc_scores(cells, counts, stain))
+              else _ihc_scores(cells, counts, stain, rule))
     qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
     fast = {} if plan is None else {"fast": plan.as_dict(engine.regions.card)}
     return {
@@ -309,9 +318,13 @@ def _he_scores(cells, regions, areas, cfg, all_stroma: bool = True) -> dict:
             "near_tumour_um": cfg.near_tumour_um}
 
 
-def _ihc_scores(cells, counts: dict, stain: str) -> dict:
-    """Percent positive (of detected cells, per compartment) and DAB intensity bins."""
+def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
+    """Percent positive (of detected cells, per compartment), DAB intensity bins and the
+    rule that called a cell positive."""
     from tilscore.ihc_cells import INTENSITY_BINS
+    from tilscore.ihc_detect import ihc_params
+
+    params = rule.params or ihc_params(stain)
 
     pos, neg = counts[f"{stain}_positive"], counts["negative"]
     percent = {k: (100.0 * pos[k] / (pos[k] + neg[k]) if pos[k] + neg[k] else None)
@@ -325,6 +338,9 @@ def _ihc_scores(cells, counts: dict, stain: str) -> dict:
         "intensity_bins": dict(zip(INTENSITY_BINS, map(int, bins), strict=True)),
         # QuPath-style H-score (0–300) over every detected cell, from the DAB bins
         "h_score": float((bins * np.arange(4)).sum() * 100 / n) if n else None,
+        "positive_rule": {"compartment": params.compartment,
+                          "dab_threshold_od": params.dab_threshold_od,
+                          "intensity_bins_od": list(params.bins_od)},
     }
 
 
@@ -472,9 +488,7 @@ def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
     if stain != "he":  # the IHC cell rule's constants change the counts too
         from dataclasses import asdict
 
-        from tilscore.ihc_detect import ihc_params
-
-        key["ihc"] = asdict(ihc_params(stain))
+        key["ihc"] = asdict(ihc_rule_params(stain, cfg))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

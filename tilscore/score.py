@@ -25,17 +25,52 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tilscore.errors import UsageError
+
 COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    """Score constants (sources in configs/score.yaml). The IHC entries override the H-DAB
+    detector's per-marker defaults (:func:`tilscore.ihc_detect.ihc_params`, docs/ihc.md);
+    None keeps the default: ``<marker>_dab_threshold_od`` is the DAB excess (OD) a cell
+    needs to be positive, ``dab_bin_*_od`` the lower limits of QuPath-style intensity
+    bins."""
+
     bulk_closing_radius_um: float = 250.0
     lymphocyte_nucleus_diameter_um: float = 7.0
     tiger_cell_area_um2: float = 64.0
     near_tumour_um: float = 50.0
     density_grid_um: float = 100.0
     coarse_mpp: float = 8.0
+    foxp3_dab_threshold_od: float | None = None
+    cd20_dab_threshold_od: float | None = None
+    dab_bin_weak_od: float | None = None
+    dab_bin_moderate_od: float | None = None
+    dab_bin_strong_od: float | None = None
+
+    def __post_init__(self):
+        for name in ("foxp3_dab_threshold_od", "cd20_dab_threshold_od"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be > 0 OD, got {value}")
+
+    def ihc_overrides(self, marker: str, default_bins_od: tuple[float, float, float]) -> dict:
+        """Keyword overrides of :class:`~tilscore.ihc_detect.IhcParams` for `marker`
+        ("foxp3" or "cd20"); `default_bins_od`: the detector's bins, for those not set."""
+        out = {}
+        threshold = getattr(self, f"{marker}_dab_threshold_od", None)
+        if threshold is not None:
+            out["dab_threshold_od"] = threshold
+        given = (self.dab_bin_weak_od, self.dab_bin_moderate_od, self.dab_bin_strong_od)
+        if any(b is not None for b in given):
+            bins = tuple(d if b is None else b for b, d in zip(given, default_bins_od))
+            if not bins[0] < bins[1] < bins[2]:
+                raise UsageError(f"DAB intensity bins must increase (weak < moderate < "
+                                 f"strong), got {bins}")
+            out["bins_od"] = bins
+        return out
 
 
 def tumour_bulk(tumour_fraction: np.ndarray, coarse_mpp: float, radius_um: float) -> np.ndarray:

@@ -22,7 +22,7 @@ def load_score_config(path: str | Path | None) -> ScoreConfig:
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     try:
-        values = {k: float(v) for k, v in raw.items()}
+        values = {k: None if v is None else float(v) for k, v in raw.items()}
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path}: every score setting must be a number ({exc})") from exc
     return ScoreConfig(**values)
