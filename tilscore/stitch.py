@@ -67,22 +67,23 @@ class RegionCanvas:
         Call :meth:`flush` after the last tile (tiles that failed to decode never arrive).
         """
         c = self.block
-        for k, (col, row) in enumerate(zip(cols, rows, strict=True)):
-            block = regions[k]
-            if self.tissue is not None:
-                inside = self._tissue_block(row, col)
-                block = np.where(inside, np.where(block == 0, 3, block), 0).astype(np.uint8)
-            band = int(row) // BAND_TILE_ROWS
+        cols, rows = np.asarray(cols, np.int64), np.asarray(rows, np.int64)
+        if self.tissue is not None:  # the whole batch at once (per tile: ~0.2 ms of numpy)
+            inside = self._tissue_blocks(rows, cols)
+            regions = np.where(inside, np.where(regions == 0, 3, regions), 0).astype(np.uint8)
+        if nucleus_fraction is not None:
+            nucleus_fraction = np.round(nucleus_fraction * 255).astype(np.uint8)
+        for k, (col, row) in enumerate(zip(cols.tolist(), rows.tolist(), strict=True)):
+            band = row // BAND_TILE_ROWS
             buf = self._bands.get(band)
             if buf is None:
                 rows_px = min(BAND_TILE_ROWS * c, self.shape[0] - band * BAND_TILE_ROWS * c)
                 buf = self._bands[band] = [np.zeros((rows_px, self.shape[1]), np.uint8),
                                            np.zeros((rows_px, self.shape[1]), np.uint8), 0]
-            r0 = (int(row) - band * BAND_TILE_ROWS) * c
-            buf[0][r0 : r0 + c, col * c : (col + 1) * c] = block
+            r0 = (row - band * BAND_TILE_ROWS) * c
+            buf[0][r0 : r0 + c, col * c : (col + 1) * c] = regions[k]
             if nucleus_fraction is not None:
-                buf[1][r0 : r0 + c, col * c : (col + 1) * c] = np.round(
-                    nucleus_fraction[k] * 255).astype(np.uint8)
+                buf[1][r0 : r0 + c, col * c : (col + 1) * c] = nucleus_fraction[k]
             buf[2] += 1
             if buf[2] == self._band_tiles.get(band, 0):
                 self._write_band(band)
@@ -140,17 +141,18 @@ class RegionCanvas:
         w = min(self.shape[1], int(np.ceil(extent_um[0] / self.mpp)))
         return CroppedRows(self.labels, h, w)
 
-    def _tissue_block(self, row: int, col: int) -> np.ndarray:
-        """bool (block, block): tissue-mask value at each canvas pixel centre of a block."""
+    def _tissue_blocks(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """bool (B, block, block): tissue-mask value at each canvas pixel centre of the
+        blocks of tiles (rows, cols); False beyond the mask."""
         m = self.tissue
         c = self.block
         centres_um = (np.arange(c) + 0.5) * self.mpp
-        i = ((row * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
-        j = ((col * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
-        valid_i, valid_j = i < m.mask.shape[0], j < m.mask.shape[1]
-        out = np.zeros((c, c), bool)
-        out[np.ix_(valid_i, valid_j)] = m.mask[np.ix_(i[valid_i], j[valid_j])]
-        return out
+        i = ((rows[:, None] * c * self.mpp + centres_um) / m.mpp).astype(np.int64)  # (B, c)
+        j = ((cols[:, None] * c * self.mpp + centres_um) / m.mpp).astype(np.int64)
+        valid = (i < m.mask.shape[0])[:, :, None] & (j < m.mask.shape[1])[:, None, :]
+        i = np.minimum(i, m.mask.shape[0] - 1)
+        j = np.minimum(j, m.mask.shape[1] - 1)
+        return m.mask[i[:, :, None], j[:, None, :]] & valid
 
 
 class CroppedRows:
