@@ -59,6 +59,18 @@ def test_isolated_dark_nuclei_are_not_pen():
     assert mask.pen_fraction == 0.0 and mask.mask.mean() > 0.95  # ... size removes them
 
 
+def test_small_image_of_tissue_is_tissue_but_dust_on_a_slide_is_not():
+    """A 128 µm tile (16 x 16 px at 8 µm/px, 0.016 mm²) is below the 0.02 mm² dust limit
+    but fills its image: it is tissue. The same patch on a slide-sized field is dust."""
+    tile = np.full((16, 16, 3), (190, 160, 200), np.uint8)
+    assert tissue_mask_from_thumbnail(tile, MASK_MPP).mask.all()
+    slide = np.full((200, 200, 3), (244, 244, 244), np.uint8)
+    slide[20:36, 20:36] = (190, 160, 200)
+    assert not tissue_mask_from_thumbnail(slide, MASK_MPP).mask.any()
+    slide[100:140, 100:140] = (190, 160, 200)  # 0.1 mm², a real piece
+    assert tissue_mask_from_thumbnail(slide, MASK_MPP).mask[100:140, 100:140].all()
+
+
 @pytest.mark.real_data
 def test_real_svs_tissue_fraction_is_plausible():
     from tilscore.slide import open_slide

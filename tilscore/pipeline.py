@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -157,7 +158,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
             thumb = slide.thumbnail(THUMBNAIL_MPP)
             mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
             t_tissue = time.perf_counter() - t0
-            rule = _ihc_rule(stain, card, thumb, mask, cfg)
+            rule = _ihc_rule(stain, card, slide, thumb, mask, cfg)
             plan = None
             with _tile_bar(item.slide_id, quiet) as bar:
                 if engine.regions is None:
@@ -193,7 +194,7 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     return summary
 
 
-def _ihc_rule(stain: str, card, thumb: np.ndarray, mask, cfg: ScoreConfig):
+def _ihc_rule(stain: str, card, slide, thumb: np.ndarray, mask, cfg: ScoreConfig):
     """The H-DAB cell rule for an IHC stain, with stain vectors estimated on this slide's
     thumbnail (None on H&E: cells come from the model's heatmaps)."""
     if stain == "he":
@@ -201,8 +202,27 @@ def _ihc_rule(stain: str, card, thumb: np.ndarray, mask, cfg: ScoreConfig):
     from tilscore.ihc import estimate_stain_vectors
     from tilscore.ihc_cells import IhcCellRule
 
-    return IhcCellRule(stain, card.input_mpp, estimate_stain_vectors(thumb, mask.mask),
+    return IhcCellRule(stain, card.input_mpp,
+                       estimate_stain_vectors(*_stain_estimation_image(slide, thumb, mask)),
                        ihc_rule_params(stain, cfg))
+
+
+STAIN_ESTIMATION_MIN_PX = 256 * 256  # pixels the stain-vector estimate is made on, at least
+
+
+def _stain_estimation_image(slide, thumb: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB, bool tissue or None) to estimate the stain vectors on: the tissue
+    thumbnail and mask; for a small image (an ROI or tile, whose thumbnail has fewer than
+    STAIN_ESTIMATION_MIN_PX pixels, too few for the estimate) a finer thumbnail, at most
+    the slide's own resolution, without the mask (at 8 µm/px every pixel of a 0.1 mm tile
+    mixes tissue and glass): as :func:`~tilscore.ihc.estimate_stain_vectors` says, glass
+    then drops out by its low OD and its colour is the brightest 2 % if bright and
+    neutral, which is how the IHC validation treats each labelled tile (docs/ihc.md)."""
+    h, w = thumb.shape[:2]
+    if h * w >= STAIN_ESTIMATION_MIN_PX:
+        return thumb, mask.mask
+    mpp = max(slide.mpp, THUMBNAIL_MPP * math.sqrt(h * w / STAIN_ESTIMATION_MIN_PX))
+    return slide.thumbnail(mpp), None
 
 
 def ihc_rule_params(stain: str, cfg: ScoreConfig):

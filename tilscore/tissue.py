@@ -29,7 +29,9 @@ TISSUE_OD_MARGIN = 0.06  # tissue absorbs at least this much more than the glass
 MIN_TISSUE_SATURATION = 0.03  # stained tissue has some colour; grey dust/shadows do not
 DENSE_OD_MARGIN = 0.40  # ... unless it absorbs strongly (dense haematoxylin/DAB)
 CLOSING_UM = 16.0  # merges tissue broken up by pale lumina at thumbnail scale
-MIN_TISSUE_AREA_UM2 = 0.02e6  # 0.02 mm²: smaller components are dust/debris
+MIN_TISSUE_AREA_UM2 = 0.02e6  # 0.02 mm²: smaller components are dust/debris ...
+MIN_TISSUE_IMAGE_FRACTION = 0.25  # ... unless they fill this much of a small image (an ROI
+# or tile of 0.1 x 0.1 mm is all tissue, but smaller than the dust limit)
 MAX_HOLE_AREA_UM2 = 0.05e6  # 0.05 mm²: larger holes are real gaps, not bubbles/lumina
 MIN_PEN_AREA_UM2 = 0.02e6  # ink strokes are ≥ ~100 µm wide and long; nuclei clusters are not
 PEN_DILATION_UM = 16.0  # ink edges blend with tissue: grow the pen mask a little
@@ -137,7 +139,8 @@ def tissue_mask_from_thumbnail(rgb: np.ndarray, mpp: float) -> TissueMask:
     tissue = tissue[close_px:-close_px, close_px:-close_px]
     tissue = _fill_small_holes(tissue, max_px=int(MAX_HOLE_AREA_UM2 / px_area_um2))
     tissue &= ~ink  # closing and filled holes must not bring ink back
-    tissue = _drop_small_components(tissue, min_px=int(MIN_TISSUE_AREA_UM2 / px_area_um2))
+    min_px = min(MIN_TISSUE_AREA_UM2 / px_area_um2, MIN_TISSUE_IMAGE_FRACTION * tissue.size)
+    tissue = _drop_small_components(tissue, min_px=int(min_px))
     non_glass = od_sum > od_t
     pen_fraction = float(ink.sum() / max(1, non_glass.sum() + ink.sum()))
     return TissueMask(mask=tissue, mpp=float(mpp), pen_fraction=min(1.0, pen_fraction))
