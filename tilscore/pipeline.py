@@ -210,7 +210,7 @@ def _ihc_rule(stain: str, card, slide, thumb: np.ndarray, mask, cfg: ScoreConfig
 STAIN_ESTIMATION_MIN_PX = 256 * 256  # pixels the stain-vector estimate is made on, at least
 
 
-def _stain_estimation_image(slide, thumb: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+def _stain_estimation_image(slide, thumb: np.ndarray, mask) -> tuple[np.ndarray, object]:
     """(uint8 RGB, bool tissue or None) to estimate the stain vectors on: the tissue
     thumbnail and mask; for a small image (an ROI or tile, whose thumbnail has fewer than
     STAIN_ESTIMATION_MIN_PX pixels, too few for the estimate) a finer thumbnail, at most
