@@ -132,12 +132,10 @@ def test_real_ihc_tiles_score_end_to_end(tmp_path):
     """The labelled real tiles go through `tilscore score` like slides (plain images with
     --mpp): tissue found on 0.1 mm tiles, stain vectors estimated on them, and the
     positive cells in cells.csv checked against the truth."""
-    import sys
-
     from tests.conftest import shared_path
+    from tests.test_ihc import _validate_module
 
-    sys.path.insert(0, str(MODELS_DIR.parent / "scripts"))
-    import validate_ihc as v
+    v = _validate_module()
 
     results = {}
     for name, sub, loader, marker, mpp in (

@@ -1,5 +1,6 @@
-"""RegionCanvas: tile cores land in the right place, the tissue mask decides tissue vs
-glass pixel by pixel, and a batch written at once equals the same tiles one by one."""
+"""RegionCanvas: tile cores written in batches, in any order, land in the right place,
+and the tissue mask decides tissue vs glass pixel by pixel (against a per-pixel
+reference)."""
 
 from __future__ import annotations
 
