@@ -181,6 +181,29 @@ def test_two_worker_processes_give_the_sequential_results(slides, sequential, tm
     assert [r["slide"] for r in _rows(par)] == [p.stem for p in slides[:2]]
 
 
+def test_overlapped_writes_give_the_sequential_results(slides, sequential, tmp_path):
+    """Slide N-1 finished on a thread while slide N uses the device (the CUDA default,
+    forced here on CPU): same numbers and bytes as one slide at a time, a bad slide in
+    between recorded, and no work folder left."""
+    from tilscore.batch import score_inputs
+
+    bad = tmp_path / "corrupt.tiff"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    out = tmp_path / "overlap"
+    res = score_inputs([str(slides[0]), str(bad), str(slides[1])], out, device="cpu",
+                       quiet=True, report=False, overlap_writes=True)
+    assert res.scored == [slides[0].stem, slides[1].stem]
+    assert [f["input"] for f in res.failures] == [str(bad)]
+    for p in slides[:2]:
+        a = json.loads((sequential / p.stem / "summary.json").read_text())
+        b = json.loads((out / p.stem / "summary.json").read_text())
+        assert _numbers(a) == _numbers(b)
+        assert (sequential / p.stem / "cells.csv").read_bytes() == (
+            out / p.stem / "cells.csv").read_bytes()
+    assert not list(out.glob(".*.tmp-*"))
+    assert [r["slide"] for r in _rows(out)] == [p.stem for p in slides[:2]]
+
+
 def test_unreachable_scheduler_is_one_line_usage_error(slides, tmp_path, monkeypatch, capsys):
     pytest.importorskip("distributed")
     import tilscore.cluster

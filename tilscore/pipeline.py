@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,21 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
 
     `mpp` overrides the file's pixel size unless the input carries its own (a manifest
     row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
-    not `quiet`."""
-    from tilscore.aggregate import region_summary
+    not `quiet`. The same as :func:`start_slide` followed by its ``finish()``."""
+    return start_slide(item, out_dir, engine, stain, mpp, cfg, read_threads, batch_size,
+                       quiet, decode)()
+
+
+def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
+                mpp: float | None = None, cfg: ScoreConfig | None = None,
+                read_threads: int | None = None, batch_size: int | None = None,
+                quiet: bool = False, decode: str = "auto") -> Callable[[], dict]:
+    """The slide's pass over the device now (tissue, tiles, model, stitching; arguments
+    as :func:`score_slide`); returns ``finish()``, which aggregates, writes every output,
+    publishes the slide folder and returns the summary. ``finish`` reads no pixels (the
+    slide is closed by then), so it can run on another thread while the next slide uses
+    the device (:mod:`tilscore.batch` does). Call it exactly once: it removes the work
+    folder whatever happens. If this raises, nothing is left behind."""
     from tilscore.fast import predict_fast
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
@@ -147,7 +161,6 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     read_threads = read_threads or default_read_threads(engine.device, engine.cores)
     batch_size = batch_size or default_batch_size(engine.device)
     t0 = time.perf_counter()
-    final = out_dir / item.slide_id
     # Host and PID in the name: a later run removes it if this process was killed
     # (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique across containers.
     prefix = f".{item.slide_id}.tmp-{atomic.host_tag()}-{os.getpid()}-"
@@ -175,7 +188,19 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                                               work, cfg, read_threads, batch_size, bar.update,
                                               decode)
                     grid = plan.cell_grid
+            overlay_mpp = _overlay_mpp(slide)
+            overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
+        t_pass_end = time.perf_counter()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    def finish() -> dict:
+        from tilscore.aggregate import region_summary
+
+        try:
             t_agg = time.perf_counter()
+            t_start = t0 + (t_agg - t_pass_end)  # runtime_s leaves out any wait in a queue
             regions = region_summary(pred.canvas, cfg)
             names = rule.class_names if rule else tuple(card.cell_classes)
             cells = _cell_table(pred.cells, names, slide_mpp, regions)
@@ -183,15 +208,15 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
                                cells, cfg, rule, plan)
             summary["timings_s"].update(tissue=round(t_tissue, 3),
                                         aggregate=round(time.perf_counter() - t_agg, 3))
-            overlay_mpp = _overlay_mpp(slide)
-            overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
             extent_um = (slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp)
             _write_outputs(work, summary, cells, regions, (overlay, overlay_mpp), slide_mpp,
-                           extent_um, card, cfg, pred, t0, plan)
-        _publish(work, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return summary
+                           extent_um, card, cfg, pred, t_start, plan)
+            _publish(work, out_dir / item.slide_id)
+            return summary
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return finish
 
 
 def _ihc_rule(stain: str, card, slide, thumb: np.ndarray, mask, cfg: ScoreConfig):
@@ -526,4 +551,4 @@ def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
     return removed
 
 
-__all__ = ["Engine", "InputError", "config_hash", "score_slide"]
+__all__ = ["Engine", "InputError", "config_hash", "score_slide", "start_slide"]
