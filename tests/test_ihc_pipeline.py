@@ -110,6 +110,37 @@ def test_he_slide_scored_as_ihc_warns_with_near_zero_positives(tmp_path):
     assert "no_dab" in [f["code"] for f in summary["qc"]["flags"]]
 
 
+def test_without_a_compartment_model_densities_are_over_tissue_only(scored, tmp_path,
+                                                                      capsys):
+    """--model none: the same cells over the same tissue, no network; tumour and stroma
+    null (not zero), the summary says why, and the cohort report still renders."""
+    out = tmp_path / "out"
+    assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "foxp3", "--model",
+                 "none", "--out", str(out), "--device", "cpu", "-q"]) == 0
+    summary = json.loads((out / "foxp3" / "summary.json").read_text())
+    default = scored["foxp3"][0]
+    marker = "foxp3_positive"
+    assert summary["model"]["name"] == "none" and summary["model"]["sha256"] == "none"
+    assert summary["counts"][marker]["tissue"] == default["counts"][marker]["tissue"]
+    assert summary["areas_mm2"]["tissue"] == pytest.approx(default["areas_mm2"]["tissue"],
+                                                           rel=0.01)
+    for comp in ("tumour", "stroma", "other", "stroma_in_tumour_bulk"):
+        assert summary["counts"][marker][comp] is None
+        assert summary["densities_per_mm2"][marker][comp] is None
+        assert summary["areas_mm2"][comp] is None
+    assert summary["percent_positive"] == pytest.approx(
+        summary["percent_positive_by_compartment"]["tissue"])
+    assert any("no compartment model" in w for w in summary["warnings"])
+    assert summary["config_hash"] != default["config_hash"]
+    assert "foxp3" in (out / "report.html").read_text()
+    # H&E needs the network for its lymphocytes: a one-line usage error, exit 2
+    capsys.readouterr()
+    assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "he", "--model", "none",
+                 "--out", str(tmp_path / "he"), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model none is for IHC" in err
+
+
 def _positives_vs_truth(out_dir, items, marker: str):
     """Pooled DetectionScore and positive calls of the engine's cells.csv per image
     against the labelled truth (4 µm one-to-one matching, as scripts/validate_ihc.py)."""

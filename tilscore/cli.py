@@ -97,7 +97,9 @@ def score(
         help="Dask: 'local', 'tcp://HOST:8786' (a running scheduler) or 'slurm'.")] = None,
     cluster_config: Annotated[Path | None, typer.Option(
         help="YAML with Slurm settings (default configs/cluster.yaml).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Model name or folder; 'none' on IHC: no compartment model, densities over "
+             "all tissue only.")] = None,
     mode: Annotated[str, typer.Option(
         help="full, or fast (H&E): regions at 2 µm/px everywhere, lymphocytes searched only "
              "in the tumour bulk's stroma (what the sTIL score counts).")] = "full",

@@ -65,12 +65,15 @@ class Engine:
         from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
         from tilscore.models import load_model
 
+        from tilscore.tissue_only import NO_MODEL, TissueOnlyNet
+
         dev = select_device(device)
         if dev.type == "cpu":
             configure_cpu_threads(threads=cpu_threads)
-        model_card(model, stain)  # a clear error before any weights are read
+        card = model_card(model, stain)  # a clear error before any weights are read
         region_name = fast_region_model(mode, stain, region_model)
-        net, card = load_model(model or DEFAULT_MODELS[stain])
+        net, card = (TissueOnlyNet(), card) if model == NO_MODEL else load_model(
+            model or DEFAULT_MODELS[stain])
         regions = None
         if region_name is not None:
             rnet, rcard = load_model(region_name)
@@ -106,11 +109,15 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
 
 
 def model_card(model: str | None, stain: str):
-    """The card of `model` (None: the stain's default), checked to support `stain`;
-    reads only card.json, so a batch client can decide what to skip without weights."""
+    """The card of `model` (None: the stain's default; "none": no compartment model,
+    :mod:`tilscore.tissue_only`), checked to support `stain`; reads only card.json, so a
+    batch client can decide what to skip without weights."""
     from tilscore.models.card import ModelCard
     from tilscore.models.registry import MODELS_DIR, resolve_model_dir
+    from tilscore.tissue_only import NO_MODEL, tissue_only_card
 
+    if model == NO_MODEL:
+        return tissue_only_card(stain)
     name = model or DEFAULT_MODELS[stain]
     if model is None and not (MODELS_DIR / name / "card.json").exists():
         shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
@@ -301,19 +308,29 @@ def counted_class(stain: str) -> str:
 def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells, cfg,
              rule, plan=None) -> dict:
     """`plan`: the fast mode's :class:`~tilscore.fast.FastPlan` (None in the full mode):
-    counts outside the compartment it searched are null, not zero."""
+    counts outside the compartment it searched are null, not zero. Without a compartment
+    model (``--model none``) only ``tissue`` is known: the rest is null."""
     from tilscore.score import counts_by_compartment, densities
+    from tilscore.tissue_only import NO_MODEL
 
     card = engine.card
     areas = regions.areas
     names = list(rule.class_names if rule else card.cell_classes)
     counts = counts_by_compartment(names, cells["cls"], cells["compartment"],
                                    cells["in_bulk"])
+    known = None  # the compartments whose counts are known (None: all)
     if plan is not None:
         from tilscore.fast import COUNTED_COMPARTMENT
 
-        counts = {k: {c: (n if c == COUNTED_COMPARTMENT else None) for c, n in row.items()}
+        known = COUNTED_COMPARTMENT
+    elif card.name == NO_MODEL:
+        known = "tissue"
+    if known is not None:
+        counts = {k: {c: (n if c == known else None) for c, n in row.items()}
                   for k, row in counts.items()}
+    area_values = areas.as_dict()
+    if card.name == NO_MODEL:
+        area_values = {c: (a if c == "tissue" else None) for c, a in area_values.items()}
     scores = (_he_scores(cells, regions, areas, cfg, plan is None) if rule is None
               else _ihc_scores(cells, counts, stain, rule))
     qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
@@ -330,12 +347,12 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
         "config_hash": config_hash(engine.card, stain, cfg, _region_card(engine)),
         "command": " ".join(sys.argv),
         "device": str(engine.device),
-        "areas_mm2": areas.as_dict(),
+        "areas_mm2": area_values,
         "counts": counts,
         "densities_per_mm2": densities(counts, areas),
         **scores,
         "qc": qc,
-        "warnings": (_warnings(areas, pred, stain)
+        "warnings": (_warnings(areas, pred, stain, card.name == NO_MODEL)
                      + [f["message"] for f in qc["flags"] if f["code"] == "no_dab"]
                      + _mpp_warnings(slide)),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
@@ -372,8 +389,8 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
     params = rule.params or ihc_params(stain)
 
     pos, neg = counts[f"{stain}_positive"], counts["negative"]
-    percent = {k: (100.0 * pos[k] / (pos[k] + neg[k]) if pos[k] + neg[k] else None)
-               for k in pos}
+    percent = {k: (100.0 * pos[k] / (pos[k] + neg[k])
+                   if pos[k] is not None and pos[k] + neg[k] else None) for k in pos}
     bins = np.bincount(cells["intensity_bin"].astype(np.int64), minlength=4)[:4] \
         if len(cells["cls"]) else np.zeros(4, np.int64)
     n = int(bins.sum())
@@ -429,11 +446,14 @@ def _mpp_warnings(slide) -> list[str]:
     return []
 
 
-def _warnings(areas, pred, stain: str) -> list[str]:
+def _warnings(areas, pred, stain: str, no_compartments: bool = False) -> list[str]:
     """Plain-language problems a reader of the numbers must know about."""
     out = []
     if len(pred.cells["x_px"]) == 0 and pred.tiles == 0:
         out.append("no tissue detected: all areas and counts are zero")
+    elif no_compartments:
+        out.append("no compartment model (--model none): densities over all tissue only; "
+                   "tumour and stroma are not separated")
     elif areas.tumour == 0:
         out.append("no invasive tumour found: " + ("stromal TIL % is undefined" if stain == "he"
                                                    else "tumour densities are undefined"))
