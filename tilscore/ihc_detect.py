@@ -157,13 +157,30 @@ def annulus_kernel(r_in_px: float, r_out_px: float, device=None, sub: int = 8) -
 
 
 def _region_mean(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Mean of (N, 1, H, W) over `kernel` centred at every pixel (reflect padding)."""
-    r = kernel.shape[-1] // 2
+    """Weighted mean of (N, 1, H, W) over `kernel` ((k, k), or (m, k, k) for m output
+    channels at once) centred at every pixel (reflect padding)."""
+    kernels = kernel[None, None] if kernel.ndim == 2 else kernel[:, None]
+    r = kernels.shape[-1] // 2
     r_pad = min(r, x.shape[-1] - 1, x.shape[-2] - 1)
     x = F.pad(x, (r_pad,) * 4, mode="reflect")
     if r_pad < r:  # tiny images: zero-pad the rest
         x = F.pad(x, (r - r_pad,) * 4)
-    return F.conv2d(x, kernel[None, None])
+    return F.conv2d(x, kernels)
+
+
+def _centre_surround_kernels(params: IhcParams, wmpp: float, device) -> torch.Tensor:
+    """float32 (m, k, k): per nucleus radius r, the disc-r mean minus the mean over the
+    annulus r + gap .. r + gap + width, as one kernel (zero-padded to a common size), so
+    one convolution gives every scale's centre-surround response."""
+    kernels = []
+    for r_um in params.nucleus_radii_um:
+        r0 = (r_um + params.surround_gap_um) / wmpp
+        disc = annulus_kernel(0.0, r_um / wmpp, device)
+        ring = annulus_kernel(r0, r0 + params.surround_width_um / wmpp, device)
+        p = (ring.shape[-1] - disc.shape[-1]) // 2
+        kernels.append(F.pad(disc, (p, p, p, p)) - ring)
+    k = max(t.shape[-1] for t in kernels)
+    return torch.stack([F.pad(t, ((k - t.shape[-1]) // 2,) * 4) for t in kernels])
 
 
 def disc_max(x: torch.Tensor, radius_px: float) -> torch.Tensor:
@@ -191,8 +208,9 @@ def find_cell_peaks(response: torch.Tensor, nms_radius_px: float, merge_radius_p
 
     1. max-pool NMS with a round footprint: a pixel is kept when it is the maximum of the
        response within `nms_radius_px` (weak maxima on a stronger cell's flank go);
-    2. of two such peaks closer than `merge_radius_px`, only the stronger is kept (the same
-       disc maximum, over an image holding only the peaks: two maxima in one nucleus).
+    2. of two such peaks closer than `merge_radius_px`, only the stronger is kept: a peak
+       goes when a stronger peak of the same image lies within the radius (compared
+       pairwise among the peaks, which are few).
 
     Ties (plateaus) are broken as in :func:`tilscore.infer.find_peaks` by a tiny ramp
     linear in position. Returns float32 (n, 4) rows (batch index, x_px, y_px, response),
@@ -202,10 +220,13 @@ def find_cell_peaks(response: torch.Tensor, nms_radius_px: float, merge_radius_p
     ramp = torch.arange(h * w, device=response.device, dtype=torch.float64).view(h, w)
     ranked = response.double() + ramp * (1e-6 / (h * w))
     keep = (ranked == disc_max(ranked, nms_radius_px)) & (response > threshold)
-    if merge_radius_px > nms_radius_px:
-        sparse = torch.where(keep, ranked, torch.full_like(ranked, -math.inf))
-        keep &= sparse == disc_max(sparse, merge_radius_px)
     b, _, y, x = keep.nonzero(as_tuple=True)
+    if merge_radius_px > nms_radius_px and len(b) > 1:
+        rank = ranked[b, 0, y, x]
+        d2 = (x[:, None] - x[None, :]).double() ** 2 + (y[:, None] - y[None, :]).double() ** 2
+        beaten = ((b[:, None] == b[None, :]) & (d2 <= merge_radius_px**2)
+                  & (rank[None, :] > rank[:, None])).any(dim=1)
+        b, y, x = b[~beaten], y[~beaten], x[~beaten]
     return torch.stack([b.float(), x.float() + 0.5, y.float() + 0.5,
                         response[b, 0, y, x].float()], 1)
 
@@ -291,13 +312,8 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     # ring for membranous markers), the best over the nucleus radii (scale space: a large
     # nucleus peaks once at its centre at its own scale, not along its rim at a small one).
     stain = hx + params.nucleus_dab_weight * dab
-    response = None
-    for r_um in params.nucleus_radii_um:
-        r0 = (r_um + params.surround_gap_um) / wmpp
-        r_resp = (_region_mean(stain, annulus_kernel(0.0, r_um / wmpp, dev))
-                  - _region_mean(stain, annulus_kernel(r0, r0 + params.surround_width_um / wmpp,
-                                                       dev)))
-        response = r_resp if response is None else torch.maximum(response, r_resp)
+    response = _region_mean(stain, _centre_surround_kernels(params, wmpp, dev)).amax(
+        dim=1, keepdim=True)
     if params.ring_weight:
         response = response + params.ring_weight * _region_mean(dab, compartment)
     peaks = find_cell_peaks(response, params.nms_radius_um / wmpp,
