@@ -3,12 +3,14 @@
 #
 # The machine has torch/torchvision/timm but no network: carry our other dependencies as
 # wheels in .whl/ (../shared/tools/device-wheels.sh prints how). Then, from the repo root:
-#   STEPS="env tests synth bench fast variants suite" bash scripts/gpu_session.sh [SIZES...]
+#   STEPS="env tests synth bench fast variants overlap suite" bash scripts/gpu_session.sh [SIZES...]
 # (default SIZES: 16384 32768; default STEPS: all of them, in that order). Logs and JSON
 # go to $OUT (default /tmp/gpu-out). Steps: environment; the GPU tests (nvJPEG decoding,
 # CUDA vs CPU) and the device-decoding and fast-mode tests on CUDA; synthetic slides;
 # scripts/bench.py on CUDA with the defaults (JPEG decoded on the GPU), the fast mode,
-# and variants on the largest slide (host decoding, batch 64); the default test suite
+# and variants on the largest slide (host decoding, batch 64); a batch of the slides
+# scored twice, with and without overlapped writes (slide N-1 written while N uses the
+# GPU: BatchOptions.overlap_writes), wall time of each; the default test suite
 # with CUDA present (tests use --device auto, so the CUDA path runs end to end).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -16,7 +18,7 @@ mkdir -p "$OUT"
 SIZES=("${@:-16384 32768}")
 read -r -a SIZES <<<"${SIZES[*]}"
 BIG=${SIZES[-1]}
-STEPS=${STEPS:-env tests synth bench fast variants suite}
+STEPS=${STEPS:-env tests synth bench fast variants overlap suite}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -69,6 +71,28 @@ fi
 if want variants; then
   variant --decode host
   variant --batch-size 64
+fi
+
+if want overlap; then
+  for ov in True False; do
+    step "batch of ${SIZES[*]} x2, overlap_writes=$ov"
+    python3 -c "
+import time, shutil
+from tilscore.batch import score_inputs
+slides = [f'/tmp/tilscore-bench-he-{s}.tiff' for s in '${SIZES[*]}'.split()] * 2
+shutil.rmtree('/tmp/ov-out', ignore_errors=True)
+# each slide twice under its own id: copies by symlink
+import os; os.makedirs('/tmp/ov-in', exist_ok=True); paths = []
+for k, p in enumerate(slides):
+    q = f'/tmp/ov-in/s{k}.tiff'
+    if not os.path.exists(q): os.symlink(p, q)
+    paths.append(q)
+t = time.perf_counter()
+r = score_inputs(paths, '/tmp/ov-out', device='cuda', quiet=True, report=False,
+                 overlap_writes=$ov)
+print('overlap_writes=$ov', len(r.scored), 'slides', round(time.perf_counter() - t, 2), 's')
+" 2>&1 | tail -1 | tee -a "$OUT/overlap.log"
+  done
 fi
 
 if want suite; then
