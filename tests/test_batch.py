@@ -121,7 +121,7 @@ def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
     rerun = subprocess.run(_cli(*args), cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{N_SLIDES - len(done)} scored, {len(done)} skipped" in rerun.stdout
-    assert not list(out.glob(".*"))  # the killed run's work dir was cleaned up
+    assert not list(out.glob(".*.tmp-*"))  # the killed run's work dir was cleaned up
     assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
 
 

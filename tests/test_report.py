@@ -310,6 +310,38 @@ def test_damaged_maps_and_overlay_do_not_stop_the_report(cohort, tmp_path):
     assert "maps.zarr unreadable" in html and "overlay.png unreadable" in html
 
 
+def test_rendered_maps_are_cached_until_the_slide_changes(cohort, tmp_path):
+    """Re-reporting a cohort reuses each slide's rendered maps (the report's whole cost)
+    exactly as rendered, re-renders a slide whose summary changed (rescored) or whose entry
+    is unreadable, and forgets slides no longer there."""
+    from tilscore.report import MAPS_CACHE_DIR, MapsCache, build_report, render_slide_maps
+
+    out, _ = cohort
+    copy = tmp_path / "out"
+    for name in ("alpha", "beta"):
+        shutil.copytree(out / name, copy / name)
+    build_report(copy)
+    cache_dir = copy / MAPS_CACHE_DIR
+    assert sorted(p.stem for p in cache_dir.glob("*.json")) == ["alpha", "beta"]
+    cache = MapsCache(cache_dir)
+    fresh = render_slide_maps(copy / "alpha")
+    assert fresh.regions_uri and fresh.density_uri and fresh.overlay_uri
+    assert cache.get(copy / "alpha") == fresh  # from the cache, identical
+
+    entry = cache_dir / "alpha.json"
+    key = json.loads(entry.read_text())["key"]
+    _edit(copy / "alpha", lambda s: {**s, "runtime_s": s["runtime_s"] + 1})  # "rescored"
+    assert cache.get(copy / "alpha") == fresh
+    assert json.loads(entry.read_text())["key"] != key
+    entry.write_text("{not json")
+    assert cache.get(copy / "alpha") == fresh  # unreadable: rendered again, rewritten
+    assert json.loads(entry.read_text())["maps"]["regions_uri"] == fresh.regions_uri
+
+    shutil.rmtree(copy / "beta")
+    build_report(copy)
+    assert [p.stem for p in cache_dir.glob("*.json")] == ["alpha"]
+
+
 def test_plots_and_colormap_units():
     from tilscore import report_plots as rp
 

@@ -270,8 +270,63 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
         raise UsageError(f"no scored slides in {cohort.out_dir} (no <slide>/summary.json); "
                          "run `tilscore score ... --out DIR` first")
     column = resolve_group_column(cohort, group_by) if group_by else None
-    maps = {e.folder.name: render_slide_maps(e.folder) for e in cohort.scored}
+    cache = MapsCache(cohort.out_dir / MAPS_CACHE_DIR)
+    maps = {e.folder.name: cache.get(e.folder) for e in cohort.scored}
+    cache.prune(keep={e.folder.name for e in cohort.scored})
     return render_report(cohort, column, maps, Path(report_dir or cohort.out_dir))
+
+
+MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
+
+
+class MapsCache:
+    """Rendered :class:`SlideMaps` kept between reports (rendering is ~0.3 s per slide,
+    the report's whole cost; a cohort of hundreds of slides is re-reported after each
+    batch). An entry is valid while the slide's ``summary.json`` is byte-identical
+    (rescoring rewrites it, with new timings) and the renderer's settings and tilscore
+    version are the same. A missing, stale or unreadable entry is rendered again; a cache
+    that cannot be written is skipped (the report does not depend on it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _key(self, slide_folder: Path) -> str:
+        import hashlib
+
+        from tilscore import __version__
+
+        h = hashlib.sha256((slide_folder / "summary.json").read_bytes())
+        h.update(f"{__version__}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
+                 f"{DENSITY_MIN_SIDE_PX}|{DENSITY_PERCENTILE}".encode())
+        return h.hexdigest()
+
+    def get(self, slide_folder: Path) -> SlideMaps:
+        from dataclasses import asdict
+
+        key = self._key(slide_folder)
+        path = self.folder / f"{slide_folder.name}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("key") == key:
+                maps = SlideMaps(**data["maps"])
+                maps.legend = [(name, tuple(rgba)) for name, rgba in maps.legend]
+                return maps
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # absent or unreadable: render
+        maps = render_slide_maps(slide_folder)
+        if not maps.problem:  # a damaged slide folder is rendered afresh each time
+            try:
+                self.folder.mkdir(exist_ok=True)
+                atomic.write_text(path, json.dumps({"key": key, "maps": asdict(maps)}))
+            except OSError as exc:
+                log.debug("report cache not written: %s", exc)
+        return maps
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove entries of slides no longer in the output folder."""
+        for path in self.folder.glob("*.json"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
 
 
 def write_report(out_dir: Path, group_by: str | None = None, path: Path | None = None) -> Path:
