@@ -160,12 +160,14 @@ def threshold_cv(items, marker: str, grid=THRESHOLD_GRID, **kw):
     image]). Detection runs once per image (the threshold only splits its cells)."""
     cands = [detector_candidates(it.rgb, it.mpp, marker, **kw) for it in items]
     per = {t: [evaluate([it], lambda rgb, mpp, c=c, t=t: c[0][c[1] >= t])[0]
-               for it, c in zip(items, cands)] for t in grid}
+               for it, c in zip(items, cands, strict=True)] for t in grid}
+
+    def f1_without(i: int, t: float) -> float:
+        return sum((s for j, s in enumerate(per[t]) if j != i), DetectionScore(0, 0, 0)).f1
+
     total, chosen = DetectionScore(0, 0, 0), []
     for i in range(len(items)):
-        def f1_without_i(t):
-            return sum((s for j, s in enumerate(per[t]) if j != i), DetectionScore(0, 0, 0)).f1
-        best = max(grid, key=f1_without_i)
+        best = max(grid, key=lambda t, i=i: f1_without(i, t))
         chosen.append(best)
         total = total + per[best][i]
     return total, chosen

@@ -64,7 +64,6 @@ class Engine:
         ``full`` or ``fast`` (H&E: `region_model` for pass 1, default he-regions)."""
         from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
         from tilscore.models import load_model
-
         from tilscore.tissue_only import NO_MODEL, TissueOnlyNet
 
         dev = select_device(device)

@@ -65,7 +65,8 @@ class ScoreConfig:
             out["dab_threshold_od"] = threshold
         given = (self.dab_bin_weak_od, self.dab_bin_moderate_od, self.dab_bin_strong_od)
         if any(b is not None for b in given):
-            bins = tuple(d if b is None else b for b, d in zip(given, default_bins_od))
+            bins = tuple(d if b is None else b
+                         for b, d in zip(given, default_bins_od, strict=True))
             if not bins[0] < bins[1] < bins[2]:
                 raise UsageError(f"DAB intensity bins must increase (weak < moderate < "
                                  f"strong), got {bins}")
