@@ -175,3 +175,18 @@ def test_failed_slide_leaves_no_canvas_write_running(tmp_path):
         predict_slide(slide, grid, Predictor(Boom(), card, torch.device("cpu")),
                       tmp_path / "c.zarr", batch_size=1)
     assert not [t for t in threading.enumerate() if t.name.startswith("canvas")]
+
+
+def test_bf16_only_where_native_and_float32_on_request(monkeypatch):
+    """bf16 autocast on a CPU only when it has AVX512-BF16 or AMX (else oneDNN emulates
+    it, slower than float32); TILSCORE_FLOAT32=1 turns it off everywhere."""
+    from tilscore.infer import bf16_is_native
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    monkeypatch.delenv("TILSCORE_FLOAT32", raising=False)
+    assert bf16_is_native(cpu) is bool(native)
+    monkeypatch.setenv("TILSCORE_FLOAT32", "1")
+    assert bf16_is_native(cpu) is False
+    monkeypatch.setenv("TILSCORE_FLOAT32", "0")
+    assert bf16_is_native(cpu) is bool(native)

@@ -86,6 +86,7 @@ def test_outputs_are_complete_and_readable(scored):
                 "densities_per_mm2", "stromal_til_percent", "til_score_tiger", "runtime_s"):
         assert key in summary
     assert len(summary["model"]["sha256"]) == 64
+    assert summary["precision"] in ("float32", "bfloat16")
     regions = json.loads((out / "regions.geojson").read_text())
     names = {f["properties"]["classification"]["name"] for f in regions["features"]}
     assert {"tumour", "stroma"} <= names

@@ -89,6 +89,22 @@ class TilePredictions:
     focus: np.ndarray
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 autocast pays on `device`: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX instructions (elsewhere oneDNN emulates bf16, slower than
+    float32). The env var TILSCORE_FLOAT32=1 turns it off (float32 everywhere)."""
+    if os.environ.get("TILSCORE_FLOAT32", "") not in ("", "0"):
+        return False
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
 class Predictor:
     """Runs a TilNet on batches of uint8 NHWC tiles and decodes them on the device."""
 
@@ -114,10 +130,7 @@ class Predictor:
                              f"{self.region_factor}")
         nms_px = card.heatmap.nms_radius_um / card.input_mpp
         self.nms_kernel = 2 * max(1, int(round(nms_px))) + 1
-        self.use_bf16 = False
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                self.use_bf16 = torch.cuda.is_bf16_supported()
+        self.use_bf16 = bf16_is_native(device)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and images.device != self.device:

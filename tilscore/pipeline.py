@@ -346,6 +346,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
         "config_hash": config_hash(engine.card, stain, cfg, _region_card(engine)),
         "command": " ".join(sys.argv),
         "device": str(engine.device),
+        "precision": "bfloat16" if engine.predictor.use_bf16 else "float32",
         "areas_mm2": area_values,
         "counts": counts,
         "densities_per_mm2": densities(counts, areas),
