@@ -162,7 +162,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         log.info("resumed from step %d", step)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
-    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    from tilscore.infer import bf16_is_native
+
+    use_bf16 = bf16_is_native(dev)  # CUDA, or a CPU with native bf16 (2-3x faster steps)
     bar = _progress(steps, step, progress)
     stale = 0
     t0 = time.perf_counter()
@@ -222,6 +224,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         "training": {**card.training, **data_info, "init_from": cfg.init_from,
                      "steps": step, "best_step": best["step"],
                      "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),
+                     "precision": "bfloat16" if use_bf16 else "float32",
                      "config": cfg.model_dump(mode="json")},
         "metrics": {"validation": best["metrics"]},
     })
