@@ -99,6 +99,8 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
         ScoreConfig(dab_bin_weak_od=0.5).ihc_overrides("cd20", (0.2, 0.4, 0.6))
     with pytest.raises(UsageError, match="> 0"):
         ScoreConfig(cd20_dab_threshold_od=0.0)
+    with pytest.raises(UsageError, match="must increase"):  # at load, for any stain's run
+        ScoreConfig(dab_bin_strong_od=0.3)
     bad = tmp_path / "bad.yaml"
     bad.write_text("score:\n  foxp3_threshold: 1\n")
     with pytest.raises(UsageError, match="unknown key.*foxp3_threshold"):

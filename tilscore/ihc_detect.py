@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from tilscore.errors import UsageError
 from tilscore.ihc import deconvolve
+from tilscore.score import DAB_BINS_OD
 
 MARKERS = ("foxp3", "cd20")
 
@@ -74,7 +75,7 @@ class IhcParams:
     dab_threshold_od: float
     ring_weight: float = 0.0
     nucleus_dab_weight: float = 1.0
-    bins_od: tuple[float, float, float] = (0.2, 0.4, 0.6)
+    bins_od: tuple[float, float, float] = DAB_BINS_OD
     working_mpp: float = 0.5
 
 

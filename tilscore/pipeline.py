@@ -28,7 +28,7 @@ from tilscore import __version__
 from tilscore.errors import InputError, UsageError
 from tilscore.inputs import InputSlide
 from tilscore.io import atomic
-from tilscore.score import COMPARTMENT_OF_REGION, ScoreConfig
+from tilscore.score import COMPARTMENT_OF_REGION, REGION_CLASSES, ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,9 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
     card = ModelCard.read(resolve_model_dir(name) / "card.json")
     if "he" not in card.stains:
         raise UsageError(f"region model {card.name} does not support H&E")
-    codes = ("background", *COMPARTMENT_OF_REGION.values())  # the region map's codes
-    if tuple(card.region_classes) != codes:
+    if tuple(card.region_classes) != REGION_CLASSES:  # the region map's codes
         raise UsageError(f"region model {card.name}: its classes {list(card.region_classes)} "
-                         f"are not {list(codes)} in that order")
+                         f"are not {list(REGION_CLASSES)} in that order")
     return name
 
 
@@ -261,7 +260,7 @@ def ihc_rule_params(stain: str, cfg: ScoreConfig):
     marker's defaults with the score configuration's overrides."""
     from tilscore.ihc_detect import ihc_params
 
-    return ihc_params(stain, **cfg.ihc_overrides(stain, ihc_params(stain).bins_od))
+    return ihc_params(stain, **cfg.ihc_overrides(stain))
 
 
 def _tile_bar(slide_id: str, quiet: bool):

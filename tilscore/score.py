@@ -28,6 +28,8 @@ import numpy as np
 from tilscore.errors import UsageError
 
 COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
+REGION_CLASSES = ("background", *COMPARTMENT_OF_REGION.values())  # a region model's, in order
+DAB_BINS_OD = (0.2, 0.4, 0.6)  # QuPath's weak/moderate/strong DAB lower limits (OD)
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,31 @@ class ScoreConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UsageError(f"{name} must be > 0 OD, got {value}")
+        self.dab_bins()  # bad bins are an error whatever the stain of the run
 
-    def ihc_overrides(self, marker: str, default_bins_od: tuple[float, float, float]) -> dict:
+    def dab_bins(self, default_bins_od: tuple[float, float, float] = DAB_BINS_OD
+                 ) -> tuple[float, float, float] | None:
+        """The intensity bins with this configuration's overrides (None: none set);
+        UsageError unless weak < moderate < strong."""
+        given = (self.dab_bin_weak_od, self.dab_bin_moderate_od, self.dab_bin_strong_od)
+        if all(b is None for b in given):
+            return None
+        bins = tuple(d if b is None else b for b, d in zip(given, default_bins_od, strict=True))
+        if not bins[0] < bins[1] < bins[2]:
+            raise UsageError(f"DAB intensity bins must increase (weak < moderate < strong), "
+                             f"got {bins}")
+        return bins
+
+    def ihc_overrides(self, marker: str,
+                      default_bins_od: tuple[float, float, float] = DAB_BINS_OD) -> dict:
         """Keyword overrides of :class:`~tilscore.ihc_detect.IhcParams` for `marker`
-        ("foxp3" or "cd20"); `default_bins_od`: the detector's bins, for those not set."""
+        ("foxp3" or "cd20"); `default_bins_od`: the bins for those not set."""
         out = {}
         threshold = getattr(self, f"{marker}_dab_threshold_od", None)
         if threshold is not None:
             out["dab_threshold_od"] = threshold
-        given = (self.dab_bin_weak_od, self.dab_bin_moderate_od, self.dab_bin_strong_od)
-        if any(b is not None for b in given):
-            bins = tuple(d if b is None else b
-                         for b, d in zip(given, default_bins_od, strict=True))
-            if not bins[0] < bins[1] < bins[2]:
-                raise UsageError(f"DAB intensity bins must increase (weak < moderate < "
-                                 f"strong), got {bins}")
+        bins = self.dab_bins(default_bins_od)
+        if bins is not None:
             out["bins_od"] = bins
         return out
 

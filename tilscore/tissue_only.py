@@ -15,9 +15,9 @@ import torch
 
 from tilscore import __version__
 from tilscore.errors import UsageError
+from tilscore.score import REGION_CLASSES
 
 NO_MODEL = "none"  # the --model value
-REGION_CLASSES = ("background", "tumour", "stroma", "other")
 
 
 def tissue_only_card(stain: str):
