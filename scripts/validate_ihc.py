@@ -129,28 +129,27 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
     return items
 
 
-def detector_positives(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
-                       calibrate: bool = True, params=None) -> np.ndarray:
-    """float64 (n, 2) x, y px of tilscore's positive cells in one image. `calibrate`:
+def detector_candidates(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
+                        calibrate: bool = True, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """All of tilscore's cells in one image, positive or not: (float64 (n, 2) x, y px,
+    float64 (n,) DAB excess = compartment mean - local background, OD), so that any
+    ``dab_threshold_od`` can be applied afterwards without detecting again. `calibrate`:
     stain vectors and glass colour estimated on the image itself (it plays its own slide
     thumbnail), else the Ruifrok defaults with glass at 255."""
     batch = torch.from_numpy(np.array(rgb))[None].to(device)
     stains = estimate_stain_vectors(rgb) if calibrate else None
     cells = detect_cells(batch, mpp, marker, params, stains)[0]
-    pos = cells.positive
-    return torch.stack([cells.x_px[pos], cells.y_px[pos]], 1).cpu().numpy().astype(np.float64)
-
-
-def detector_candidates(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
-                        calibrate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """All of tilscore's cells in one image, positive or not: (float64 (n, 2) x, y px,
-    float64 (n,) DAB excess = compartment mean - local background, OD), so that any
-    ``dab_threshold_od`` can be applied afterwards without detecting again."""
-    batch = torch.from_numpy(np.array(rgb))[None].to(device)
-    stains = estimate_stain_vectors(rgb) if calibrate else None
-    cells = detect_cells(batch, mpp, marker, None, stains)[0]
     xy = torch.stack([cells.x_px, cells.y_px], 1).cpu().numpy().astype(np.float64)
     return xy, (cells.dab_od - cells.dab_background_od).cpu().numpy().astype(np.float64)
+
+
+def detector_positives(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
+                       calibrate: bool = True, params=None) -> np.ndarray:
+    """float64 (n, 2) x, y px of tilscore's positive cells in one image (arguments as
+    :func:`detector_candidates`)."""
+    params = params or ihc_params(marker)
+    xy, excess = detector_candidates(rgb, mpp, marker, device, calibrate, params)
+    return xy[excess >= params.dab_threshold_od]
 
 
 def threshold_cv(items, marker: str, grid=THRESHOLD_GRID, **kw):
