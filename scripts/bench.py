@@ -2,7 +2,7 @@
 """End-to-end scoring benchmark on synthetic slides of growing size, per stage.
 
 Usage:  .venv/bin/python scripts/bench.py [--sizes 8192 16384 32768] [--device auto]
-            [--stain he] [--batch-size N] [--read-threads N] [--compile] [--json OUT]
+            [--stain he] [--batch-size N] [--read-threads N] [--compile [MODE]] [--json OUT]
             [--decode auto|host|device|processes] [--mode full|fast] [--engine]
 
 For each size, writes (or reuses) a synthetic 40x (0.25 µm/px) slide in --cache, scores it
@@ -32,13 +32,13 @@ import json, sys, threading, time, tempfile
 from pathlib import Path
 from tilscore.batch import score_inputs
 slide, device, stain = sys.argv[1], sys.argv[2], sys.argv[3]
-batch, threads, compile_model, engine_only = (None if a == "auto" else int(a)
-                                              for a in sys.argv[4:8])
+batch, threads, engine_only = (None if a == "auto" else int(a) for a in sys.argv[4:7])
+compile_model = {"0": False, "1": True}.get(sys.argv[7], sys.argv[7])  # or a mode
 decode, mode = sys.argv[8], sys.argv[9]  # decode: auto, host, device or processes
 out = Path(tempfile.mkdtemp(prefix="tilscore-bench-out-"))
 t0 = time.perf_counter()
 res = score_inputs([slide], out, device=device, stain=stain, batch_size=batch, quiet=True,
-                   read_threads=threads, compile=bool(compile_model), report=False,
+                   read_threads=threads, compile=compile_model, report=False,
                    decode="host" if decode == "processes" else decode, mode=mode)
 wall = time.perf_counter() - t0
 if res.failures:
@@ -59,7 +59,7 @@ if cuda or engine_only:
     from tilscore.slide import open_slide
     from tilscore.tiles import SlideRef, TileSpec, iter_tile_batches, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
-    engine = Engine.load(None, stain, device, compile_model=bool(compile_model))
+    engine = Engine.load(None, stain, device, compile_model=compile_model)
     card = engine.card
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     threads = threads or default_read_threads(engine.device, engine.cores)
@@ -132,10 +132,12 @@ def ensure_slide(size: int, cache: Path, stain: str) -> Path:
 
 
 def run_one(slide: Path, device: str, stain: str, batch: int | None,
-            threads: int | None = None, compile_model: bool = False,
+            threads: int | None = None, compile_model: bool | str = False,
             engine_only: bool = False, decode: str = "auto", mode: str = "full") -> dict:
     args = [str(v) if v else "auto" for v in (batch, threads)]
-    args += [str(int(compile_model)), str(int(engine_only)), decode, mode]
+    args += [str(int(engine_only)),
+             compile_model if isinstance(compile_model, str) else str(int(compile_model)),
+             decode, mode]
     proc = subprocess.run([sys.executable, "-c", CHILD, str(slide), device, stain, *args],
                           capture_output=True, text=True)
     if proc.returncode:
@@ -182,7 +184,10 @@ def main() -> None:
     ap.add_argument("--stain", default="he")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the device's")
     ap.add_argument("--read-threads", type=int, default=None, help="default: the device's")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--compile", nargs="?", const="default", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile the network and its decoding; reduce-overhead: "
+                    "CUDA graphs on CUDA (one launch per batch)")
     ap.add_argument("--decode", choices=["auto", "host", "device", "processes"],
                     default="auto", help="where JPEG tiles are decoded: auto (on the GPU "
                     "with CUDA), host threads, device, or host processes (engine pass only)")
@@ -199,7 +204,7 @@ def main() -> None:
     for size in args.sizes:
         slide = ensure_slide(size, args.cache, args.stain)
         row = run_one(slide, args.device, args.stain, args.batch_size, args.read_threads,
-                      args.compile, args.engine, args.decode, args.mode)
+                      args.compile or False, args.engine, args.decode, args.mode)
         row["size_px"] = size
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)

@@ -3,12 +3,13 @@
 #
 # The machine has torch/torchvision/timm but no network: carry our other dependencies as
 # wheels in .whl/ (../shared/tools/device-wheels.sh prints how). Then, from the repo root:
-#   STEPS="env tests synth bench fast variants overlap suite" bash scripts/gpu_session.sh [SIZES...]
+#   STEPS="env tests synth bench fast variants graphs overlap suite" bash scripts/gpu_session.sh [SIZES...]
 # (default SIZES: 16384 32768; default STEPS: all of them, in that order). Logs and JSON
 # go to $OUT (default /tmp/gpu-out). Steps: environment; the GPU tests (nvJPEG decoding,
 # CUDA vs CPU) and the device-decoding and fast-mode tests on CUDA; synthetic slides;
 # scripts/bench.py on CUDA with the defaults (JPEG decoded on the GPU), the fast mode,
-# and variants on the largest slide (host decoding, batch 64); a batch of the slides
+# and variants on the largest slide (host decoding, batch 64); CUDA graphs (torch.compile
+# mode reduce-overhead of the forward pass and its decoding, engine pass warm); a batch of the slides
 # scored twice, with and without overlapped writes (slide N-1 written while N uses the
 # GPU: BatchOptions.overlap_writes), wall time of each; the default test suite
 # with CUDA present (tests use --device auto, so the CUDA path runs end to end).
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 SIZES=("${@:-16384 32768}")
 read -r -a SIZES <<<"${SIZES[*]}"
 BIG=${SIZES[-1]}
-STEPS=${STEPS:-env tests synth bench fast variants overlap suite}
+STEPS=${STEPS:-env tests synth bench fast variants graphs overlap suite}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -71,6 +72,11 @@ fi
 if want variants; then
   variant --decode host
   variant --batch-size 64
+fi
+
+if want graphs; then
+  variant --compile reduce-overhead
+  variant --compile reduce-overhead --batch-size 64
 fi
 
 if want overlap; then

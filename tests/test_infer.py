@@ -190,3 +190,45 @@ def test_bf16_only_where_native_and_float32_on_request(monkeypatch):
     assert bf16_is_native(cpu) is False
     monkeypatch.setenv("TILSCORE_FLOAT32", "0")
     assert bf16_is_native(cpu) is bool(native)
+
+
+def _seam_prediction(tmp_path, device: str, compile_model, cap=None, name="c"):
+    """predict_slide on the seam image of the test above (49 tiles in batches of 3: the
+    last batch is short)."""
+    card = _card()
+    slide = open_slide(_disc_image([(128.0, 100.0), (192.0, 192.0), (100.0, 40.0)]),
+                       mpp=0.5)
+    grid = tile_grid(slide.dimensions, 0.5, TileSpec(0.5, card.tile_px, card.overlap_px))
+    predictor = Predictor(DarkBlobNet(), card, torch.device(device), region_factor=4,
+                          compile_model=compile_model)
+    if cap is not None:
+        predictor.max_peaks_per_tile = cap
+    pred = predict_slide(slide, grid, predictor, tmp_path / f"{name}.zarr", batch_size=3)
+    assert len(grid) % 3 != 0  # a short last batch (padded when compiled)
+    return pred
+
+
+def test_compiled_predictor_equals_eager(tmp_path):
+    """torch.compile of the forward pass and its decoding (one batch shape; the short last
+    batch is padded) gives the eager cells, focus and region labels."""
+    eager = _seam_prediction(tmp_path, "cpu", False, name="e")
+    compiled = _seam_prediction(tmp_path, "cpu", True, name="k")
+    assert len(eager.cells["x_px"]) == 3
+    for key in eager.cells:
+        assert np.array_equal(eager.cells[key], compiled.cells[key])
+    assert np.array_equal(eager.canvas.labels[:], compiled.canvas.labels[:])
+    assert np.allclose(eager.focus, compiled.focus, equal_nan=True, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cap", [None, 1])
+def test_cuda_graphs_equal_eager(tmp_path, cap):
+    """CUDA graphs (torch.compile mode reduce-overhead): each replay overwrites the last
+    outputs, so results must be copied out in time, and the heatmaps kept for the exact
+    fallback (cap 1: every tile with a cell takes it) must survive the next replay."""
+    eager = _seam_prediction(tmp_path, "cuda", False, cap, name="e")
+    graphs = _seam_prediction(tmp_path, "cuda", "reduce-overhead", cap, name="g")
+    for key in eager.cells:
+        assert np.array_equal(eager.cells[key], graphs.cells[key])
+    assert np.array_equal(eager.canvas.labels[:], graphs.canvas.labels[:])

@@ -43,7 +43,7 @@ class BatchOptions:
     quiet: bool = False
     read_threads: int | None = None  # None: the device's default (infer.default_read_threads)
     batch_size: int | None = None  # None: the device's default (infer.default_batch_size)
-    compile: bool = False  # torch.compile the network
+    compile: bool | str = False  # torch.compile the network (a str: its mode)
     decode: str = "auto"  # JPEG tiles decoded on the device (auto: on CUDA) or the host
     mode: str = "full"  # "fast" (H&E): regions at 2 µm/px everywhere, cells in bulk stroma
     region_model: str | None = None  # the fast mode's region model (None: he-regions)

@@ -57,10 +57,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None, stain: str, device: str = "auto",
-             cpu_threads: int | None = None, compile_model: bool = False,
+             cpu_threads: int | None = None, compile_model: bool | str = False,
              mode: str = "full", region_model: str | None = None) -> Engine:
         """`cpu_threads`: cores this engine may use (None: every usable core);
-        `compile_model`: torch.compile the network (see docs/benchmarks.md); `mode`:
+        `compile_model`: torch.compile the network and its decoding (True, or a torch.compile
+        mode such as ``reduce-overhead``: CUDA graphs; see docs/benchmarks.md); `mode`:
         ``full`` or ``fast`` (H&E: `region_model` for pass 1, default he-regions)."""
         from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
         from tilscore.models import load_model

@@ -41,7 +41,7 @@ class QcConfig:
     dab_min_positive_percent: float = 0.5  # IHC: below this, no DAB signal to speak of
 
 
-@torch.inference_mode()
+@torch.no_grad()  # (not inference_mode: it may run inside torch.compile)
 def focus_measure(x: torch.Tensor, core: tuple[int, int] | None = None) -> torch.Tensor:
     """Focus of each tile: the sharpest tissue in it, as the FOCUS_QUANTILE of the
     variance of the Laplacian of grey (0–1) over BLOCK_PX blocks that are mostly tissue.
