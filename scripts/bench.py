@@ -42,6 +42,8 @@ res = score_inputs([slide], out, device=device, stain=stain, batch_size=batch, q
                    decode="host" if decode == "processes" else decode, mode=mode)
 wall = time.perf_counter() - t0
 if res.failures:
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
     raise SystemExit(res.failures[0]["error"])
 summary = json.loads(next(out.glob("*/summary.json")).read_text())
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
@@ -113,6 +115,8 @@ if cuda or engine_only:
                  read_threads=threads, batch_size=batch,
                  decode=("device" if reader is not None else
                          "processes" if procs else "threads"))
+import shutil  # noqa: E402
+shutil.rmtree(out, ignore_errors=True)  # the scored outputs are not needed (tens of MB)
 print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 1e6, **extra}))
 """
 
