@@ -289,3 +289,28 @@ def test_work_dir_of_a_killed_unreaped_process_is_removed(tmp_path):
         assert live.exists() and other_host.exists() and not dead.exists()
     finally:
         child.wait()
+
+
+def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypatch):
+    """The output files are written by parallel threads: one writer's error (a full disk,
+    say) fails its slide with that error, after the other writers stopped, and leaves no
+    slide or work folder; the next slide is scored."""
+    import tilscore.io.overlay as overlay
+    from tilscore.batch import score_inputs
+
+    real = overlay.write_overlay_png
+
+    def flaky(path, *args, **kw):
+        if slides[0].stem in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(overlay, "write_overlay_png", flaky)
+    out = tmp_path / "out"
+    res = score_inputs([str(slides[0]), str(slides[1])], out, device="cpu", quiet=True,
+                       report=False)
+    assert res.scored == [slides[1].stem]
+    (failure,) = res.failures
+    assert "No space left on device" in failure["error"] and "\n" not in failure["error"]
+    assert not (out / slides[0].stem).exists() and not list(out.glob(".*.tmp-*"))
+    assert (out / slides[1].stem / "overlay.png").exists()

@@ -13,6 +13,7 @@ import numpy as np
 from tilscore.score import RegionAreas, ScoreConfig, tumour_bulk
 
 _BAND_CHUNKS = 2  # canvas chunk rows per band (a chunk row is 4 tile rows)
+STROMA = 2  # region code (score.COMPARTMENT_OF_REGION)
 
 
 def _bands(canvas, factor: int):
@@ -24,26 +25,47 @@ def _bands(canvas, factor: int):
         yield r0, canvas.labels[r0:r1], canvas.nuclei[r0:r1]
 
 
-def _block_mean(mask: np.ndarray, factor: int, out_shape_cols: int) -> np.ndarray:
-    """Mean of `mask` over factor x factor blocks (edge blocks padded with False)."""
-    h, w = mask.shape
-    ph, pw = (-h) % factor, out_shape_cols * factor - w
-    m = np.pad(mask, ((0, ph), (0, max(0, pw))))
-    return m.reshape(m.shape[0] // factor, factor, -1, factor).mean(axis=(1, 3))
+def _block_stats(labels: np.ndarray, nuclei: np.ndarray, factor: int, cols: int,
+                 n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per `factor` x `factor` block of a band (edge blocks padded with pixels of no
+    class): integer (n_classes, H', cols) count of each region code, and int64 (H', cols)
+    sum of the nuclei values (0-255 coverage) over its stroma pixels."""
+    h, w = labels.shape
+    pad = ((0, (-h) % factor), (0, cols * factor - w))
+    hb = (h + pad[0][1]) // factor
+
+    def blocks(a: np.ndarray) -> np.ndarray:  # (H', cols, factor²): one row per block
+        return a.reshape(hb, factor, cols, factor).transpose(0, 2, 1, 3).reshape(hb, cols, -1)
+
+    lab = blocks(np.pad(labels, pad, constant_values=255))
+    acc = np.uint8 if factor * factor < 256 else np.int32  # (narrow sums are ~2x faster)
+    counts = np.stack([(lab == c).sum(axis=2, dtype=acc) for c in range(n_classes)])
+    nuc = np.where(lab == STROMA, blocks(np.pad(nuclei, pad)), 0).sum(axis=2, dtype=np.int64)
+    return counts, nuc
 
 
 def coarse_factor(canvas, cfg: ScoreConfig) -> int:
     return max(1, int(round(cfg.coarse_mpp / canvas.mpp)))
 
 
-def coarse_fractions(canvas, cfg: ScoreConfig, n_classes: int = 4) -> tuple[np.ndarray, float]:
-    """float32 (n_classes, H', W') fraction of each region code per coarse pixel, and the
+def coarse_stats(canvas, cfg: ScoreConfig, n_classes: int = 4):
+    """One streaming pass over the canvas: :func:`_block_stats` of the whole map at the
+    coarse mpp (counts, nuclei sums), the factor from canvas to coarse pixels and the
     coarse mpp."""
     f = coarse_factor(canvas, cfg)
     cols = -(-canvas.shape[1] // f)
-    bands = [np.stack([_block_mean(labels == c, f, cols).astype(np.float32)
-                       for c in range(n_classes)]) for _, labels, _ in _bands(canvas, f)]
-    return np.concatenate(bands, axis=1), canvas.mpp * f
+    stats = [_block_stats(labels, nuclei, f, cols, n_classes)
+             for _, labels, nuclei in _bands(canvas, f)]
+    counts = np.concatenate([c for c, _ in stats], axis=1)
+    nuclei = np.concatenate([n for _, n in stats], axis=0)
+    return counts, nuclei, f, canvas.mpp * f
+
+
+def coarse_fractions(canvas, cfg: ScoreConfig, n_classes: int = 4) -> tuple[np.ndarray, float]:
+    """float32 (n_classes, H', W') fraction of each region code per coarse pixel, and the
+    coarse mpp."""
+    counts, _, f, coarse_mpp = coarse_stats(canvas, cfg, n_classes)
+    return (counts / (f * f)).astype(np.float32), coarse_mpp
 
 
 @dataclass
@@ -81,28 +103,20 @@ class RegionSummary:
 
 
 def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
-    """One streaming pass for coarse fractions, one for exact areas."""
-    fractions, coarse_mpp = coarse_fractions(canvas, cfg)
+    """Coarse fractions, the tumour bulk and exact areas from one streaming pass: the
+    bulk is constant over each coarse block, so the areas inside it are sums of the
+    blocks' pixel counts."""
+    counts, nuclei, f, coarse_mpp = coarse_stats(canvas, cfg)
+    fractions = (counts / (f * f)).astype(np.float32)
     bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
-    f = coarse_factor(canvas, cfg)
     px_mm2 = (canvas.mpp * 1e-3) ** 2
-    sums = dict.fromkeys(("tumour", "stroma", "other", "stroma_bulk", "bulk", "nuclei"), 0.0)
-    for r0, labels, nuclei in _bands(canvas, f):
-        rows = slice(r0 // f, r0 // f + -(-labels.shape[0] // f))
-        in_bulk = np.repeat(np.repeat(bulk[rows], f, 0), f, 1)[: labels.shape[0],
-                                                              : labels.shape[1]]
-        stroma = labels == 2
-        sums["tumour"] += float((labels == 1).sum())
-        sums["stroma"] += float(stroma.sum())
-        sums["other"] += float((labels == 3).sum())
-        sb = stroma & in_bulk
-        sums["stroma_bulk"] += float(sb.sum())
-        sums["bulk"] += float((in_bulk & (labels > 0)).sum())
-        sums["nuclei"] += float(nuclei[sb].astype(np.float64).sum() / 255.0)
+    n = counts.astype(np.int64)
     areas = RegionAreas(
-        tumour=sums["tumour"] * px_mm2, stroma=sums["stroma"] * px_mm2,
-        other=sums["other"] * px_mm2, stroma_in_bulk=sums["stroma_bulk"] * px_mm2,
-        bulk=sums["bulk"] * px_mm2, nuclear_area_in_bulk_stroma_mm2=sums["nuclei"] * px_mm2,
+        tumour=float(n[1].sum()) * px_mm2, stroma=float(n[STROMA].sum()) * px_mm2,
+        other=float(n[3].sum()) * px_mm2,
+        stroma_in_bulk=float(n[STROMA][bulk].sum()) * px_mm2,
+        bulk=float(n[1:, bulk].sum()) * px_mm2,
+        nuclear_area_in_bulk_stroma_mm2=float(nuclei[bulk].sum()) / 255.0 * px_mm2,
     )
     labels = fractions.argmax(axis=0).astype(np.uint8)
     return RegionSummary(areas, bulk, labels == 1, labels, coarse_mpp, fractions)

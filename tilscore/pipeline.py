@@ -38,6 +38,7 @@ OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 
 
 MODES = ("full", "fast")
+WRITE_THREADS: int | None = None  # output files written at once (None: one per usable core)
 
 
 @dataclass
@@ -471,6 +472,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     the slide's extent (w, h) in µm, `extent_um`; in the fast mode (`plan`) the density
     map is NaN where no cells were searched."""
     t_write = time.perf_counter()
+    from tilscore.infer import usable_cores
     from tilscore.io.cells import write_cells_csv
     from tilscore.io.colors import CLASS_COLORS
     from tilscore.io.geojson import write_cells_geojson, write_regions_geojson
@@ -481,29 +483,47 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
 
     stain = summary["stain"]
     extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
-    write_cells_csv(work / "cells.csv", cells, extra=extra)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
-    write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS)
-    write_regions_geojson(work / "regions.geojson", regions.labels,
-                          regions.coarse_mpp / slide_mpp, region_names, CLASS_COLORS,
-                          mpp_l0=slide_mpp)
     counted = counted_class(stain)
     mine = cells["class"] == counted
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
-    if plan is not None:
-        from tilscore.fast import mask_unsearched
 
-        dmap = mask_unsearched(dmap, plan.cell_grid, cfg.density_grid_um)
-    density_name = "til_density" if stain == "he" else f"{counted}_density"
-    write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um), pred.canvas.mpp,
-                   dmap, cfg.density_grid_um, region_names, CLASS_COLORS, density_name=density_name,
-                   density_unit=f"{counted} cells per mm²")
-    shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
-    write_overlay_png(work / "overlay.png", overlay[0], overlay[1], regions.labels,
-                      regions.coarse_mpp, pts[mine],
-                      {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
-                      _overlay_title(summary))
+    def maps() -> None:
+        dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
+        if plan is not None:
+            from tilscore.fast import mask_unsearched
+
+            dmap = mask_unsearched(dmap, plan.cell_grid, cfg.density_grid_um)
+        density_name = "til_density" if stain == "he" else f"{counted}_density"
+        write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um),
+                       pred.canvas.mpp, dmap, cfg.density_grid_um, region_names, CLASS_COLORS,
+                       density_name=density_name, density_unit=f"{counted} cells per mm²")
+        shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
+
+    # Independent files, written at once: numpy, zlib, PIL and zarr release the GIL for
+    # most of their work (on a GPU node's spare cores this is ~ the slowest writer).
+    jobs = [
+        lambda: write_cells_csv(work / "cells.csv", cells, extra=extra),
+        lambda: write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS),
+        lambda: write_regions_geojson(work / "regions.geojson", regions.labels,
+                                      regions.coarse_mpp / slide_mpp, region_names,
+                                      CLASS_COLORS, mpp_l0=slide_mpp),
+        maps,
+        lambda: write_overlay_png(
+            work / "overlay.png", overlay[0], overlay[1], regions.labels, regions.coarse_mpp,
+            pts[mine], {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
+            _overlay_title(summary)),
+    ]
+    threads = min(len(jobs), WRITE_THREADS or usable_cores())
+    if threads <= 1:
+        for job in jobs:
+            job()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
+            for fut in [pool.submit(job) for job in jobs]:
+                fut.result()  # the first error is raised (the others finish first)
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
