@@ -125,7 +125,7 @@ class Predictor:
         self._compute = (torch.compile(self._compute_eager, mode=self.compile_mode,
                                        dynamic=False)
                          if self.compile_mode else self._compute_eager)
-        self._batch_shape = None  # compiled: the first batch's shape; smaller ones are padded
+        self._batch_n = 0  # compiled: the largest batch so far; smaller ones are padded
         # The region map is at REGION_MAP_MPP whatever the model's mpp: 4x pooling for a
         # 0.5 µm/px model, none for a 2 µm/px region model.
         self.region_factor = int(region_factor or max(1, round(REGION_MAP_MPP / card.input_mpp)))
@@ -162,9 +162,9 @@ class Predictor:
         eagerly (it may synchronise)."""
         n = images.shape[0]
         if self.compile_mode:  # one compiled shape: pad a short (last) batch with blank tiles
-            self._batch_shape = self._batch_shape or tuple(images.shape)
-            if n < self._batch_shape[0]:
-                pad = images.new_zeros((self._batch_shape[0] - n, *images.shape[1:]))
+            self._batch_n = max(self._batch_n, n)
+            if n < self._batch_n:
+                pad = images.new_zeros((self._batch_n - n, *images.shape[1:]))
                 images = torch.cat([images, pad])
             if self.compile_mode != "default":  # CUDA graphs: the last outputs are dead
                 torch.compiler.cudagraph_mark_step_begin()
