@@ -3,13 +3,15 @@
 #
 # The machine has torch/torchvision/timm but no network: carry our other dependencies as
 # wheels in .whl/ (../shared/tools/device-wheels.sh prints how). Then, from the repo root:
-#   STEPS="env tests synth bench fast variants graphs overlap suite" bash scripts/gpu_session.sh [SIZES...]
+#   STEPS="env tests synth bench fast variants graphs profile overlap suite" bash scripts/gpu_session.sh [SIZES...]
 # (default SIZES: 16384 32768; default STEPS: all of them, in that order). Logs and JSON
 # go to $OUT (default /tmp/gpu-out). Steps: environment; the GPU tests (nvJPEG decoding,
 # CUDA vs CPU) and the device-decoding and fast-mode tests on CUDA; synthetic slides;
 # scripts/bench.py on CUDA with the defaults (JPEG decoded on the GPU), the fast mode,
 # and variants on the largest slide (host decoding, batch 64); CUDA graphs (torch.compile
-# mode reduce-overhead of the forward pass and its decoding, engine pass warm); a batch of the slides
+# mode reduce-overhead of the forward pass and its decoding, engine pass warm); torch.profiler
+# over a warm engine pass, eager and with graphs (scripts/profile_engine.py: operator tables,
+# kernel share, Chrome traces in $OUT); a batch of the slides
 # scored twice, with and without overlapped writes (slide N-1 written while N uses the
 # GPU: BatchOptions.overlap_writes), wall time of each; the default test suite
 # with CUDA present (tests use --device auto, so the CUDA path runs end to end).
@@ -19,7 +21,7 @@ mkdir -p "$OUT"
 SIZES=("${@:-16384 32768}")
 read -r -a SIZES <<<"${SIZES[*]}"
 BIG=${SIZES[-1]}
-STEPS=${STEPS:-env tests synth bench fast variants graphs overlap suite}
+STEPS=${STEPS:-env tests synth bench fast variants graphs profile overlap suite}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -77,6 +79,17 @@ fi
 if want graphs; then
   variant --compile reduce-overhead
   variant --compile reduce-overhead --batch-size 64
+fi
+
+if want profile; then
+  for mode in eager reduce-overhead; do
+    step "profile: engine pass on $BIG, $mode"
+    flag=(); [ "$mode" = eager ] || flag=(--compile "$mode")
+    mkdir -p "$OUT/profile-$mode"
+    python3 scripts/profile_engine.py "/tmp/tilscore-bench-he-$BIG.tiff" --device cuda \
+      "${flag[@]}" --out "$OUT/profile-$mode" > "$OUT/profile-$mode/tables.txt" 2>&1
+    tail -1 "$OUT/profile-$mode/tables.txt"
+  done
 fi
 
 if want overlap; then
