@@ -115,7 +115,8 @@ def score(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
              "allows it), host or device.")] = "auto",
     compile_model: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the network (pays on long GPU runs).")] = False,
+        "--compile", help="torch.compile the network and its decoding (tens of seconds "
+                          "of compilation; no gain measured yet: docs/benchmarks.md).")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Re-score slides whose outputs already exist.")] = False,
     fail_fast: Annotated[bool, typer.Option(
