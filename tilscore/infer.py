@@ -180,7 +180,7 @@ class Predictor:
             if cell_rule is not None:  # NCHW channels_last permuted back: the NHWC batch
                 ov = self.card.overlap_px
                 out["cells"] = cell_rule(x[:n].permute(0, 2, 3, 1), (ov, ov + self.core))
-        return PendingBatch(self._to_host(out), heat, _record_event(self.device))
+            return PendingBatch(self._to_host(out), heat, _record_event(self.device))
 
     def _compute_eager(self, x: torch.Tensor, peaks: bool) -> tuple[dict, torch.Tensor | None]:
         """The device work of :meth:`launch` (no host synchronisation): the network and
