@@ -3,7 +3,8 @@
 All post-processing runs on the device (softmax/argmax, region pooling, heatmap peak
 finding by max-pool non-maximum suppression); only small results cross back to the host.
 On CUDA: bf16 autocast, channels_last, pinned host memory and non-blocking copies.
-On CPU: float32 through the same code path.
+On CPU the same code path, in bf16 where the CPU has it natively, else float32
+(:func:`bf16_is_native`).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class Predictor:
         self._compute = (torch.compile(self._compute_eager, mode=self.compile_mode,
                                        dynamic=False)
                          if self.compile_mode else self._compute_eager)
+        self._graphs = self.compile_mode not in (None, "default")  # modes with CUDA graphs
         self._batch_n = 0  # compiled: the largest batch so far; smaller ones are padded
         # The region map is at REGION_MAP_MPP whatever the model's mpp: 4x pooling for a
         # 0.5 µm/px model, none for a 2 µm/px region model.
@@ -166,7 +168,7 @@ class Predictor:
             if n < self._batch_n:
                 pad = images.new_zeros((self._batch_n - n, *images.shape[1:]))
                 images = torch.cat([images, pad])
-            if self.compile_mode != "default":  # CUDA graphs: the last outputs are dead
+            if self._graphs:  # the last replay's outputs are dead from here
                 torch.compiler.cudagraph_mark_step_begin()
         x = self._to_device(images)
         # torch.compile fails on inference tensors' views: plain no_grad when compiled.
@@ -175,7 +177,7 @@ class Predictor:
             if n < x.shape[0]:
                 out = {k: v[:n] for k, v in out.items()}
                 heat = None if heat is None else heat[:n]
-            if heat is not None and self.compile_mode not in (None, "default"):
+            if heat is not None and self._graphs:
                 heat = heat.clone()  # kept for the exact fallback after the next replay
             if cell_rule is not None:  # NCHW channels_last permuted back: the NHWC batch
                 ov = self.card.overlap_px

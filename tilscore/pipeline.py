@@ -318,18 +318,19 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
     names = list(rule.class_names if rule else card.cell_classes)
     counts = counts_by_compartment(names, cells["cls"], cells["compartment"],
                                    cells["in_bulk"])
+    no_model = card.name == NO_MODEL
     known = None  # the compartments whose counts are known (None: all)
     if plan is not None:
         from tilscore.fast import COUNTED_COMPARTMENT
 
         known = COUNTED_COMPARTMENT
-    elif card.name == NO_MODEL:
+    elif no_model:
         known = "tissue"
     if known is not None:
         counts = {k: {c: (n if c == known else None) for c, n in row.items()}
                   for k, row in counts.items()}
     area_values = areas.as_dict()
-    if card.name == NO_MODEL:
+    if no_model:
         area_values = {c: (a if c == "tissue" else None) for c, a in area_values.items()}
     scores = (_he_scores(cells, regions, areas, cfg, plan is None) if rule is None
               else _ihc_scores(cells, counts, stain, rule))
@@ -353,7 +354,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
         "densities_per_mm2": densities(counts, areas),
         **scores,
         "qc": qc,
-        "warnings": (_warnings(areas, pred, stain, card.name == NO_MODEL)
+        "warnings": (_warnings(areas, pred, stain, no_model)
                      + [f["message"] for f in qc["flags"] if f["code"] == "no_dab"]
                      + _mpp_warnings(slide)),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
@@ -472,6 +473,8 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     the slide's extent (w, h) in µm, `extent_um`; in the fast mode (`plan`) the density
     map is NaN where no cells were searched."""
     t_write = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+
     from tilscore.infer import usable_cores
     from tilscore.io.cells import write_cells_csv
     from tilscore.io.colors import CLASS_COLORS
@@ -515,15 +518,9 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
             _overlay_title(summary)),
     ]
     threads = min(len(jobs), WRITE_THREADS or usable_cores())
-    if threads <= 1:
-        for job in jobs:
-            job()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
-            for fut in [pool.submit(job) for job in jobs]:
-                fut.result()  # the first error is raised (the others finish first)
+    with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
+        for fut in [pool.submit(job) for job in jobs]:
+            fut.result()  # the first error is raised, once the others have finished
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
