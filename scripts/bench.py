@@ -235,4 +235,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tilscore.errors import TilscoreError
+
+    try:
+        main()
+    except TilscoreError as exc:  # bad input: one line, as the tilscore command gives
+        sys.exit(f"error: {exc}")
