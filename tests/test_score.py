@@ -35,6 +35,10 @@ def test_stromal_til_percent_by_hand():
     # segmented: 0.01 mm² of nuclei over 0.5 mm² = 2 %
     assert res["stromal_til_percent_segmented"] == pytest.approx(2.0)
     assert res["til_parts"]["lymphocytes_in_bulk_stroma"] == 1000
+    # a cell model without a nucleus channel measured no nuclear area: null, not 0 %
+    unsegmented = stromal_tils(1000, _areas(), cfg, nuclei_segmented=False)
+    assert unsegmented["stromal_til_percent_segmented"] is None
+    assert unsegmented["stromal_til_percent"] == res["stromal_til_percent"]
 
 
 def test_stromal_tils_undefined_without_stroma_and_capped():
@@ -82,6 +86,15 @@ def test_density_map_per_mm2():
     assert dmap[0, 0] == pytest.approx(2 / 0.01) and dmap[0, 1] == pytest.approx(1 / 0.01)
 
 
+def test_density_map_edge_cells_divide_by_their_area_inside_the_slide():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1050.0, (200_000, 2))  # uniform on a 1050 µm square: 181,406 /mm²
+    dmap = density_map(pts, (1050.0, 1050.0), 100.0)
+    assert dmap.shape == (11, 11)
+    truth = 200_000 / 1.05**2
+    assert np.allclose(dmap, truth, rtol=0.1)  # the cut last row/column and corner too
+
+
 def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_path):
     from pathlib import Path
 
@@ -105,3 +118,14 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     bad.write_text("score:\n  foxp3_threshold: 1\n")
     with pytest.raises(UsageError, match="unknown key.*foxp3_threshold"):
         load_score_config(bad)
+    for text, message in (("score:\n  density_grid_um: 0\n", "density_grid_um must be > 0"),
+                          ("score:\n  tiger_cell_area_um2: -64\n", "tiger_cell_area_um2"),
+                          ("score:\n  near_tumour_um: -1\n", "near_tumour_um must be >= 0"),
+                          ("score:\n  - 1\n", "score: section must be a mapping"),
+                          ("score:\n  coarse_mpp: 8\ndensity_grid_um: 50\n",
+                           "beside the score: section: density_grid_um")):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            load_score_config(bad)
+    bad.write_text("score:\n")  # an empty section, like an empty file: the defaults
+    assert load_score_config(bad) == ScoreConfig()

@@ -332,7 +332,8 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
     area_values = areas.as_dict()
     if no_model:
         area_values = {c: (a if c == "tissue" else None) for c, a in area_values.items()}
-    scores = (_he_scores(cells, regions, areas, cfg, plan is None) if rule is None
+    scores = (_he_scores(cells, regions, areas, cfg, plan is None, card.nucleus_mask)
+              if rule is None
               else _ihc_scores(cells, counts, stain, rule))
     qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
     fast = {} if plan is None else {"fast": plan.as_dict(engine.regions.card)}
@@ -367,9 +368,11 @@ def _region_card(engine):
     return None if engine.regions is None else engine.regions.card
 
 
-def _he_scores(cells, regions, areas, cfg, all_stroma: bool = True) -> dict:
+def _he_scores(cells, regions, areas, cfg, all_stroma: bool = True,
+               nuclei_segmented: bool = True) -> dict:
     """Stromal TIL % (ITWG and TIGER) with their parts, and lymphocytes near tumour
-    (None unless `all_stroma`: the fast mode looks only in the bulk's stroma)."""
+    (None unless `all_stroma`: the fast mode looks only in the bulk's stroma).
+    `nuclei_segmented`: the cell model has a nucleus channel (else no segmented sTIL)."""
     from tilscore.score import fraction_near, stromal_tils
 
     stromal = (cells["class"] == "lymphocyte") & (cells["compartment"] == "stroma")
@@ -377,7 +380,7 @@ def _he_scores(cells, regions, areas, cfg, all_stroma: bool = True) -> dict:
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
     near = (fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp,
                           cfg.near_tumour_um) if all_stroma else None)
-    return {**stromal_tils(n_bulk_stroma, areas, cfg),
+    return {**stromal_tils(n_bulk_stroma, areas, cfg, nuclei_segmented),
             "stromal_lymphocytes_near_tumour_fraction": near,
             "near_tumour_um": cfg.near_tumour_um}
 

@@ -53,6 +53,13 @@ class ScoreConfig:
     dab_bin_strong_od: float | None = None
 
     def __post_init__(self):
+        for name in ("lymphocyte_nucleus_diameter_um", "tiger_cell_area_um2", "density_grid_um",
+                     "coarse_mpp"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("bulk_closing_radius_um", "near_tumour_um"):
+            if not getattr(self, name) >= 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("foxp3_dab_threshold_od", "cd20_dab_threshold_od"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -152,15 +159,19 @@ def densities(counts: dict[str, dict[str, int | None]], areas: RegionAreas) -> d
             for name, row in counts.items()}
 
 
-def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, cfg: ScoreConfig) -> dict:
-    """sTIL % (disc and segmented nuclear area) and the TIGER score, with their parts."""
+def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, cfg: ScoreConfig,
+                 nuclei_segmented: bool = True) -> dict:
+    """sTIL % (disc and segmented nuclear area) and the TIGER score, with their parts.
+    `nuclei_segmented` False (a cell model without a nucleus channel): the segmented
+    sTIL % is None, not 0."""
     stroma_um2 = areas.stroma_in_bulk * 1e6
     disc_um2 = math.pi * (cfg.lymphocyte_nucleus_diameter_um / 2) ** 2
     if stroma_um2 <= 0:
         pct = seg = tiger = None
     else:
         pct = min(100.0, 100.0 * n_lymph_bulk_stroma * disc_um2 / stroma_um2)
-        seg = min(100.0, 100.0 * areas.nuclear_area_in_bulk_stroma_mm2 * 1e6 / stroma_um2)
+        seg = (min(100.0, 100.0 * areas.nuclear_area_in_bulk_stroma_mm2 * 1e6 / stroma_um2)
+               if nuclei_segmented else None)
         tiger = min(100.0, 100.0 * n_lymph_bulk_stroma * cfg.tiger_cell_area_um2 / stroma_um2)
     return {
         "stromal_til_percent": pct,
@@ -193,7 +204,8 @@ def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, mask_mpp: f
 
 def density_map(points_xy_um: np.ndarray, shape_um: tuple[float, float], grid_um: float
                 ) -> np.ndarray:
-    """float32 (rows, cols) points per mm² on a `grid_um` grid covering `shape_um` (w, h)."""
+    """float32 (rows, cols) points per mm² on a `grid_um` grid covering `shape_um` (w, h);
+    the last row and column divide by their area inside `shape_um` (they may be cut)."""
     cols = max(1, int(math.ceil(shape_um[0] / grid_um)))
     rows = max(1, int(math.ceil(shape_um[1] / grid_um)))
     hist = np.zeros((rows, cols), np.float32)
@@ -201,4 +213,7 @@ def density_map(points_xy_um: np.ndarray, shape_um: tuple[float, float], grid_um
         j = np.clip((points_xy_um[:, 0] // grid_um).astype(int), 0, cols - 1)
         i = np.clip((points_xy_um[:, 1] // grid_um).astype(int), 0, rows - 1)
         np.add.at(hist, (i, j), 1.0)
-    return hist / (grid_um * 1e-3) ** 2
+    w_um = np.minimum(grid_um, shape_um[0] - np.arange(cols) * grid_um)
+    h_um = np.minimum(grid_um, shape_um[1] - np.arange(rows) * grid_um)
+    area_mm2 = np.outer(np.maximum(h_um, 1e-9), np.maximum(w_um, 1e-9)) * 1e-6
+    return (hist / area_mm2).astype(np.float32)

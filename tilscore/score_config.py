@@ -16,7 +16,13 @@ def load_score_config(path: str | Path | None) -> ScoreConfig:
         return ScoreConfig()
     path = Path(path)
     raw = read_yaml_mapping(path)
-    raw = raw.get("score", raw)
+    if "score" in raw:
+        beside = sorted(set(raw) - {"score"})
+        if beside:
+            raise UsageError(f"{path}: key(s) beside the score: section: {', '.join(beside)}")
+        raw = raw["score"] or {}
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: the score: section must be a mapping of keys to values")
     valid = {f.name: f.type for f in dataclasses.fields(ScoreConfig)}
     unknown = sorted(set(raw) - set(valid))
     if unknown:
@@ -25,4 +31,7 @@ def load_score_config(path: str | Path | None) -> ScoreConfig:
         values = {k: None if v is None else float(v) for k, v in raw.items()}
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path}: every score setting must be a number ({exc})") from exc
-    return ScoreConfig(**values)
+    try:
+        return ScoreConfig(**values)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
