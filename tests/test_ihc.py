@@ -208,9 +208,10 @@ def test_one_cell_marker_rules(marker, dab, positive):
 
 def test_one_cell_numbers_checked_by_hand():
     # FOXP3: uniform DAB 1.5 over the nucleus disc (r 3.5 µm > measuring disc 2 µm) on
-    # clean glass: compartment mean 1.5, background 0, so excess 1.5 = "strong" (bin 3)
-    # and positive (>= 1.2 OD). At 0.9 OD it is still "strong" by QuPath's bins but below
-    # the positive threshold: the bins and the call are separate.
+    # clean glass: compartment mean 1.5, background 0, so excess 1.5 = positive (>= 1.2
+    # OD) and "strong" (bin 3: >= 1.382 natural-log OD = QuPath's 0.6 log10 OD). At 0.9 OD
+    # it is below the positive threshold: a negative cell is bin 0 whatever its DAB, so
+    # the H-score agrees with the positive call.
     cells = _detect(_cell_image(0.5, "nucleus", dab_od=1.5), 0.5, "foxp3")
     assert len(cells) == 1
     assert cells.x_px.item() == pytest.approx(40.0, abs=0.51)
@@ -220,7 +221,7 @@ def test_one_cell_numbers_checked_by_hand():
     assert cells.intensity_bin.item() == 3 and bool(cells.positive)
     weak = _detect(_cell_image(0.5, "nucleus", dab_od=0.9), 0.5, "foxp3")
     assert weak.dab_od.item() == pytest.approx(0.9, abs=0.02)
-    assert weak.intensity_bin.item() == 3 and not bool(weak.positive)
+    assert weak.intensity_bin.item() == 0 and not bool(weak.positive)
     # CD20: DAB 0.9 painted on pixels whose centre is 3.5-4.75 µm from the cell centre (on
     # a pixel centre, so the peak is exactly there). The measuring ring is 3-4.5 µm: weigh
     # each pixel by its area inside that ring (32 x 32 sub-samples, independent of the
@@ -239,7 +240,13 @@ def test_one_cell_numbers_checked_by_hand():
     expected = float((weight * painted).sum() / weight.sum())
     assert cells.dab_od.item() == pytest.approx(expected, abs=0.01)
     assert expected == pytest.approx(0.9 * 8.0 / 11.25, abs=0.08)
-    assert cells.intensity_bin.item() == 3 and bool(cells.positive)
+    # positive (>= 0.3) and "weak": 0.461 <= 0.64 < 0.921 (QuPath's 0.2-0.4 log10 OD)
+    assert cells.intensity_bin.item() == 1 and bool(cells.positive)
+    # a positive cell below the weak limit is still graded "weak", never bin 0
+    faint = _detect(_cell_image(0.5, "ring", centre_um=(20.25, 20.25), dab_od=0.5), 0.5,
+                    "cd20")
+    assert 0.3 <= faint.dab_od.item() < 0.461
+    assert faint.intensity_bin.item() == 1 and bool(faint.positive)
 
 
 def test_finer_input_is_resampled_and_reported_in_input_pixels():

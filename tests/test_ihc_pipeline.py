@@ -57,7 +57,10 @@ def test_positive_densities_within_15_percent_of_truth(scored, stain):
     rule = summary["positive_rule"]
     assert rule["compartment"] == ("nucleus" if stain == "foxp3" else "membrane")
     assert rule["dab_threshold_od"] == (1.2 if stain == "foxp3" else 0.3)
-    assert rule["intensity_bins_od"] == [0.2, 0.4, 0.6]
+    assert rule["intensity_bins_od"] == [0.461, 0.921, 1.382]  # QuPath's, natural-log OD
+    bins = summary["intensity_bins"]  # negatives are "none", positives graded
+    assert bins["none"] == summary["counts"]["negative"]["tissue"]
+    assert bins["weak"] + bins["moderate"] + bins["strong"] == summary["counts"][marker]["tissue"]
 
 
 def test_positive_threshold_comes_from_the_score_config(scored, tmp_path):
@@ -74,7 +77,7 @@ def test_positive_threshold_comes_from_the_score_config(scored, tmp_path):
     assert summary["counts"]["foxp3_positive"]["tissue"] == 0
     assert default["counts"]["foxp3_positive"]["tissue"] >= 70
     assert summary["positive_rule"]["dab_threshold_od"] == 20
-    assert summary["positive_rule"]["intensity_bins_od"] == [0.2, 0.4, 1.5]
+    assert summary["positive_rule"]["intensity_bins_od"] == [0.461, 0.921, 1.5]
     assert summary["config_hash"] != default["config_hash"]
     # the same cells were found: only the call and the bins moved
     total = sum(summary["intensity_bins"].values())
@@ -90,6 +93,9 @@ def test_ihc_outputs_carry_dab_measurements(scored):
     pos = [float(r["dab_od"]) - float(r["dab_background_od"]) for r in rows
            if r["class"] == "cd20_positive"]
     assert min(pos) >= 0.3 - 1e-3  # the CD20 threshold (OD above local background)
+    bins = {r["intensity_bin"] for r in rows if r["class"] == "cd20_positive"}
+    assert bins <= {"1", "2", "3"}  # integers; a positive cell is at least weak
+    assert {r["intensity_bin"] for r in rows if r["class"] == "negative"} == {"0"}
     import zarr
 
     root = zarr.open_group(str(folder / "maps.zarr"), mode="r")

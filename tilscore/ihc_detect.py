@@ -56,7 +56,8 @@ class IhcParams:
     ``background_um`` around the cell (diffuse DAB is in every direction; next to a real
     cell some direction is free of it). ``positive``: compartment mean - background >=
     ``dab_threshold_od``. ``bins_od``: weak/moderate/strong lower limits of that
-    difference (QuPath's 0.2/0.4/0.6 by default).
+    difference for positive cells (by default QuPath's 0.2/0.4/0.6 log10 OD, i.e.
+    0.461/0.921/1.382 in tilscore's natural-log OD).
     ``working_mpp``: finer inputs are resampled to this µm/px before detection.
     """
 
@@ -125,9 +126,10 @@ class CellsOnTile:
     ``dab_od``: float32 mean DAB concentration (OD) in the marker compartment;
     ``dab_background_od``: float32 local DAB background (least-stained sector around it).
     ``positive``: bool, ``dab_od - dab_background_od >= dab_threshold_od``. ``score``:
-    float32 candidate response (nucleus contrast, OD). ``intensity_bin``: int8 0 (below
-    ``bins_od[0]``), 1 weak, 2 moderate, 3 strong: the same DAB excess against
-    ``bins_od``, for H-score-like summaries (independent of ``positive``).
+    float32 candidate response (nucleus contrast, OD). ``intensity_bin``: int8 0 for a
+    negative cell; a positive one is 1 weak, 2 moderate or 3 strong by its DAB excess
+    against ``bins_od`` (at least 1), so the H-score agrees with the positive call.
+    OD throughout is natural-log, ``ln(I0 / I)`` (QuPath's log10 OD × ln 10).
     """
 
     x_px: torch.Tensor
@@ -332,7 +334,10 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     excess = dab_od - background
     positive = excess >= params.dab_threshold_od
     bins = torch.tensor(params.bins_od, device=dev, dtype=excess.dtype)
-    intensity = torch.bucketize(excess, bins, right=True).to(torch.int8)
+    # As QuPath's positive % and H-score agree: a negative cell is bin 0, a positive cell
+    # at least "weak" (1), whatever the bin limits are against the threshold.
+    graded = torch.bucketize(excess, bins, right=True).clamp_min(1)
+    intensity = torch.where(positive, graded, torch.zeros_like(graded)).to(torch.int8)
     out = []
     for i in range(rgb.shape[0]):
         sel = b == i

@@ -29,7 +29,10 @@ from tilscore.errors import UsageError
 
 COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
 REGION_CLASSES = ("background", *COMPARTMENT_OF_REGION.values())  # a region model's, in order
-DAB_BINS_OD = (0.2, 0.4, 0.6)  # QuPath's weak/moderate/strong DAB lower limits (OD)
+# QuPath's weak/moderate/strong DAB lower limits, 0.2/0.4/0.6 in its log10 optical
+# density, in tilscore's natural-log OD (ln(I0 / I) = ln 10 x log10(I0 / I)).
+QUPATH_DAB_BINS_LOG10_OD = (0.2, 0.4, 0.6)
+DAB_BINS_OD = tuple(round(b * math.log(10), 3) for b in QUPATH_DAB_BINS_LOG10_OD)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from tilscore.io.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 COLUMNS = ("x_px", "y_px", "x_um", "y_um", "class", "compartment", "score")
-DECIMALS = {"x_px": 2, "y_px": 2, "x_um": 2, "y_um": 2, "score": 3}
+DECIMALS = {"x_px": 2, "y_px": 2, "x_um": 2, "y_um": 2, "score": 3,
+            "intensity_bin": 0}  # an integer 0-3
 CHUNK_ROWS = 262_144
 
 Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
@@ -29,7 +30,8 @@ Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
 def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
                     chunk_rows: int = CHUNK_ROWS, extra: tuple[str, ...] = ()) -> None:
     """Write ``cells.csv`` atomically with columns ``x_px,y_px,x_um,y_um,class,compartment,score``
-    and then the numeric columns named in `extra` (3 decimals; e.g. ``dab_od`` on IHC).
+    and then the numeric columns named in `extra` (3 decimals, e.g. ``dab_od`` on IHC;
+    ``intensity_bin`` as an integer).
 
     `cells`: equal-length 1-D arrays under those keys (extra keys are ignored): ``x_px``,
     ``y_px`` level-0 pixels and ``x_um``, ``y_um`` micrometres (written with 2 decimals),
