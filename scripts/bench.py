@@ -68,7 +68,7 @@ if cuda or engine_only:
     batch = batch or default_batch_size(engine.device)
     with open_slide(slide) as s:
         thumb = s.thumbnail(THUMBNAIL_MPP)
-        mask = tissue_mask_from_thumbnail(thumb, THUMBNAIL_MPP)
+        mask = tissue_mask_from_thumbnail(thumb, s.thumbnail_mpp(THUMBNAIL_MPP))
         grid = tile_grid(s.dimensions, s.mpp,
                          TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
         procs = decode == "processes"

@@ -55,7 +55,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with open_slide(args.slide) as slide, tempfile.TemporaryDirectory() as tmp:
-        mask = tissue_mask_from_thumbnail(slide.thumbnail(THUMBNAIL_MPP), THUMBNAIL_MPP)
+        mask = tissue_mask_from_thumbnail(slide.thumbnail(THUMBNAIL_MPP),
+                                          slide.thumbnail_mpp(THUMBNAIL_MPP))
         grid = tile_grid(slide.dimensions, slide.mpp,
                          TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
 

@@ -80,3 +80,22 @@ def test_real_svs_tissue_fraction_is_plausible():
     # The ROI is a strip of skin tissue on glass: roughly 30–60 % of the field.
     assert 0.25 < mask.fraction < 0.65
     assert mask.pen_fraction < 0.01
+
+
+def test_mask_pixel_size_is_the_thumbnails_real_one(tmp_path):
+    """A 1000 px image at 0.5 µm/px has a 62 px thumbnail at 8 µm/px (rounded): the mask
+    must say 500/62 µm per pixel, or tiles and areas near the far edges drift by ~4 µm
+    (tissue area -1.6 % here)."""
+    from PIL import Image
+
+    from tilscore.slide import open_slide
+
+    rgb = np.full((1000, 1000, 3), (200, 120, 170), np.uint8)  # pink: tissue everywhere
+    Image.fromarray(rgb).save(tmp_path / "roi.png")
+    with open_slide(tmp_path / "roi.png", mpp=0.5) as slide:
+        assert slide.thumbnail_size(8.0) == (62, 62)
+        assert slide.thumbnail_mpp(8.0) == pytest.approx(500 / 62)
+        mask = tissue_mask(slide, 8.0)
+    assert mask.mask.shape == (62, 62)
+    assert mask.mask.shape[1] * mask.mpp == pytest.approx(500.0)
+    assert mask.area_mm2 == pytest.approx(0.25)

@@ -150,7 +150,8 @@ def tissue_mask(slide, mpp: float = TISSUE_MASK_MPP) -> TissueMask:
     """Tissue mask of a :class:`~tilscore.slide.Slide` from its thumbnail at `mpp` µm/px.
 
     The mask's pixel grid starts at level-0 (0, 0); its size is the slide size / (mpp /
-    slide.mpp), rounded.
+    slide.mpp), rounded, and its ``mpp`` the thumbnail's real µm per pixel
+    (:meth:`~tilscore.slide.Slide.thumbnail_mpp`).
     """
     thumb = slide.thumbnail(mpp)
-    return tissue_mask_from_thumbnail(thumb, mpp)
+    return tissue_mask_from_thumbnail(thumb, slide.thumbnail_mpp(mpp))

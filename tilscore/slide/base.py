@@ -176,6 +176,21 @@ class Slide:
             out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = inner
         return out
 
+    def thumbnail_size(self, mpp: float) -> tuple[int, int]:
+        """(w, h) px of :meth:`thumbnail` at `mpp`: the slide size / (mpp / slide mpp),
+        rounded (at least 1)."""
+        downsample = float(mpp) / self.mpp
+        w0, h0 = self.dimensions
+        return max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample)))
+
+    def thumbnail_mpp(self, mpp: float) -> float:
+        """The µm per pixel that :meth:`thumbnail` at `mpp` really has: its size is rounded,
+        so on a small image it differs from `mpp` (a 1000 px image at 0.5 µm/px is 62 px
+        at 8 µm/px: 8.06 µm/px). The geometric mean of the two axes."""
+        w, h = self.thumbnail_size(mpp)
+        w0, h0 = self.dimensions
+        return float(self.mpp * ((w0 / w) * (h0 / h)) ** 0.5)
+
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at `mpp` µm/px as uint8 RGB.
 
@@ -183,9 +198,7 @@ class Slide:
         block (``_THUMB_BLOCK_PX``² level pixels) whatever the slide size.
         """
         downsample = float(mpp) / self.mpp
-        w0, h0 = self.dimensions
-        out_w = max(1, int(round(w0 / downsample)))
-        out_h = max(1, int(round(h0 / downsample)))
+        out_w, out_h = self.thumbnail_size(mpp)
         level = self.best_level(downsample)
         level_w, level_h = self.level_dimensions[level]
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
