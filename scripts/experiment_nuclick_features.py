@@ -40,6 +40,7 @@ import validate_ihc  # noqa: E402
 
 from tilscore.evaluate import detection_score, match_points  # noqa: E402
 from tilscore.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
+from tilscore.ihc_detect import annulus_kernel, sector_kernels  # noqa: E402
 
 FEATURE_MPP = 0.25
 MIN_EXCESS_OD = 0.1
@@ -48,12 +49,10 @@ TARGET_RECALL = 0.90
 
 
 def _ring_mean(img: np.ndarray, r_out_px: float, r_in_px: float = 0.0) -> np.ndarray:
-    """Mean of `img` over the annulus r_in <= r < r_out (a disc for r_in 0) at every pixel."""
-    R = int(np.ceil(r_out_px))
-    yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
-    rr = np.hypot(yy, xx)
-    k = ((rr < r_out_px) & (rr >= r_in_px)).astype(float)
-    return ndi.correlate(img, k / k.sum(), mode="reflect")
+    """Mean of `img` over the annulus r_in <= r < r_out (a disc for r_in 0) at every pixel
+    (the detector's anti-aliased kernel)."""
+    return ndi.correlate(img, annulus_kernel(r_in_px, r_out_px).double().numpy(),
+                         mode="reflect")
 
 
 def _at(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -90,14 +89,8 @@ def features(rgb: np.ndarray, mpp: float, xy: np.ndarray, excess: np.ndarray) ->
     lap = ndi.laplace(ndi.gaussian_filter(grey, 0.7))
     f.append(_at(_ring_mean(lap * lap, 8 * px), p))
     f += [_at(-(s**2) * ndi.gaussian_laplace(dab, s * px), p) for s in (2.0, 3.0, 4.0)]
-    R = int(np.ceil(7.5 * px))
-    yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
-    rr, sector = np.hypot(yy, xx), (np.arctan2(yy, xx) + np.pi) // (np.pi / 4)
-    sectors = []
-    for k in range(8):
-        kern = ((rr >= 5.5 * px) & (rr < 7.5 * px) & (sector == k)).astype(float)
-        sectors.append(_at(ndi.correlate(dab, kern / kern.sum(), mode="reflect"), p))
-    sectors = np.stack(sectors, 1)
+    sectors = np.stack([_at(ndi.correlate(dab, k.double().numpy(), mode="reflect"), p)
+                        for k in sector_kernels(5.5 * px, 7.5 * px, 8)], 1)
     f += [sectors.min(1), sectors.max(1), np.median(sectors, 1)]
     d90 = np.percentile(dab, 90)
     f += [np.full(len(p), d90), f[3] / (d90 + 1e-3)]
