@@ -81,6 +81,67 @@ def test_bad_manifests_are_one_line_usage_errors(tmp_path, text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("slide_id", ["./../victim", ".", "..", "../x", "/abs/x", "a\\b",
+                                      ".hidden", "a\x00b", "tab\there"])
+def test_manifest_slide_id_that_is_not_one_plain_name_is_rejected_with_its_row(
+        tmp_path, slide_id):
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "slide_id"], ["a.svs", "ok"], ["b.svs", slide_id]])
+    with pytest.raises(UsageError) as err:
+        read_manifest(manifest)
+    assert "line 3: slide_id" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_manifest_slide_id_with_a_newline_is_rejected(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('path,slide_id\na.svs,"x\ny"\n')
+    with pytest.raises(UsageError, match="line 2: slide_id"):
+        read_manifest(manifest)
+
+
+def test_hostile_slide_ids_touch_nothing_outside_out(slides, tmp_path, capsys):
+    """`./../victim` once replaced the folder beside --out; `.` emptied --out itself."""
+    out = tmp_path / "out"
+    (out / "earlier").mkdir(parents=True)
+    (out / "earlier" / "keep.txt").write_text("earlier run")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("data")
+    for slide_id in ("./../victim", "."):
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"path,slide_id\n{slides[0]},{slide_id}\n")
+        assert main(["score", str(manifest), "--out", str(out), "--device", "cpu",
+                     "--quiet", "--no-report"]) == 2
+        assert "slide_id" in capsys.readouterr().err
+    assert (victim / "precious.txt").read_text() == "data"
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (out / "earlier" / "keep.txt").read_text() == "earlier run"
+    assert sorted(p.name for p in out.iterdir()) == ["earlier"]
+
+
+def test_publish_refuses_a_target_outside_the_output_folder(tmp_path):
+    from tilscore.errors import InputError
+    from tilscore.pipeline import _publish
+
+    out = tmp_path / "out"
+    work = out / ".s.tmp-x"
+    work.mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    for final in (out / ".." / "victim", out / ".", tmp_path / "elsewhere" / "s"):
+        with pytest.raises(InputError, match="refusing to write outputs"):
+            _publish(work, final)
+    assert work.is_dir() and (tmp_path / "victim").is_dir() and out.is_dir()
+    _publish(work, out / "s")
+    assert (out / "s").is_dir() and not work.exists()
+
+
+def test_a_hidden_file_name_gives_a_clear_error(tmp_path):
+    (tmp_path / ".x.svs").write_text("x")
+    with pytest.raises(UsageError, match="rename the file or give it a slide_id"):
+        expand_inputs([str(tmp_path / ".x.svs")])
+
+
 def test_globs_folders_and_files_expand_without_duplicates(tmp_path):
     for name in ("a.svs", "b.svs", "c.tiff", "c.truth.json", "notes.txt"):
         (tmp_path / name).write_text("x")

@@ -42,6 +42,22 @@ def slide_id_of(path: Path) -> str:
     return path.stem
 
 
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why `slide_id` cannot name an output folder ``OUT/<slide_id>/`` (None: it can).
+
+    An id must be one plain path component: not empty, no ``/``, ``\\``, NUL or control
+    characters, not ``.``/``..`` and not starting with ``.`` (hidden, and the prefix of
+    tilscore's own work folders). Anything else could put outputs outside ``--out``."""
+    if not slide_id:
+        return "is empty"
+    bad = [c for c in slide_id if c in "/\\" or ord(c) < 32 or ord(c) == 127]
+    if bad:
+        return f"contains {bad[0]!r} (a slide id must be a single file name)"
+    if slide_id.startswith("."):
+        return "starts with '.' (hidden names and '.'/'..' are not allowed)"
+    return None
+
+
 def check_stain(stain: str) -> str:
     if stain not in STAINS:
         raise UsageError(f"unknown stain {stain!r}; valid: {', '.join(STAINS)}")
@@ -104,9 +120,13 @@ def read_manifest(path: Path) -> list[InputSlide]:
         if stain is not None and stain not in STAINS:
             raise UsageError(f"manifest {path} line {line}: unknown stain {stain!r}; "
                              f"valid: {', '.join(STAINS)}")
+        slide_id = row.get("slide_id") or slide_id_of(slide_path)
+        problem = slide_id_problem(slide_id)
+        if problem:
+            raise UsageError(f"manifest {path} line {line}: slide_id {slide_id!r} {problem}")
         slides.append(InputSlide(
             path=slide_path,
-            slide_id=row.get("slide_id") or slide_id_of(slide_path),
+            slide_id=slide_id,
             stain=stain,
             mpp=_manifest_mpp(row.get("mpp"), path, line),
             metadata={k: v for k, v in row.items() if k not in MANIFEST_COLUMNS},
@@ -135,7 +155,12 @@ def _slide_files(paths: list[Path]) -> list[Path]:
 
 
 def _slide(path: Path) -> InputSlide:
-    return InputSlide(path, slide_id_of(path))
+    slide_id = slide_id_of(path)
+    problem = slide_id_problem(slide_id)
+    if problem:
+        raise UsageError(f"{path}: its slide id {slide_id!r} {problem}; rename the file or "
+                         "give it a slide_id in a CSV manifest")
+    return InputSlide(path, slide_id)
 
 
 def _check_unique(slides: list[InputSlide]) -> None:

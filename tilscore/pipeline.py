@@ -26,7 +26,7 @@ import numpy as np
 
 from tilscore import __version__
 from tilscore.errors import InputError, UsageError
-from tilscore.inputs import InputSlide
+from tilscore.inputs import InputSlide, slide_id_problem
 from tilscore.io import atomic
 from tilscore.score import COMPARTMENT_OF_REGION, REGION_CLASSES, ScoreConfig
 
@@ -163,6 +163,9 @@ def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
+    problem = slide_id_problem(item.slide_id)
+    if problem:  # an InputSlide built by a caller, not by tilscore.inputs
+        raise InputError(f"slide id {item.slide_id!r} {problem}")
     cfg = cfg or ScoreConfig()
     card = engine.card
     read_threads = read_threads or default_read_threads(engine.device, engine.cores)
@@ -552,7 +555,14 @@ def _jsonable(obj):
 
 
 def _publish(work: Path, final: Path) -> None:
-    """Replace `final` by the complete `work` folder (old outputs removed only after)."""
+    """Replace `final` by the complete `work` folder (old outputs removed only after).
+
+    Refuses any `final` that is not a direct child of the work folder's parent (the
+    output folder), whatever the slide id: nothing outside ``--out`` is ever replaced."""
+    out_dir = work.parent.resolve()
+    if final.resolve().parent != out_dir or final.name in ("", ".", ".."):
+        raise InputError(f"refusing to write outputs to {final}: not a folder directly "
+                         f"inside {out_dir}")
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
     os.chmod(work, 0o777 & ~atomic.UMASK)  # mkdtemp makes 0700; outputs are shared
     if final.exists():
