@@ -29,7 +29,7 @@ from tilscore.importers import (
 )
 from tilscore.importers.bcss import BCSS_LUT
 
-LYM, OTH = 0, 1
+LYM, OTH, TUMC, STRC = 0, 1, 2, 3  # CELL_CODES: lymphocyte, other, tumour, stromal
 BG, TUM, STR, OTHER_REGION = 0, 1, 2, 3
 PINK = (200, 120, 180)
 
@@ -137,9 +137,60 @@ def test_crchp_points_classes_and_split(tmp_path):
     # all_nuclei farther than 1 px from every class point; +0.5: index → pixel centre
     np.testing.assert_allclose(tile.points_xy, [[10.5, 20.5], [30.75, 40.5], [50.5, 60.5],
                                                 [70.5, 80.5], [90.5, 5.5], [50.5, 62.5]])
-    assert tile.point_cls.tolist() == [LYM, OTH, OTH, OTH, UNCLASSIFIED, UNCLASSIFIED]
+    assert tile.point_cls.tolist() == [LYM, TUMC, STRC, OTH, UNCLASSIFIED, UNCLASSIFIED]
     assert tile.region.shape == (100, 100) and tile.region.dtype == np.uint8
     assert load_crchp(tmp_path, mpp=0.5)[0].mpp == 0.5
+
+
+def write_consep(root: Path, name="consep_train_5") -> Path:
+    """A 256 x 256 CoNSeP-shaped tile: three nuclei (inflammatory, epithelial, spindle) in
+    a 16-bit instance map, points at their centroids (index coordinates)."""
+    from PIL import Image
+
+    save_png(root / "images" / f"{name}.png", rgb(256, 256))
+    instances = np.zeros((256, 256), np.uint16)
+    instances[10:15, 10:15] = 3  # centroid (x, y) = (12, 12): inflammatory
+    instances[200:205, 20:25] = 7  # (22, 202): epithelial
+    instances[30:33, 230:240] = 9  # (234.5, 31): spindle
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(instances).save(root / "masks" / f"{name}.png")
+    points = {"inflammatory": [[12, 12]], "epithelial": [[22, 202]], "spindle": [[234.5, 31]],
+              "other": [], "all_nuclei": [[12, 12], [22, 202], [234.5, 31]]}
+    return save_json(root / "points" / f"{name}.json",
+                     {"mpp": 0.2441, "split_of_original_authors": "train", "points": points})
+
+
+def test_consep_classes_nucleus_mask_and_held_out_split(tmp_path):
+    from tilscore.importers.consep import consep_split
+
+    write_consep(tmp_path)
+    write_consep(tmp_path, "consep_train_7")
+    assert detect_format(tmp_path) == "consep"
+    tiles = {Path(t.source).stem: t for t in load_folder(tmp_path)}
+    tile = tiles["consep_train_5"]
+    assert tile.mpp == 0.2441 and tile.split == "val" and tiles["consep_train_7"].split == "train"
+    assert tile.point_cls.tolist() == [LYM, TUMC, STRC]
+    np.testing.assert_allclose(tile.points_xy, [[12.5, 12.5], [22.5, 202.5], [235.0, 31.5]])
+    # the lymphocyte-nucleus target is exactly the inflammatory instance's outline
+    expected = np.zeros((256, 256), np.uint8)
+    expected[10:15, 10:15] = 1
+    np.testing.assert_array_equal(tile.nucleus_mask, expected)
+    assert tile.region[202, 22] == TUM and tile.region[31, 234] == STR
+    assert [consep_split(f"consep_train_{k}") for k in (1, 5, 10, 26, 25)] == [
+        "train", "val", "val", "train", "val"]
+    (tmp_path / "masks" / "consep_train_7.png").unlink()
+    with pytest.raises(InputError, match="no instance mask"):
+        load_folder(tmp_path)
+
+
+def test_card_cell_index_maps_label_classes_onto_any_card():
+    from tilscore.importers.labelled import card_cell_index
+
+    codes = np.array([LYM, OTH, TUMC, STRC, UNCLASSIFIED])
+    assert card_cell_index(codes, ("lymphocyte", "tumour", "stromal", "other")).tolist() == [
+        0, 3, 1, 2, -1]
+    assert card_cell_index(codes, ("lymphocyte", "other")).tolist() == [0, 1, 1, 1, -1]
+    assert card_cell_index(codes, ()).tolist() == [-1] * 5
 
 
 def test_weak_region_rule():
@@ -351,7 +402,7 @@ def test_qupath_bad_input(tmp_path):
 # -- detection and load_folder -------------------------------------------------------------
 def test_detect_errors(tmp_path):
     (tmp_path / "stuff").mkdir()
-    with pytest.raises(UsageError, match="native, crchp, tiger, bcss, nucls, qupath"):
+    with pytest.raises(UsageError, match="native, crchp, consep, tiger, bcss, nucls, qupath"):
         detect_format(tmp_path)
     with pytest.raises(InputError, match="no such folder"):
         load_folder(tmp_path / "missing")
@@ -390,7 +441,29 @@ def test_real_crchp():
     assert img1.image.shape == (500, 500, 3) and img1.image.dtype == np.uint8
     cls = np.concatenate([t.point_cls for t in tiles])
     assert (cls == LYM).sum() == 4905  # all inflammatory points of the 80 images kept
+    assert (cls == TUMC).sum() > 5000 and (cls == STRC).sum() > 4000
     assert 5000 < (cls == UNCLASSIFIED).sum() < 6500
     regions = np.stack([t.region for t in tiles])
     for code in (TUM, STR, IGNORE):
         assert 0.1 < (regions == code).mean() < 0.7
+
+
+@pytest.mark.real_data
+def test_real_consep():
+    folder = shared_path("he-consep")
+    assert detect_format(folder) == "consep"
+    tiles = load_folder(folder)
+    assert len(tiles) == 27 and sum(t.split == "val" for t in tiles) == 5
+    cls = np.concatenate([t.point_cls for t in tiles])
+    # the README's counts: 3,941 inflammatory, 5,537 epithelial, 5,706 spindle, 371 other
+    assert [(cls == c).sum() for c in (LYM, TUMC, STRC, OTH)] == [3941, 5537, 5706, 371]
+    # every inflammatory instance, and nothing else, is in the nucleus target
+    from tilscore.importers.native import read_mask
+
+    tile = tiles[0]
+    instances = read_mask(folder / "masks" / f"{Path(tile.source).stem}.png",
+                          tile.image.shape[:2])
+    inside = np.unique(instances[tile.nucleus_mask > 0])
+    assert len(inside) == (tile.point_cls == LYM).sum() and 0 not in inside
+    area_um2 = sum(int(t.nucleus_mask.sum()) for t in tiles) * 0.2441 ** 2 / 3941
+    assert 6 < area_um2 < 40  # CoNSeP's tight outlines: ~11 µm² per lymphocyte nucleus

@@ -79,3 +79,27 @@ def test_config_errors_name_file_and_key(tmp_path):
         build_datasets(cfg)
     with pytest.raises(UsageError, match="config not found"):
         load_train_config(tmp_path / "nope.yaml")
+
+
+def test_region_at_typed_nuclei_is_the_balanced_accuracy():
+    from tilscore.eval_model import region_at_nuclei
+    from tilscore.importers.labelled import CELL_CODES, LabelledTile
+    from tilscore.models import ModelCard
+
+    card = ModelCard(name="x", architecture="unet-resnet18")
+    region = np.full((32, 32), 2, np.uint8)  # all stroma ...
+    region[:, :16] = 1  # ... but the left half tumour
+    tumour, stromal = CELL_CODES["tumour"], CELL_CODES["stromal"]
+    # 3 tumour nuclei: 2 on the tumour half; 2 stromal nuclei: 1 on the stroma half
+    pts = np.array([[2.5, 3.5], [10.5, 30.5], [20.5, 5.5], [25.5, 25.5], [5.5, 5.5],
+                    [8.5, 8.5]])
+    cls = np.array([tumour, tumour, tumour, stromal, stromal, CELL_CODES["lymphocyte"]])
+    tile = LabelledTile(image=np.zeros((32, 32, 3), np.uint8), mpp=0.5, region=None,
+                        points_xy=pts, point_cls=cls)
+    got = region_at_nuclei([region], [tile], card)
+    assert got["region_tumour_nuclei_in_tumour"] == pytest.approx(2 / 3)
+    assert got["region_stromal_nuclei_in_stroma"] == pytest.approx(1 / 2)
+    assert got["region_balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert region_at_nuclei([region], [LabelledTile(
+        image=tile.image, mpp=0.5, region=None, points_xy=pts[:3], point_cls=cls[:3])],
+        card) == {}  # no stromal nuclei: nothing to balance

@@ -216,7 +216,8 @@ def evaluate(
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="Store the best peak threshold in the model's card.")] = False,
 ):
-    """Lymphocyte detection P/R/F1, threshold sweep, FROC and region Dice on labelled tiles."""
+    """Lymphocyte detection P/R/F1, threshold sweep, FROC, region Dice and the region at
+    typed nuclei (balanced accuracy) on labelled tiles."""
     from tilscore.eval_data import eval_tiles
     from tilscore.eval_model import evaluate_model
     from tilscore.infer import select_device
@@ -239,8 +240,11 @@ def evaluate(
                    f"{metrics['best_threshold']:.2f} "
                    f"F1 {metrics['sweep_f1'][metrics['best_threshold']]:.3f})")
     for k, v in metrics.items():
-        if k.startswith("dice_"):
+        if k.startswith("dice_") or (k.startswith("region_") and isinstance(v, float)):
             typer.echo(f"{k:20s} {v:.3f}")
+    if "tumour_cell_f1" in metrics:
+        typer.echo(f"tumour cell P/R/F1   {metrics['tumour_cell_precision']:.3f} "
+                   f"{metrics['tumour_cell_recall']:.3f} {metrics['tumour_cell_f1']:.3f}")
     if cells:
         froc_s = ", ".join(f"{int(k)}: {v:.2f}"
                            for k, v in metrics["froc_sensitivity_at_fp_per_mm2"].items())

@@ -18,15 +18,19 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from tilscore.importers.labelled import CELL_CODES, IGNORE, UNCLASSIFIED, LabelledTile
+from tilscore.importers.labelled import (
+    CELL_CODES,
+    IGNORE,
+    UNCLASSIFIED,
+    LabelledTile,
+    card_cell_index,
+)
 from tilscore.targets import disc_mask, gaussian_heatmaps, weak_nucleus_mask
 
 log = logging.getLogger(__name__)
 
 SYNTH_SCENE_PX = 3072  # side of each synthetic training scene (level 0, 0.25 µm/px)
 SYNTH_SCENE_MPP = 0.25
-_SYNTH_CLASS = {"lymphocyte": CELL_CODES["lymphocyte"], "tumour": CELL_CODES["other"],
-                "other": CELL_CODES["other"]}
 
 
 # --- resampling and augmentation -------------------------------------------------------
@@ -73,7 +77,10 @@ def build_augment(crop_px: int, stain: str = "he"):
     import albumentations as A
     import cv2
 
-    colour = [A.HEStain(p=0.5)] if stain == "he" else []
+    # Stain augmentation strong enough for other labs and scanners (issue: the heatmap
+    # scale moved between CRCHistoPhenotypes and CoNSeP): a random H&E stain matrix on
+    # most samples.
+    colour = [A.HEStain(p=0.7)] if stain == "he" else []
     return A.Compose(
         [
             A.PadIfNeeded(crop_px, crop_px, border_mode=cv2.BORDER_CONSTANT, fill=255,
@@ -129,13 +136,15 @@ def augment_tile(tile: LabelledTile, aug) -> LabelledTile:
                    points_xy=kp, point_cls=np.asarray(out["cls"], dtype=np.int64))
 
 
-def make_sample(tile: LabelledTile, n_cell_classes: int, sigma_um: float,
+def make_sample(tile: LabelledTile, cell_classes: tuple[str, ...], sigma_um: float,
                 lymph_radius_um: float) -> dict:
-    """Loss targets for a tile already at the model mpp and crop size."""
+    """Loss targets for a tile already at the model mpp and crop size; one heatmap per
+    class of `cell_classes` (the card's; labelled classes it lacks count as "other")."""
     h, w = tile.image.shape[:2]
     mpp = tile.mpp
     cls = tile.point_cls.astype(np.int64)
-    heat = gaussian_heatmaps(tile.points_xy, cls, n_cell_classes, (h, w), sigma_um / mpp)
+    heat = gaussian_heatmaps(tile.points_xy, card_cell_index(cls, cell_classes),
+                             len(cell_classes), (h, w), sigma_um / mpp)
     heat_weight = np.full((1, h, w), 1.0 if tile.has_cells else 0.0, np.float32)
     unknown = tile.points_xy[cls == UNCLASSIFIED]
     if tile.has_cells and len(unknown):
@@ -205,7 +214,7 @@ def synthetic_tile(scene, x0: float, y0: float, size_px: int, ds: float) -> Labe
     region = scene.region_labels(x0, y0, size_px, size_px, downsample=ds)
     cells = scene.cells(x0, y0, x0 + size_px * ds, y0 + size_px * ds)
     pts = np.stack([(cells["x_px"] - x0) / ds, (cells["y_px"] - y0) / ds], axis=1)
-    cls = np.array([_SYNTH_CLASS[c] for c in cells["cls"]], dtype=np.int64)
+    cls = np.array([CELL_CODES[c] for c in cells["type"]], dtype=np.int64)
     lymph = cls == CELL_CODES["lymphocyte"]
     nucleus = disc_mask(pts[lymph], cells["radius_px"][lymph] / ds, (size_px, size_px))
     return LabelledTile(image=image, mpp=scene.mpp * ds, region=region.astype(np.uint8),
@@ -220,12 +229,12 @@ class MixedTileDataset(torch.utils.data.IterableDataset):
     model mpp (already resampled); crops are augmented when `augment`.
     """
 
-    def __init__(self, sources, crop_px: int, n_cell_classes: int, sigma_um: float,
+    def __init__(self, sources, crop_px: int, cell_classes: tuple[str, ...], sigma_um: float,
                  lymph_radius_um: float, augment: bool = True, stain: str = "he",
                  seed: int = 0):
         super().__init__()
         self.sources = sources
-        self.crop_px, self.n_cell_classes = crop_px, n_cell_classes
+        self.crop_px, self.cell_classes = crop_px, tuple(cell_classes)
         self.sigma_um, self.lymph_radius_um = sigma_um, lymph_radius_um
         self.augment, self.stain, self.seed = augment, stain, seed
 
@@ -243,7 +252,7 @@ class MixedTileDataset(torch.utils.data.IterableDataset):
             tile = sampler(rng, fetch_px)
             tile = augment_tile(tile, aug) if aug is not None else center_crop(
                 tile, self.crop_px, rng)
-            yield make_sample(tile, self.n_cell_classes, self.sigma_um, self.lymph_radius_um)
+            yield make_sample(tile, self.cell_classes, self.sigma_um, self.lymph_radius_um)
 
 
 class FolderSource:
@@ -266,11 +275,14 @@ def split_tiles(tiles: list[LabelledTile], val_fraction: float, seed: int):
     return [tiles[i] for i in order[n_val:]], [tiles[i] for i in order[:n_val]]
 
 
-def build_datasets(cfg) -> tuple[MixedTileDataset, list[LabelledTile], dict]:
-    """Training stream, validation tiles (at the model mpp, padded to /32) and provenance."""
+def build_datasets(cfg) -> tuple[MixedTileDataset, dict[str, list[LabelledTile]], dict]:
+    """Training stream, validation tiles per source (name → tiles at the model mpp,
+    padded to /32; "synthetic" or the folder's name) and provenance."""
+    from pathlib import Path
+
     from tilscore.errors import UsageError
 
-    sources, val_tiles, info = [], [], []
+    sources, val_sets, info = [], {}, []
     for k, src in enumerate(cfg.data):
         if src.kind == "synthetic":
             train_src = SyntheticSource(src.stain, cfg.input_mpp, range(1000, 1000 + src.scenes),
@@ -278,7 +290,8 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, list[LabelledTile], dict]:
             val_src = SyntheticSource(src.stain, cfg.input_mpp, range(9000, 9002), src.scene_px)
             vrng = np.random.default_rng(cfg.seed + 17)
             n_val = src.val_tiles
-            val_tiles += [val_src.sample(vrng, 256) for _ in range(n_val)]
+            val_sets.setdefault("synthetic", []).extend(
+                val_src.sample(vrng, 256) for _ in range(n_val))
             sources.append((src.weight, train_src.sample))
             info.append({"kind": "synthetic", "stain": src.stain, "licence": "generated in code",
                          "val_tiles": n_val})
@@ -292,10 +305,11 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, list[LabelledTile], dict]:
         if not train_tiles:
             raise UsageError(f"data[{k}]: no training tiles left in {src.path} after the split")
         sources.append((src.weight, FolderSource(train_tiles, cfg.input_mpp).sample))
-        val_tiles += [pad_to_multiple(resample_tile(t, cfg.input_mpp)) for t in val]
+        val_sets.setdefault(Path(src.path).name, []).extend(
+            pad_to_multiple(resample_tile(t, cfg.input_mpp)) for t in val)
         info.append({"kind": src.kind, "path": str(src.path), "train_tiles": len(train_tiles),
                      "val_tiles": len(val)})
-    ds = MixedTileDataset(sources, cfg.crop_px, len(cfg.cell_classes), cfg.heatmap.sigma_um,
+    ds = MixedTileDataset(sources, cfg.crop_px, cfg.cell_classes, cfg.heatmap.sigma_um,
                           cfg.lymphocyte_radius_um, augment=cfg.augment,
                           stain=cfg.stains[0], seed=cfg.seed)
-    return ds, val_tiles, {"data": info}
+    return ds, {name: v for name, v in val_sets.items() if v}, {"data": info}

@@ -27,4 +27,7 @@ def eval_tiles(data: str, model_mpp: float, split: str = "val", mpp: float | Non
         if not any(t.split for t in tiles):
             raise UsageError(f"{data} defines no train/val split; use --split all")
         tiles = [t for t in tiles if (t.split or "train") == split]
+        if not tiles:
+            raise UsageError(f"{data} has no {split!r} tiles; use --split all (or another "
+                             "split) to evaluate on it")
     return [pad_to_multiple(resample_tile(t, model_mpp)) for t in tiles]

@@ -60,6 +60,8 @@ REGION_CODES = {"background": 0, "tumour": 1, "stroma": 2, "other": 3}
 COMPARTMENTS = np.array(["background", "tumour", "stroma", "other"])
 # Cell kinds (internal) and the class each reports in cells()["cls"].
 CLASS_OF_KIND = np.array(["lymphocyte", "tumour", "other", "other"])
+# Finer cell type of each kind (training targets: fibroblasts are stromal cells).
+TYPE_OF_KIND = np.array(["lymphocyte", "tumour", "stromal", "other"])
 CELL_CLASSES = ("lymphocyte", "tumour", "other")
 
 FIELD_UM = 16.0  # coarse layout grid spacing
@@ -479,7 +481,8 @@ class SyntheticScene:
 
         Returns a dict of 1-D arrays, one entry per cell: ``x_px``, ``y_px`` (float64,
         level-0 px, nucleus centre), ``cls`` (str: "lymphocyte", "tumour", "other" —
-        fibroblasts and necrotic/fat cells are "other"), ``compartment`` (str: region at the
+        fibroblasts and necrotic/fat cells are "other"), ``type`` (str: as ``cls`` but
+        fibroblasts are "stromal"), ``compartment`` (str: region at the
         centre, "tumour"/"stroma"/"other"), ``positive`` (bool marker+; all False on H&E),
         ``radius_px`` (equal-area radius), ``major_px``/``minor_px`` (semi-axes),
         ``angle_rad`` (major axis from +x towards +y).
@@ -494,7 +497,8 @@ class SyntheticScene:
         raw = {k: v[keep] for k, v in raw.items()}
         return {
             "x_px": x_px[keep], "y_px": y_px[keep],
-            "cls": CLASS_OF_KIND[raw["kind"]], "compartment": COMPARTMENTS[raw["label"]],
+            "cls": CLASS_OF_KIND[raw["kind"]], "type": TYPE_OF_KIND[raw["kind"]],
+            "compartment": COMPARTMENTS[raw["label"]],
             "positive": self._positive(raw),
             "radius_px": np.sqrt(raw["a_um"] * raw["b_um"]) / m,
             "major_px": raw["a_um"] / m, "minor_px": raw["b_um"] / m,

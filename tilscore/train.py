@@ -67,15 +67,31 @@ def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) 
     return parts
 
 
-def evaluate_detection(model, card: ModelCard, val_tiles, device: torch.device,
-                       radius_um: float = 3.3) -> dict:
-    """Validation metrics (see :func:`tilscore.eval_model.evaluate_model`); the model is
-    left in training mode."""
-    from tilscore.eval_model import evaluate_model
+def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
+                       device: torch.device, radius_um: float = 3.3) -> dict:
+    """Validation metrics per set (``sets``: name → :func:`tilscore.eval_model.evaluate_model`)
+    and their mean over the labs: a threshold sweep averaged over the sets (each set
+    weighs the same, so the calibrated threshold holds across labs and scanners, not
+    only on the largest set), its ``best_threshold``, and the mean ``dice_*`` and
+    ``region_*`` figures. Synthetic tiles enter the means only when there is no real set.
+    The model is left in training mode."""
+    from tilscore.eval_model import evaluate_model, pick_threshold
 
-    metrics = evaluate_model(model, card, val_tiles, device, radius_um)
+    per_set = {name: evaluate_model(model, card, tiles, device, radius_um)
+               for name, tiles in val_sets.items()}
     model.train()
-    return metrics
+    real = [m for name, m in per_set.items() if name != "synthetic"] or list(per_set.values())
+    sweeps = [m["sweep_f1"] for m in real if m["sweep_f1"]]
+    result: dict = {"sets": per_set, "sweep_f1": {}}
+    if sweeps:
+        result["sweep_f1"] = {t: float(np.mean([sw[t] for sw in sweeps])) for t in sweeps[0]}
+        result["best_threshold"] = pick_threshold(result["sweep_f1"])
+        result["lymphocyte_f1"] = result["sweep_f1"][result["best_threshold"]]
+    for key in {k for m in real for k, v in m.items() if isinstance(v, float)
+                and (k.startswith("dice_") or k.startswith("region_"))}:
+        values = [m[key] for m in real if key in m]
+        result[key] = float(np.mean(values))
+    return result
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
@@ -91,10 +107,13 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> No
 
 
 def _selection_score(val: dict, val_f1: float, select_by: str) -> float:
-    """What "best weights" means: lymphocyte F1 (at the best threshold), or the mean Dice
-    of tumour and stroma (a compartment model such as ihc-default)."""
+    """What "best weights" means: lymphocyte F1 (at the best threshold), the mean Dice of
+    tumour and stroma (a compartment model such as ihc-default), or the mean of the
+    lymphocyte F1 and the region's balanced accuracy at typed nuclei (both heads)."""
     if select_by == "region_dice":
         return (val.get("dice_tumour", 0.0) + val.get("dice_stroma", 0.0)) / 2
+    if select_by == "f1_and_regions":
+        return (val_f1 + val.get("region_balanced_accuracy", 0.0)) / 2
     return val_f1
 
 
@@ -137,7 +156,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         init_heatmap_bias(model, card)
     model = model.to(dev).to(memory_format=torch.channels_last)
     train_ds, val_tiles, data_info = build_datasets(cfg)
-    if len(val_tiles) == 0:
+    if not val_tiles:
         log.warning("no validation tiles: early stopping disabled")
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -189,6 +208,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
             _append_metrics(out_dir / "validation.csv", {
                 "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
+                **{f"{name}.{k}": v for name, m in val["sets"].items() for k, v in m.items()
+                   if not isinstance(v, dict)},
                 "best_f1": max(val["sweep_f1"].values(), default=0.0)})
             val_f1 = max(val["sweep_f1"].values(), default=0.0)  # at the best threshold
             score = _selection_score(val, val_f1, cfg.select_by)

@@ -70,11 +70,13 @@ class TrainConfig(BaseModel):
     weights_storage: Literal["float32", "float16", "int8"] = "float16"
     lymphocyte_radius_um: float = 3.5  # weak nucleus masks: ~7 µm lymphocyte nucleus
     init_from: str | None = None  # model name/folder to fine-tune (same architecture)
-    select_by: Literal["lymphocyte_f1", "region_dice"] = "lymphocyte_f1"  # best weights
+    # best weights: lymphocyte F1, tumour/stroma Dice, or the mean of lymphocyte F1 and
+    # the region's balanced accuracy at typed nuclei (tilscore.train._selection_score)
+    select_by: Literal["lymphocyte_f1", "region_dice", "f1_and_regions"] = "lymphocyte_f1"
 
     @model_validator(mode="after")
     def _region_only_selects_by_dice(self):
-        if "lymphocyte" not in self.cell_classes and self.select_by == "lymphocyte_f1":
+        if "lymphocyte" not in self.cell_classes and self.select_by != "region_dice":
             raise ValueError("a model without a lymphocyte class needs select_by: region_dice")
         return self
 

@@ -1,12 +1,13 @@
 """Importers of labelled-tile datasets into :class:`LabelledTile` (see labelled.py).
 
 ``load_folder(folder, mpp=None, fmt="auto", stats=None)`` reads any supported format
-(native, crchp, tiger, bcss, nucls, qupath; ``detect_format`` picks it);
+(native, crchp, consep, tiger, bcss, nucls, qupath; ``detect_format`` picks it);
 ``write_native(folder, tiles)`` writes tilscore's own format. Layouts and label mappings:
 docs/data-formats.md.
 """
 
 from tilscore.importers.bcss import load_bcss
+from tilscore.importers.consep import load_consep
 from tilscore.importers.crchp import load_crchp, weak_regions
 from tilscore.importers.detect import LOADERS, detect_format, load_folder
 from tilscore.importers.labelled import (
@@ -15,6 +16,7 @@ from tilscore.importers.labelled import (
     REGION_CODES,
     UNCLASSIFIED,
     LabelledTile,
+    card_cell_index,
 )
 from tilscore.importers.native import LoadStats, load_native, write_native
 from tilscore.importers.nucls import load_nucls
@@ -23,6 +25,7 @@ from tilscore.importers.tiger import load_tiger
 
 __all__ = [
     "CELL_CODES", "IGNORE", "LOADERS", "REGION_CODES", "UNCLASSIFIED", "LabelledTile",
-    "LoadStats", "detect_format", "load_bcss", "load_crchp", "load_folder", "load_native",
-    "load_nucls", "load_qupath", "load_tiger", "weak_regions", "write_native",
+    "LoadStats", "card_cell_index", "detect_format", "load_bcss", "load_consep", "load_crchp",
+    "load_folder", "load_native", "load_nucls", "load_qupath", "load_tiger", "weak_regions",
+    "write_native",
 ]

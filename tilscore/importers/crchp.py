@@ -6,9 +6,9 @@ Layout: ``images/imgN.jpg`` (500x500 H&E, 0.55 µm/px) and ``points/imgN.json`` 
 
 Points: the JSON gives float ``[x, y]`` in 0-based pixel-*index* coordinates (the centre of
 pixel 0 is 0.0; the original MATLAB 1-based values minus 1), so tile coordinates are
-``x + 0.5, y + 0.5`` (LabelledTile: pixel centres at .5). inflammatory → lymphocyte;
-epithelial, fibroblast, others → other; ``all_nuclei`` entries farther than MATCH_PX from
-every class point → UNCLASSIFIED.
+``x + 0.5, y + 0.5`` (LabelledTile: pixel centres at .5). inflammatory → lymphocyte,
+epithelial → tumour, fibroblast → stromal, others → other; ``all_nuclei`` entries farther
+than MATCH_PX from every class point → UNCLASSIFIED.
 
 Weak regions (colorectal: epithelial nuclei = tumour epithelium, fibroblasts and
 inflammatory cells = stroma), per pixel:
@@ -51,8 +51,8 @@ BRIGHT_MEAN = 220  # mean of R, G, B (0-255) above which a pixel may be glass/lu
 BRIGHT_SATURATION = 0.15  # (max - min) / max of RGB below which a pixel is unstained
 CLASS_LISTS = {
     "inflammatory": CELL_CODES["lymphocyte"],
-    "epithelial": CELL_CODES["other"],
-    "fibroblast": CELL_CODES["other"],
+    "epithelial": CELL_CODES["tumour"],  # colorectal adenocarcinoma epithelium
+    "fibroblast": CELL_CODES["stromal"],
     "others": CELL_CODES["other"],
 }
 TUMOUR_LISTS, STROMA_LISTS = ("epithelial",), ("fibroblast", "inflammatory")
@@ -129,34 +129,53 @@ def load_crchp(folder: Path, mpp: float | None = None, stats: LoadStats | None =
     folder, stats = begin(folder, mpp, stats)
     tiles = []
     for path in list_images(folder / "images"):
-        json_path = folder / "points" / f"{path.stem}.json"
-        if not json_path.exists():
-            raise InputError(f"{path}: no labels; expected {json_path}")
-        data = read_json(json_path)
-        if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
-            raise InputError(f"{json_path}: expected an object with a \"points\" object")
-        image = read_rgb(path, stats)
-        if image is None:
+        labelled = read_typed_points(path, folder, stats)
+        if labelled is None:
             continue
-        tile_mpp = resolve_mpp(mpp, data.get("mpp"), DEFAULT_MPP, source=str(json_path))
-        points = data["points"]
-        lists = {key: _point_list(points, key, json_path) for key in CLASS_LISTS}
-        all_xy = _point_list(points, "all_nuclei", json_path)
-        class_xy = np.concatenate(list(lists.values()))
-        extra_xy = _unclassified(all_xy, class_xy)
-        xy = np.concatenate([class_xy, extra_xy])
-        cls = np.concatenate([np.full(len(v), CLASS_LISTS[k], np.int64) for k, v in lists.items()]
-                             + [np.full(len(extra_xy), UNCLASSIFIED, np.int64)])
-        region = weak_regions(
-            image,
-            np.concatenate([lists[k] for k in TUMOUR_LISTS]),
-            np.concatenate([lists[k] for k in STROMA_LISTS]),
-            xy, tile_mpp,
-        )
-        xy, cls = clean_points(xy, cls, image.shape[:2], json_path, stats)
-        tiles.append(LabelledTile(
-            image=image, mpp=tile_mpp, region=region, points_xy=xy, point_cls=cls,
-            has_cells=True, source=str(path),
-            split=normalise_split(data.get("split_of_original_authors")),
-        ))
+        image, data, json_path = labelled
+        tile = typed_point_tile(image, data, json_path, mpp, DEFAULT_MPP, CLASS_LISTS,
+                                TUMOUR_LISTS, STROMA_LISTS, stats)
+        tile.source = str(path)
+        tile.split = normalise_split(data.get("split_of_original_authors"))
+        tiles.append(tile)
     return require_tiles(tiles, folder, stats)
+
+
+def read_typed_points(path: Path, folder: Path, stats: LoadStats):
+    """(image uint8 (H, W, 3), points JSON dict, its path) for ``images/<name>`` with its
+    ``points/<name>.json``; None when the image is unreadable (recorded in `stats`)."""
+    json_path = folder / "points" / f"{path.stem}.json"
+    if not json_path.exists():
+        raise InputError(f"{path}: no labels; expected {json_path}")
+    data = read_json(json_path)
+    if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
+        raise InputError(f"{json_path}: expected an object with a \"points\" object")
+    image = read_rgb(path, stats)
+    return None if image is None else (image, data, json_path)
+
+
+def typed_point_tile(image: np.ndarray, data: dict, json_path: Path, mpp: float | None,
+                     default_mpp: float, class_lists: dict[str, int],
+                     tumour_lists: tuple[str, ...], stroma_lists: tuple[str, ...],
+                     stats: LoadStats) -> LabelledTile:
+    """A LabelledTile from typed nucleus points (``points.<class>`` lists mapped by
+    `class_lists` to CELL_CODES; ``points.all_nuclei`` entries of no class →
+    UNCLASSIFIED) with weak regions from the lists in `tumour_lists`/`stroma_lists`."""
+    tile_mpp = resolve_mpp(mpp, data.get("mpp"), default_mpp, source=str(json_path))
+    points = data["points"]
+    lists = {key: _point_list(points, key, json_path) for key in class_lists}
+    all_xy = _point_list(points, "all_nuclei", json_path)
+    class_xy = np.concatenate(list(lists.values()))
+    extra_xy = _unclassified(all_xy, class_xy)
+    xy = np.concatenate([class_xy, extra_xy])
+    cls = np.concatenate([np.full(len(v), class_lists[k], np.int64) for k, v in lists.items()]
+                         + [np.full(len(extra_xy), UNCLASSIFIED, np.int64)])
+    region = weak_regions(
+        image,
+        np.concatenate([lists[k] for k in tumour_lists]),
+        np.concatenate([lists[k] for k in stroma_lists]),
+        xy, tile_mpp,
+    )
+    xy, cls = clean_points(xy, cls, image.shape[:2], json_path, stats)
+    return LabelledTile(image=image, mpp=tile_mpp, region=region, points_xy=xy,
+                        point_cls=cls, has_cells=True)

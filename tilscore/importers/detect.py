@@ -4,7 +4,8 @@ Detection rules, first match wins (``folder`` is the dataset root):
 
 1. ``dataset.json`` with a ``"format"`` key → that format ("tilscore-native" → native).
 2. ``tiger-coco.json`` → tiger.
-3. ``points/*.json`` and ``images/`` → crchp.
+3. ``points/*.json``, ``images/`` and ``masks/`` → consep; ``points/*.json`` and
+   ``images/`` → crchp.
 4. ``rgb/`` and ``csv/`` → nucls.
 5. a ``*.geojson`` in the folder, ``annotations/`` or ``images/`` → qupath.
 6. ``masks/`` and an image folder → tiger when the image names hold TIGER's bracketed ROI
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tilscore.errors import InputError, UsageError
 from tilscore.importers.bcss import image_dir, load_bcss
+from tilscore.importers.consep import load_consep
 from tilscore.importers.crchp import load_crchp
 from tilscore.importers.labelled import LabelledTile
 from tilscore.importers.native import NATIVE_FORMAT, LoadStats, list_images, load_native, read_json
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 LOADERS: dict[str, Callable[..., list[LabelledTile]]] = {
     "native": load_native,
     "crchp": load_crchp,
+    "consep": load_consep,
     "tiger": load_tiger,
     "bcss": load_bcss,
     "nucls": load_nucls,
@@ -72,7 +75,7 @@ def detect_format(folder: Path) -> str:
     if (folder / COCO_NAME).is_file():
         return "tiger"
     if (folder / "images").is_dir() and any((folder / "points").glob("*.json")):
-        return "crchp"
+        return "consep" if (folder / "masks").is_dir() else "crchp"
     if (folder / "rgb").is_dir() and (folder / "csv").is_dir():
         return "nucls"
     if any(any((folder / sub).glob("*.geojson")) for sub in (".", "annotations", "images")):

@@ -9,10 +9,24 @@ import numpy as np
 # Region codes shared by all sources (match the model card's region_classes order).
 REGION_CODES = {"background": 0, "tumour": 1, "stroma": 2, "other": 3}
 IGNORE = 255  # region unknown: no loss
-# Cell class codes: index into the card's cell_classes; -1 = a nucleus with no class
-# (detections on it are neither right nor wrong).
-CELL_CODES = {"lymphocyte": 0, "other": 1}
+# Cell class codes of labelled points (every importer maps its source classes onto these;
+# the table is in docs/data-formats.md); -1 = a nucleus with no class (detections on it
+# are neither right nor wrong). A model card may have fewer classes: `card_cell_index`
+# maps a code to the card's class index (a class the card lacks counts as "other").
+CELL_CODES = {"lymphocyte": 0, "other": 1, "tumour": 2, "stromal": 3}
 UNCLASSIFIED = -1
+
+
+def card_cell_index(point_cls: np.ndarray, cell_classes) -> np.ndarray:
+    """int64 (N,): the index in `cell_classes` (a model card's) of each CELL_CODES code in
+    `point_cls`; codes of classes the card lacks go to its "other" class (UNCLASSIFIED
+    when it has none); UNCLASSIFIED stays UNCLASSIFIED."""
+    classes = list(cell_classes)
+    fallback = classes.index("other") if "other" in classes else UNCLASSIFIED
+    lut = np.array([classes.index(name) if name in classes else fallback
+                    for name in CELL_CODES], np.int64)
+    point_cls = np.asarray(point_cls, np.int64)
+    return np.where(point_cls >= 0, lut[np.clip(point_cls, 0, None)], UNCLASSIFIED)
 
 
 @dataclass

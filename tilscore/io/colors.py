@@ -17,6 +17,7 @@ CLASS_COLORS: dict[str, RGB] = {
     # H&E cells
     "lymphocyte": (0, 0, 255),
     "other_cell": (255, 200, 0),
+    "stromal": (255, 140, 0),  # fibroblast/spindle nuclei
     # IHC cells
     "cd20_positive": (165, 42, 42),
     "foxp3_positive": (139, 69, 19),
