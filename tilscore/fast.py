@@ -102,7 +102,8 @@ def predict_fast(slide, mask, regions, cells, work: Path, cfg, workers: int,
     timings = {k: first.timings_s[k] + second.timings_s[k] for k in first.timings_s}
     timings.update(region_pass=t1 - t0, cell_pass=t2 - t1)
     pred = SlidePrediction(first.canvas, second.cells, first.tiles + second.tiles,
-                           first.failed_tiles + second.failed_tiles, timings, second.focus)
+                           first.failed_tiles + second.failed_tiles, timings, second.focus,
+                           first.region_uncertain_fraction)
     plan = FastPlan(len(region_grid), cell_grid, len(full_grid), search.area_mm2)
     return pred, plan
 

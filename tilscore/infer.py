@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tilscore.errors import UsageError
-from tilscore.qc import focus_measure
+from tilscore.qc import focus_measure, region_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,16 @@ class TilePredictions:
     x_px, y_px, score), x/y in tile pixels (pixel centres, .5); ``nucleus_fraction``:
     float32 (B, core/f, core/f) fraction of each region pixel covered by predicted
     lymphocyte nuclei (None when the model has no nucleus channel); ``focus``: float32
-    (B,) QC focus measure of each core (tilscore.qc.focus_measure).
+    (B,) QC focus measure of each core (tilscore.qc.focus_measure); ``uncertain``:
+    float32 (B,) QC share of each core's tissue whose region class is uncertain
+    (tilscore.qc.region_uncertainty; NaN: no tissue).
     """
 
     regions: np.ndarray
     cells: np.ndarray
     nucleus_fraction: np.ndarray | None
     focus: np.ndarray
+    uncertain: np.ndarray | None = None
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -132,6 +135,8 @@ class Predictor:
         # 0.5 µm/px model, none for a 2 µm/px region model.
         self.region_factor = int(region_factor or max(1, round(REGION_MAP_MPP / card.input_mpp)))
         self.n_regions = len(card.region_classes)
+        self.background_index = (card.region_classes.index("background")
+                                 if "background" in card.region_classes else None)
         self.n_cells = len(card.cell_classes)
         self.core = card.tile_px - 2 * card.overlap_px
         if self.core % self.region_factor:
@@ -194,9 +199,10 @@ class Predictor:
         ov, core, f = self.card.overlap_px, self.core, self.region_factor
         r, c = self.n_regions, self.n_cells
         # Regions: average class probabilities over f x f pixels of the core, then argmax.
-        probs = logits[:, :r, ov : ov + core, ov : ov + core].softmax(dim=1)
-        out = {"regions": F.avg_pool2d(probs, f).argmax(dim=1).to(torch.uint8),
-               "focus": focus_measure(x, core=(ov, ov + core))}
+        probs = F.avg_pool2d(logits[:, :r, ov : ov + core, ov : ov + core].softmax(dim=1), f)
+        out = {"regions": probs.argmax(dim=1).to(torch.uint8),
+               "focus": focus_measure(x, core=(ov, ov + core)),
+               "uncertain": region_uncertainty(probs, self.background_index)}
         if self.card.nucleus_mask:
             mask = (logits[:, r + c, ov : ov + core, ov : ov + core] > 0).float()
             out["nucleus"] = F.avg_pool2d(mask[:, None], f)[:, 0]
@@ -228,7 +234,8 @@ class Predictor:
                 cells = find_peaks(pending.heat, self.nms_kernel, self.card.heatmap.threshold,
                                    core=(ov, ov + core)).cpu().numpy()
         return TilePredictions(regions=host["regions"], cells=cells,
-                               nucleus_fraction=host.get("nucleus"), focus=host["focus"])
+                               nucleus_fraction=host.get("nucleus"), focus=host["focus"],
+                               uncertain=host["uncertain"])
 
     def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
@@ -338,7 +345,8 @@ class SlidePrediction:
     ``tiles``/``failed_tiles``: counts; ``focus``: float32 (len(grid),) QC focus
     measure per tile in grid order (NaN: not measured or failed);
     ``timings_s``: seconds per stage (``read`` = waiting for the loader, ``model``,
-    ``stitch``).
+    ``stitch``); ``region_uncertain_fraction``: QC share of the tissue whose region
+    class the model is unsure of (tissue-weighted over the tiles; None: none measured).
     """
 
     canvas: object
@@ -347,6 +355,7 @@ class SlidePrediction:
     failed_tiles: int
     timings_s: dict
     focus: np.ndarray
+    region_uncertain_fraction: float | None = None
 
 
 DECODE_MODES = ("auto", "host", "device")
@@ -376,6 +385,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
     stats = LoaderStats()
     timings = {"read": 0.0, "model": 0.0, "stitch": 0.0}
     focus = np.full(len(grid), np.nan, np.float32)
+    uncertain = np.full(len(grid), np.nan, np.float32)
 
     def finish(batch, pending) -> None:
         t0 = time.perf_counter()
@@ -386,6 +396,8 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
                      pred.nucleus_fraction)
         collector.add(batch.origins_px, pred.cells)
         focus[batch.index] = pred.focus
+        if pred.uncertain is not None:
+            uncertain[batch.index] = pred.uncertain
         timings["stitch"] += time.perf_counter() - t1
         if progress is not None:
             progress(len(batch.index))
@@ -410,8 +422,11 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
         canvas.flush()
     finally:  # on failure too: no band write may outlive the slide's work folder
         canvas.close()
+    from tilscore.qc import tissue_weighted_mean
+
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
-                           timings, focus)
+                           timings, focus,
+                           tissue_weighted_mean(uncertain, grid.tissue_fraction))
 
 
 def _run_batches(batches, predictor: Predictor, cell_rule, finish, timings: dict) -> None:

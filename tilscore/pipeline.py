@@ -338,7 +338,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
     scores = (_he_scores(cells, regions, areas, cfg, plan is None, card.nucleus_mask)
               if rule is None
               else _ihc_scores(cells, counts, stain, rule))
-    qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores)
+    qc = _qc(stain, slide, thumb, mask, pred, grid, rule, scores, cells)
     fast = {} if plan is None else {"fast": plan.as_dict(engine.regions.card)}
     return {
         "slide": item.slide_id,
@@ -414,7 +414,7 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
     }
 
 
-def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None) -> dict:
+def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None, cells=None) -> dict:
     """QC numbers measured while scoring, and the flags they raise (tilscore.qc)."""
     from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags, tissue_od_percentiles
 
@@ -431,7 +431,14 @@ def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None) -> dict:
         "focus_median": (float(np.nanmedian(pred.focus))
                          if np.isfinite(pred.focus).any() else None),
         "od_percentiles": tissue_od_percentiles(thumb, mask.mask),
+        "region_uncertain_fraction": pred.region_uncertain_fraction,
     }
+    if rule is None and cells is not None:  # H&E: do tumour-class cells sit in tumour?
+        tumour_cells = cells["class"] == "tumour"
+        qc["tumour_cells"] = int(tumour_cells.sum())
+        qc["tumour_cells_in_tumour_fraction"] = (
+            float((cells["compartment"][tumour_cells] == "tumour").mean())
+            if tumour_cells.any() else None)
     if rule is not None:
         sv = rule.stain
         qc["stain_vectors"] = {"source": sv.source, "fallback": sv.fallback,

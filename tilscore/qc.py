@@ -17,6 +17,9 @@ GLASS_GREY = 0.93  # grey level (0-1) above which a pixel is glass (pale IHC str
 MIN_TISSUE_FRACTION = 0.5  # tiles the mask calls less tissue are not judged for focus
 BLOCK_PX = 32  # 16 µm at the model's 0.5 µm/px: a few nuclei
 FOCUS_QUANTILE = 0.9  # a tile is as sharp as its sharpest tenth of tissue blocks
+# A region pixel is "uncertain" when no class reaches this probability (2 µm pixels, the
+# class probabilities averaged over them): tissue unlike what the model was trained on.
+REGION_CONFIDENT_P = 0.6
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class QcConfig:
     tissue_min_mm2: float = 0.2
     he_min_median_od: float = 0.30  # faint H&E (docs/qc.md: typical 0.58–0.98)
     dab_min_positive_percent: float = 0.5  # IHC: below this, no DAB signal to speak of
+    # H&E out of domain (docs/qc.md: calibrated on the training labs' held-out images,
+    # the synthetic demo and CMU-1 skin)
+    region_uncertain_max_fraction: float = 0.25
+    tumour_cells_min: int = 200  # judge the tumour-cell agreement only with this many
+    tumour_cells_in_tumour_min_fraction: float = 0.5
 
 
 @torch.no_grad()  # (not inference_mode: it may run inside torch.compile)
@@ -61,6 +69,30 @@ def focus_measure(x: torch.Tensor, core: tuple[int, int] | None = None) -> torch
     var = F.avg_pool2d(lap.square() * tissue, BLOCK_PX) / n.clamp(min=1e-6) - mean.square()
     var = torch.where(n >= 0.5, var, torch.full_like(var, float("nan"))).flatten(1)
     return torch.nanquantile(var, FOCUS_QUANTILE, dim=1)  # NaN when every block is
+
+
+@torch.no_grad()
+def region_uncertainty(probs: torch.Tensor, background: int | None) -> torch.Tensor:
+    """Share of each tile's tissue pixels whose most likely region class has a probability
+    below REGION_CONFIDENT_P. `probs`: float (B, C, H, W) class probabilities (the
+    region map's pixels); tissue = pixels whose most likely class is not `background`
+    (None: every pixel). Returns float32 (B,), NaN for a tile without tissue."""
+    conf, label = probs.max(dim=1)
+    tissue = (label != background) if background is not None else torch.ones_like(conf).bool()
+    n = tissue.float().sum(dim=(1, 2))
+    unsure = ((conf < REGION_CONFIDENT_P) & tissue).float().sum(dim=(1, 2))
+    return torch.where(n > 0, unsure / n.clamp(min=1), torch.full_like(n, float("nan")))
+
+
+def tissue_weighted_mean(values, tissue_fraction) -> float | None:
+    """Mean of per-tile `values` weighted by each tile's tissue share (NaN values and
+    tiles without tissue left out); None when nothing is left."""
+    import numpy as np
+
+    v = np.asarray(values, float)
+    w = np.ones_like(v) if tissue_fraction is None else np.asarray(tissue_fraction, float)
+    ok = ~np.isnan(v) & (w > 0)
+    return float((v[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else None
 
 
 def out_of_focus_fraction(focus, tissue_fraction, threshold: float) -> float | None:
@@ -134,11 +166,31 @@ def qc_flags(qc: dict, stain: str, cfg: QcConfig = QcConfig()) -> list[dict]:
                               "cells and are uncertain")
     if area == 0:
         flag("no_tissue", "no tissue detected: nothing was scored")
+    if stain == "he":
+        _out_of_domain_flags(qc, cfg, flag)
     positive = qc.get("dab_positive_percent")
     if stain != "he" and positive is not None and positive < cfg.dab_min_positive_percent:
         flag("no_dab", f"almost no DAB signal ({positive:.2f}% of cells positive): is this "
                        f"really a {stain.upper()} IHC slide?")
     return flags
+
+
+def _out_of_domain_flags(qc: dict, cfg: QcConfig, flag) -> None:
+    """H&E tissue unlike the carcinoma the model learned: uncertain regions, or
+    epithelial (tumour-class) nuclei that the region map puts outside tumour."""
+    unsure = qc.get("region_uncertain_fraction")
+    if unsure is not None and unsure > cfg.region_uncertain_max_fraction:
+        flag("out_of_domain", f"the model is unsure of tumour vs stroma on {100 * unsure:.0f}% "
+                              "of the tissue: it may not be the carcinoma H&E it was trained "
+                              "on; check the overlay before trusting stromal TIL %")
+    n = qc.get("tumour_cells") or 0
+    inside = qc.get("tumour_cells_in_tumour_fraction")
+    if n >= cfg.tumour_cells_min and inside is not None \
+            and inside < cfg.tumour_cells_in_tumour_min_fraction:
+        flag("epithelium_outside_tumour",
+             f"{100 * (1 - inside):.0f}% of {n} epithelial-looking nuclei lie outside the "
+             "tumour regions: tumour may be missed, or this is not invasive carcinoma (e.g. "
+             "squamous or normal epithelium); stromal TIL % is unreliable")
 
 
 def _stain_message(vectors: dict, cfg: QcConfig) -> str | None:

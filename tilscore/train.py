@@ -87,8 +87,8 @@ def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
         result["sweep_f1"] = {t: float(np.mean([sw[t] for sw in sweeps])) for t in sweeps[0]}
         result["best_threshold"] = pick_threshold(result["sweep_f1"])
         result["lymphocyte_f1"] = result["sweep_f1"][result["best_threshold"]]
-    for key in {k for m in real for k, v in m.items() if isinstance(v, float)
-                and (k.startswith("dice_") or k.startswith("region_"))}:
+    for key in sorted({k for m in real for k, v in m.items() if isinstance(v, float)
+                       and k.startswith(("dice_", "region_"))}):
         values = [m[key] for m in real if key in m]
         result[key] = float(np.mean(values))
     return result
@@ -259,9 +259,16 @@ def _worker_seed(worker_id: int) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
+    """One row under the file's header (the first row's keys): a key a later row lacks is
+    left empty and one the header lacks is dropped, so columns never shift."""
     new = not path.exists()
+    if new:
+        fields = list(row)
+    else:
+        with open(path, newline="") as fh:
+            fields = next(csv.reader(fh), list(row))
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -187,7 +187,7 @@ def _cell_code(name, source: Path) -> int:
     name = name.strip().lower()
     if name == "unclassified":
         return UNCLASSIFIED
-    return CELL_CODES["lymphocyte"] if name == "lymphocyte" else CELL_CODES["other"]
+    return CELL_CODES.get(name, CELL_CODES["other"])
 
 
 def _read_cells(path: Path) -> tuple[list, list, float | None]:
