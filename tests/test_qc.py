@@ -89,3 +89,32 @@ def test_qc_flags_fire_on_blur_and_pen_and_stay_quiet_on_clean(qc_batch):
     assert qc_batch["clean"]["qc"]["od_percentiles"]["p50"] > QcConfig().he_min_median_od
     assert qc_batch["blurred"]["qc"]["out_of_focus_fraction"] > 0.9
     assert qc_batch["pen"]["qc"]["pen_fraction"] > QcConfig().pen_max_fraction
+
+
+def test_out_of_domain_flags_need_enough_evidence():
+    cfg = QcConfig()
+    codes = lambda qc: [f["code"] for f in qc_flags(qc, "he", cfg)]  # noqa: E731
+    carcinoma = {"region_uncertain_fraction": 0.12, "tumour_cells": 300,
+                 "tumour_cells_in_tumour_fraction": 0.9}
+    assert codes(carcinoma) == []
+    assert codes({**carcinoma, "region_uncertain_fraction": 0.45}) == ["out_of_domain"]
+    assert codes({**carcinoma, "tumour_cells_in_tumour_fraction": 0.5}) == [
+        "epithelium_outside_tumour"]
+    # too few epithelial-looking nuclei to judge; and IHC slides are not judged at all
+    assert codes({**carcinoma, "tumour_cells": 20,
+                  "tumour_cells_in_tumour_fraction": 0.1}) == []
+    assert [f["code"] for f in qc_flags({**carcinoma, "region_uncertain_fraction": 0.9},
+                                        "cd20", cfg)] == []
+
+
+@pytest.mark.real_data
+def test_skin_scored_as_carcinoma_is_flagged(tmp_path):
+    """CMU-1-Small-Region is skin (epidermis, a hair follicle, dermis): it must not pass
+    silently as breast carcinoma."""
+    from tests.conftest import shared_path
+
+    svs = shared_path("slides", "CMU-1-Small-Region.svs")
+    assert main(["score", str(svs), "--out", str(tmp_path), "--device", "cpu", "--quiet",
+                 "--no-report"]) == 0
+    qc = json.loads((tmp_path / "CMU-1-Small-Region" / "summary.json").read_text())["qc"]
+    assert "epithelium_outside_tumour" in [f["code"] for f in qc["flags"]], qc
