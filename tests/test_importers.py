@@ -90,7 +90,7 @@ def test_native_hand_written(tmp_path):
         {"x": 5, "y": 6, "class": "Fibroblast"}, {"x": 7, "y": 8, "class": "unclassified"}]})
     tiles = load_native(tmp_path)
     assert [t.mpp for t in tiles] == [0.25, 0.5]
-    assert tiles[0].point_cls.tolist() == [LYM, OTH, OTH, UNCLASSIFIED]
+    assert tiles[0].point_cls.tolist() == [LYM, TUMC, OTH, UNCLASSIFIED]
     assert tiles[1].region is None and not tiles[1].has_cells
     assert [t.mpp for t in load_native(tmp_path, mpp=0.3)] == [0.3, 0.3]
 
