@@ -91,7 +91,7 @@ def score(
     devices: Annotated[str | None, typer.Option(
         help="One worker process per device: 'cuda:0,cuda:1' or 'all' (default with "
              "several GPUs and --device auto).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Slide worker processes (CPU nodes, "
+    workers: Annotated[int, typer.Option(min=1, max=4096, help="Slide worker processes (CPU nodes, "
                                                      "or per --cluster).")] = 1,
     cluster: Annotated[str | None, typer.Option(
         help="Dask: 'local', 'tcp://HOST:8786' (a running scheduler) or 'slurm'.")] = None,
@@ -107,10 +107,10 @@ def score(
         help="Region model of --mode fast [default: he-regions].")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     read_threads: Annotated[int | None, typer.Option(
-        min=1, help="Tile decoding threads per slide [default: 2 on CPU, the cores minus 2 "
-                    "on CUDA].")] = None,
+        min=1, max=1024, help="Tile decoding threads per slide [default: 2 on CPU, the "
+                               "cores minus 2 on CUDA].")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+        min=1, max=4096, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
     decode: Annotated[str, typer.Option(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
              "allows it), host or device.")] = "auto",
@@ -262,6 +262,22 @@ def evaluate(
             update={"threshold": best})})
         new.write(folder / "card.json")
         typer.echo(f"calibrated {folder / 'card.json'}: threshold {best:.2f}")
+
+
+@app.command("model-hash")
+def model_hash(
+    model_dir: Annotated[Path, typer.Argument(metavar="DIR",
+                                              help="Model folder (card.json + weights).")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a hash that does not match the weights.")] = False,
+):
+    """Write the sha256 of a model's weights into its card.json (a card must carry it)."""
+    from tilscore.models.registry import write_card_sha256
+
+    card, done = write_card_sha256(model_dir, force=force)
+    what = {"written": "wrote", "replaced": "replaced with",
+            "unchanged": "already carries"}[done]
+    typer.echo(f"{model_dir / 'card.json'}: {what} sha256 {card.sha256}")
 
 
 @app.command()

@@ -88,8 +88,7 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
     stain, and that the model takes H&E and has the region map's classes in order (reads
     only its card)."""
     from tilscore.fast import DEFAULT_REGION_MODEL
-    from tilscore.models.card import ModelCard
-    from tilscore.models.registry import resolve_model_dir
+    from tilscore.models.registry import read_card, resolve_model_dir
 
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -99,7 +98,7 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
         raise UsageError(f"--mode fast is for H&E (stain he), not {stain!r}: on IHC every "
                          "cell is counted, so there is nothing to skip")
     name = region_model or DEFAULT_REGION_MODEL
-    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    card = read_card(resolve_model_dir(name))
     if "he" not in card.stains:
         raise UsageError(f"region model {card.name} does not support H&E")
     if tuple(card.region_classes) != REGION_CLASSES:  # the region map's codes
@@ -112,8 +111,7 @@ def model_card(model: str | None, stain: str):
     """The card of `model` (None: the stain's default; "none": no compartment model,
     :mod:`tilscore.tissue_only`), checked to support `stain`; reads only card.json, so a
     batch client can decide what to skip without weights."""
-    from tilscore.models.card import ModelCard
-    from tilscore.models.registry import MODELS_DIR, resolve_model_dir
+    from tilscore.models.registry import MODELS_DIR, read_card, resolve_model_dir
     from tilscore.tissue_only import NO_MODEL, tissue_only_card
 
     if model == NO_MODEL:
@@ -123,7 +121,7 @@ def model_card(model: str | None, stain: str):
         shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
         raise UsageError(f"no default model for stain {stain!r} is installed "
                          f"(shipped: {', '.join(shipped) or 'none'}); pass --model")
-    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    card = read_card(resolve_model_dir(name))
     if stain not in card.stains:
         raise UsageError(f"model {card.name} does not support stain {stain!r} "
                          f"(it supports: {', '.join(card.stains)})")
