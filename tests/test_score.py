@@ -140,8 +140,8 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     ("tiger_cell_area_um2: true", "tiger_cell_area_um2 must be a number from 1 to 1000 µm², "
                                   "got True"),
     ("lymphocyte_nucleus_diameter_um: seven", "lymphocyte_nucleus_diameter_um must be a number"),
-    ("foxp3_dab_threshold_od: .inf", "foxp3_dab_threshold_od must be a number from 0.01 to 5"),
-    ("dab_bin_weak_od: 1.0e300", "dab_bin_weak_od must be a number from 0.01 to 5 OD"),
+    ("foxp3_dab_threshold_od: .inf", "foxp3_dab_threshold_od must be a number from 0.01 to 6"),
+    ("dab_bin_weak_od: 1.0e300", "dab_bin_weak_od must be a number from 0.01 to 6 OD"),
     ("1: 2", "unknown key(s) 1; valid:"),
 ])
 def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message):

@@ -11,7 +11,6 @@ runs. A failing slide is recorded in ``failures.csv`` and never stops the others
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -327,40 +326,73 @@ def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
 
 def completed_summary(out_dir: Path, item: InputSlide, model_sha256: str,
                       cfg_hash: str) -> dict | None:
-    """The existing summary of `item` if its outputs are complete and were made with the
-    same model and configuration (summary.json is written last, so it marks completeness)."""
-    path = out_dir / item.slide_id / "summary.json"
+    """The existing summary of `item` if its outputs are complete (a valid summary.json,
+    which is written last, and every other output) and were made with the same model,
+    configuration and metadata; None means: score it. A malformed summary or a missing
+    output is logged, naming the file, and the slide is rescored."""
+    from tilscore.summary import SummaryProblem, missing_outputs, read_summary
+
+    folder = out_dir / item.slide_id
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = read_summary(folder / "summary.json")
+    except FileNotFoundError:
         return None
-    same_model = summary.get("model", {}).get("sha256") == model_sha256
+    except SummaryProblem as exc:
+        log.warning("%s", exc)
+        return None
+    missing = missing_outputs(folder)
+    if missing:
+        log.warning("%s: %s missing; the slide is not complete: rescoring it", folder,
+                    ", ".join(missing))
+        return None
+    same_model = summary["model"].get("sha256") == model_sha256
     same_config = summary.get("config_hash") == cfg_hash
     same_metadata = summary.get("metadata", {}) == dict(item.metadata)
     return summary if same_model and same_config and same_metadata else None
 
 
 def all_summaries(out_dir: Path) -> list[dict]:
-    """Every complete slide summary under `out_dir` (one per slide folder)."""
+    """Every valid slide summary under `out_dir` (one per slide folder); malformed ones
+    are logged, naming the file, and left out."""
+    from tilscore.summary import SummaryProblem, read_summary
+
     rows = []
     for path in sorted(out_dir.glob("*/summary.json")):
+        if path.parent.name.startswith("."):
+            continue  # a work folder, or a replaced one
         try:
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            log.warning("unreadable summary %s skipped in scores.csv", path)
+            rows.append(read_summary(path))
+        except (OSError, SummaryProblem) as exc:
+            log.warning("left out of scores.csv: %s", exc)
     return rows
 
 
 def write_tables(out_dir: Path, failures: list[dict]) -> None:
     """scores.csv from every summary in `out_dir`; failures.csv from this run."""
-    rows = [flatten(s) for s in all_summaries(out_dir)]
-    fields = sorted({k for row in rows for k in row}, key=_column_order)
-    atomic.write_csv(out_dir / "scores.csv", fields, rows)
+    write_scores(out_dir)
     atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
 
 
+def write_scores(out_dir: Path, summaries: list[dict] | None = None) -> Path:
+    """``scores.csv``: one row per slide summary (default: :func:`all_summaries`), its
+    scalar fields as dotted columns (:func:`flatten`), QC flag codes and warnings as text;
+    a column empty in every row (e.g. tumour and stroma with ``--model none``) is left
+    out."""
+    rows = [flatten(s) for s in (all_summaries(out_dir) if summaries is None else summaries)]
+    fields = sorted({k for row in rows for k, v in row.items() if v not in (None, "")}
+                    | set(ALWAYS_COLUMNS if rows else ()), key=_column_order)
+    atomic.write_csv(out_dir / "scores.csv", fields, rows)
+    return out_dir / "scores.csv"
+
+
+ALWAYS_COLUMNS = ("slide", "qc.flags", "warnings")  # empty QC columns mean: nothing found
+LIST_SEPARATOR = "; "  # joins a list of texts (warnings, QC flag codes) into one cell
+
+
 def flatten(summary: dict, prefix: str = "") -> dict:
-    """Scalar fields of a nested summary as a flat dict with dotted keys."""
+    """Scalar fields of a nested summary as a flat dict with dotted keys; a list of texts
+    (``warnings``) becomes one text joined by "; ", a list of QC flags (``qc.flags``) the
+    joined flag codes; other lists are left out."""
     flat = {}
     for key, value in summary.items():
         name = f"{prefix}{key}"
@@ -368,11 +400,17 @@ def flatten(summary: dict, prefix: str = "") -> dict:
             flat.update(flatten(value, name + "."))
         elif isinstance(value, (int, float, str, bool)) or value is None:
             flat[name] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            flat[name] = LIST_SEPARATOR.join(value)
+        elif isinstance(value, list) and all(isinstance(v, dict) and "code" in v
+                                             for v in value):
+            flat[name] = LIST_SEPARATOR.join(str(v["code"]) for v in value)
     return flat
 
 
 def _column_order(key: str) -> tuple[int, str]:
-    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger", "percent_positive")
+    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger", "percent_positive",
+             "qc.flags", "warnings")
     if key in first:
         return (first.index(key), "")
     return (len(first) + (0 if key.startswith("metadata.") else 1), key)

@@ -310,10 +310,14 @@ def report(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="HTML file (default DIR/report.html).")] = None,
 ):
-    """Write a self-contained HTML report of a scored folder: table, plots, maps."""
+    """Write a self-contained HTML report of a scored folder (table, plots, maps) and
+    rebuild its scores.csv from the slide summaries."""
+    from tilscore.batch import write_scores
     from tilscore.report import write_report
 
-    typer.echo(str(write_report(out_dir, group_by=group_by, path=out)))
+    path = write_report(out_dir, group_by=group_by, path=out)
+    write_scores(out_dir)
+    typer.echo(str(path))
 
 
 def _headline(row: dict) -> str:

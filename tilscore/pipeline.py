@@ -266,6 +266,25 @@ def ihc_rule_params(stain: str, cfg: ScoreConfig):
     return ihc_params(stain, **cfg.ihc_overrides(stain))
 
 
+DAB_BIN_SETTINGS = ("dab_bin_weak_od", "dab_bin_moderate_od", "dab_bin_strong_od")
+
+
+def score_settings_used(stain: str, cfg: ScoreConfig) -> dict:
+    """The score settings a slide of `stain` is scored with, every value resolved: the
+    summary's ``score_config`` (the one record of them). On IHC the marker's positive
+    threshold and the intensity bins are the values the cell rule used (the marker's
+    defaults where the configuration leaves them null); settings of other stains are left
+    out (H&E has no DAB settings, a FOXP3 slide no CD20 threshold)."""
+    from tilscore.score import OPTIONAL_SETTINGS
+
+    used = {k: v for k, v in cfg.__dict__.items() if k not in OPTIONAL_SETTINGS}
+    if stain != "he":
+        params = ihc_rule_params(stain, cfg)
+        used[f"{stain}_dab_threshold_od"] = params.dab_threshold_od
+        used.update(zip(DAB_BIN_SETTINGS, params.bins_od, strict=True))
+    return used
+
+
 def _tile_bar(slide_id: str, quiet: bool):
     """A tile progress bar (the caller sets ``total`` once the grid is known)."""
     from tqdm import tqdm
@@ -360,7 +379,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
                      + [f["message"] for f in qc["flags"] if f["code"] == "no_dab"]
                      + _mpp_warnings(slide)),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
-        "score_config": cfg.__dict__,
+        "score_config": score_settings_used(stain, cfg),
         "metadata": dict(item.metadata),  # pass-through manifest columns
     }
 
@@ -406,9 +425,8 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
         "intensity_bins": dict(zip(INTENSITY_BINS, map(int, bins), strict=True)),
         # QuPath-style H-score (0–300) over every detected cell, from the DAB bins
         "h_score": float((bins * np.arange(4)).sum() * 100 / n) if n else None,
-        "positive_rule": {"compartment": params.compartment,
-                          "dab_threshold_od": params.dab_threshold_od,
-                          "intensity_bins_od": list(params.bins_od)},
+        # the threshold and bins it used are in score_config (score_settings_used)
+        "positive_rule": {"compartment": params.compartment},
     }
 
 
@@ -528,7 +546,10 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
-    atomic.write_json(work / "summary.json", _jsonable(summary))
+    from tilscore.summary import check_summary
+
+    # what every reader checks (tilscore.summary): a mismatch fails this slide now
+    atomic.write_json(work / "summary.json", check_summary(_jsonable(summary)))
 
 
 def _overlay_title(summary: dict) -> str:

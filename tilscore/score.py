@@ -46,11 +46,12 @@ SCORE_RANGES = {
     "near_tumour_um": (0.0, 2000.0, "µm"),
     "density_grid_um": (10.0, 10000.0, "µm"),
     "coarse_mpp": (2.0, 64.0, "µm/px"),  # the region map is 2 µm/px
-    "foxp3_dab_threshold_od": (0.01, 5.0, "OD"),
-    "cd20_dab_threshold_od": (0.01, 5.0, "OD"),
-    "dab_bin_weak_od": (0.01, 5.0, "OD"),
-    "dab_bin_moderate_od": (0.01, 5.0, "OD"),
-    "dab_bin_strong_od": (0.01, 5.0, "OD"),
+    # natural-log OD: an 8-bit pixel reaches at most ln 255 = 5.5, so nothing above 6
+    "foxp3_dab_threshold_od": (0.01, 6.0, "OD"),
+    "cd20_dab_threshold_od": (0.01, 6.0, "OD"),
+    "dab_bin_weak_od": (0.01, 6.0, "OD"),
+    "dab_bin_moderate_od": (0.01, 6.0, "OD"),
+    "dab_bin_strong_od": (0.01, 6.0, "OD"),
 }
 OPTIONAL_SETTINGS = ("foxp3_dab_threshold_od", "cd20_dab_threshold_od", "dab_bin_weak_od",
                      "dab_bin_moderate_od", "dab_bin_strong_od")  # None: the marker's default
