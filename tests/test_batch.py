@@ -68,8 +68,6 @@ def test_manifest_paths_stain_mpp_and_metadata(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("file,stain\na.svs,he\n", "missing required column 'path' (columns: file, stain)"),
     ("path,slide_id\na.svs,X\nb.svs,X\n", "duplicate slide id 'X'"),
-    ("path,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a plausible"),
-    ("path,stain\na.svs,pas\n", "line 2: unknown stain 'pas'; valid: he, cd20, foxp3"),
     ("path\n", "lists no slides"),
     ("path,stain\na.svs,he,extra\n", "line 2: more values than columns"),
 ])
@@ -91,6 +89,64 @@ def test_manifest_slide_id_that_is_not_one_plain_name_is_rejected_with_its_row(
     with pytest.raises(UsageError) as err:
         read_manifest(manifest)
     assert "line 3: slide_id" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_bad_manifest_row_is_that_slides_failure_not_the_batchs(slides, tmp_path, capsys):
+    """A manifest mpp of 50 passed the manifest check (0.01–100), then aborted the run at
+    open (0.05–20) with exit 2 blaming --mpp, which the user never passed; later slides
+    were never tried and failures.csv was empty. One range, checked per row; a folder
+    named like a slide is said, not dropped."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,slide_id,stain,mpp\n"
+                        f"{slides[0]},a,,50\n"
+                        f"{slides[1]},b,,\n"
+                        f"{slides[2]},c,,fast\n"
+                        f"{slides[3]},d,pas,\n")
+    folder = tmp_path / "x.svs"
+    folder.mkdir()
+    out = tmp_path / "out"
+    assert main(["score", str(manifest), str(folder), "--out", str(out), "--device", "cpu",
+                 "-q", "--no-report"]) == 1
+    captured = capsys.readouterr()
+    assert "1 scored, 0 skipped (already done), 4 failed" in captured.out
+    assert [r["slide"] for r in _rows(out)] == ["b"]
+    with open(out / "failures.csv", newline="") as fh:
+        errors = {Path(f["input"]).name: f["error"] for f in csv.DictReader(fh)}
+    assert errors[slides[0].name] == (f"manifest {manifest} line 2: mpp '50' is not a "
+                                      "plausible pixel size (expected 0.05–20 µm/px)")
+    assert errors[slides[2].name] == (f"manifest {manifest} line 4: mpp 'fast' is not a "
+                                      "number (µm/px)")
+    assert errors[slides[3].name].startswith(f"manifest {manifest} line 5: unknown stain 'pas'")
+    assert errors["x.svs"] == "x.svs: is a folder, not a slide file"
+    assert "--mpp" not in captured.err and captured.err.count("tilscore: error:") == 4
+
+
+def test_an_implausible_mpp_option_stops_before_any_slide(slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["score", str(slides[0]), "--mpp", "50", "--out", str(out), "--device", "cpu",
+                 "-q"]) == 2
+    assert "implausible pixel size 50 µm/px from --mpp" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_folders_that_yield_no_slide_are_said_not_dropped(tmp_path):
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_text("x")
+    (tmp_path / "slides" / "b.svs").mkdir()  # a folder named like a slide, inside a folder
+    (tmp_path / "slides" / "notes").mkdir()  # an ordinary subfolder: not an input
+    (tmp_path / "empty").mkdir()
+    got = expand_inputs([str(tmp_path / "slides"), str(tmp_path / "empty")])
+    assert [(s.path.name, s.problem) for s in got] == [
+        ("a.svs", None), ("b.svs", "b.svs: is a folder, not a slide file"),
+        ("empty", got[2].problem)]
+    assert got[2].problem.startswith("empty: is a folder with no slide or image file in it")
+    globbed = expand_inputs([str(tmp_path / "slides" / "*.svs")])
+    assert [s.problem for s in globbed] == [None, "b.svs: is a folder, not a slide file"]
+    with pytest.raises(UsageError, match="no slides found in .*empty: is a folder with no"):
+        expand_inputs([str(tmp_path / "empty")])  # nothing at all to score: as before
+    with pytest.raises(UsageError, match="x.svs: is a folder, not a slide file"):
+        (tmp_path / "x.svs").mkdir()
+        expand_inputs([str(tmp_path / "x.svs")])
 
 
 def test_manifest_slide_id_with_a_newline_is_rejected(tmp_path):

@@ -77,14 +77,23 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
 
     if opts.decode not in DECODE_MODES:  # before any slide is touched
         raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
+    if opts.mpp is not None:  # before any slide: the option is wrong for all of them
+        from tilscore.slide.base import validate_mpp
+
+        validate_mpp(opts.mpp, "--mpp")
     out_dir = Path(out_dir)
-    items = [replace(i, stain=check_stain(i.stain or opts.stain)) for i in expand_inputs(inputs)]
+    check_stain(opts.stain)
+    expanded = expand_inputs(inputs)
+    items = [replace(i, stain=i.stain or opts.stain) for i in expanded if not i.problem]
     _ensure_writable(out_dir)
     from tilscore.pipeline import remove_stale_work_dirs
 
     for path in remove_stale_work_dirs(out_dir):
         log.info("removed %s, left by a killed run", path.name)
     result = RunResult()
+    for bad in (i for i in expanded if i.problem):  # this input's failure, not the batch's
+        result.failures.append({"input": str(bad.path), "error": bad.problem})
+        log.warning("%s: failed: %s", bad.slide_id or bad.path.name, bad.problem)
     hashes = {s: _model_and_config(opts, s) for s in sorted({i.stain for i in items})}
     todo = []
     for item in items:

@@ -158,12 +158,17 @@ def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     from tilscore.fast import predict_fast
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
+    from tilscore.slide.base import mpp_problem
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
     problem = slide_id_problem(item.slide_id)
     if problem:  # an InputSlide built by a caller, not by tilscore.inputs
         raise InputError(f"slide id {item.slide_id!r} {problem}")
+    if item.problem:
+        raise InputError(item.problem)
+    if item.mpp is not None and mpp_problem(item.mpp):  # this slide's, not a usage error
+        raise InputError(f"{item.path.name}: its mpp {item.mpp:g} {mpp_problem(item.mpp)}")
     cfg = cfg or ScoreConfig()
     card = engine.card
     read_threads = read_threads or default_read_threads(engine.device, engine.cores)

@@ -99,10 +99,14 @@ def read_summary(path: str | Path) -> dict:
         raise SummaryProblem(f"{path}: unreadable ({exc}); the slide is not complete: "
                              "rescore it") from exc
     try:
-        return check_summary(json.loads(text))
-    except ValueError as exc:  # invalid JSON too
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SummaryProblem(f"{path}: malformed summary ({detail}); the slide is not "
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SummaryProblem(f"{path}: not valid JSON ({exc}); the slide is not complete: "
+                             "rescore it") from exc
+    try:
+        return check_summary(data)
+    except ValueError as exc:
+        raise SummaryProblem(f"{path}: malformed summary ({exc}); the slide is not "
                              "complete: rescore it") from exc
 
 
