@@ -242,6 +242,62 @@ def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
     assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
 
 
+def _unshare_pid() -> list[str]:
+    """The command prefix that runs a process in its own PID namespace, or skip."""
+    import shutil
+
+    prefix = ["unshare", "--pid", "--fork", "--map-root-user"]
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare cannot make a PID namespace here: {probe.stderr.strip()[:200]}")
+    assert int(probe.stdout) < 10  # really another namespace: its first processes
+    return prefix
+
+
+def _tree(root: Path, skip: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if skip not in (p, *p.parents)}
+
+
+@pytest.mark.parametrize("namespace", ["shared", "own"], ids=["same-pid-namespace",
+                                                               "own-pid-namespace"])
+def test_two_runs_on_one_output_folder_share_the_work(slides, tmp_path, namespace):
+    """Two `tilscore score` runs on the same cohort and --out at once (a job array, or a
+    rerun started while one runs; the second, in the "own" variant, in its own PID
+    namespace as in a container): each slide is scored exactly once, by one of them,
+    both exit 0, every slide folder is complete, nothing is left behind and nothing
+    outside --out is touched. Both used to score every slide, and concurrent publishing
+    of one slide failed 73 of 300 times."""
+    from tilscore.summary import missing_outputs, read_summary
+
+    prefix = _unshare_pid() if namespace == "own" else []
+    out = tmp_path / "out"
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "keep.txt").write_text("not tilscore's")
+    before = _tree(tmp_path, out) | _tree(slides[0].parent, out)
+    args = ("score", *slides, "--out", out, "--device", "cpu", "--quiet")
+    runs = [subprocess.Popen([*p, *_cli(*args)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for p in ([], prefix)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr
+    scored = [line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines()
+              if line.startswith("s") and ": " in line and "(" not in line]
+    assert sorted(scored) == [p.stem for p in slides]  # each exactly once, by one run
+    for stdout, _ in outputs:
+        assert "skipped (already done), 0 failed" in stdout.splitlines()[-1]
+    for p in slides:
+        assert not missing_outputs(out / p.stem)
+        assert read_summary(out / p.stem / "summary.json")["slide"] == p.stem
+    assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".report-cache"]  # no work folder, replaced folder or lock file left
+    assert _tree(tmp_path, out) | _tree(slides[0].parent, out) == before
+
+
 def test_fail_fast_stops_at_the_first_failure_and_log_file_records(slides, tmp_path):
     out, log_file = tmp_path / "out", tmp_path / "run.log"
     bad = tmp_path / "corrupt.tiff"
@@ -388,24 +444,55 @@ def test_devices_one_worker_each():
             resolve_devices(BatchOptions(devices=("all",)))
 
 
-def test_work_dir_of_a_killed_unreaped_process_is_removed(tmp_path):
-    """A SIGKILLed run whose parent has not reaped it yet (a zombie) counts as gone."""
+HOLD_LOCK = ("import fcntl, os, sys, time\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+             "print(os.getpid(), flush=True)\n"
+             "time.sleep(120)\n")
+
+
+def _hold_lock(path: Path, *prefix: str) -> subprocess.Popen:
+    """A process (optionally started through `prefix`, e.g. unshare) holding the flock on
+    `path`; returns once it holds it."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", HOLD_LOCK, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip(), "the lock holder did not start"
+    return proc
+
+
+def test_stale_work_folders_are_those_whose_slide_lock_is_free(tmp_path):
+    """Two runs sharing a host name but not a PID namespace: the second run's clean-up
+    took the first run's work folder for a killed run's (its PID, from another namespace,
+    was not alive here) and removed it, failing the first. The owner's lock decides."""
     from tilscore.io.atomic import host_tag as _host_tag
+    from tilscore.io.locks import lock_path
     from tilscore.pipeline import remove_stale_work_dirs
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    live = tmp_path / f".a.tmp-{_host_tag()}-{os.getpid()}-x1"
-    dead = tmp_path / f".b.tmp-{_host_tag()}-{child.pid}-x2"
-    other_host = tmp_path / f".c.tmp-elsewhere-{child.pid}-x3"
-    for d in (live, dead, other_host):
+    host = _host_tag()
+    live = tmp_path / f".a.tmp-{host}-999999999-x1"  # a PID that is not alive here
+    dead = tmp_path / f".b.tmp-{host}-{os.getpid()}-x2"  # a PID alive here: reused
+    replaced = tmp_path / ".c.old-0123456789ab"  # left between publishing's two renames
+    other_host = tmp_path / ".d.tmp-elsewhere-1-x4"  # locks may not reach other hosts
+    for d in (live, dead, replaced, other_host):
         d.mkdir()
-    child.send_signal(signal.SIGKILL)
-    time.sleep(0.5)  # not waited for: a zombie until reaped
+        (d / "cells.csv").write_text("x\n")
+    owner = _hold_lock(lock_path(tmp_path, "a"))
+    killed = _hold_lock(lock_path(tmp_path, "b"))
+    killed.kill()  # SIGKILL: the OS releases its lock; not waited for: a zombie
+    time.sleep(0.3)
     try:
-        assert remove_stale_work_dirs(tmp_path) == [dead]
-        assert live.exists() and other_host.exists() and not dead.exists()
+        assert remove_stale_work_dirs(tmp_path) == [dead, replaced]
+        assert live.is_dir() and other_host.is_dir()
+        assert not lock_path(tmp_path, "b").exists()  # the killed run's lock file too
+        old = time.time() - 2 * 24 * 3600
+        os.utime(other_host, (old, old))  # long dead: removed after all
+        assert remove_stale_work_dirs(tmp_path) == [other_host]
     finally:
-        child.wait()
+        owner.kill()
+        owner.wait()
+        killed.wait()
+    assert remove_stale_work_dirs(tmp_path) == [live]  # its owner is gone now
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypatch):

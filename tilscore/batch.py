@@ -57,12 +57,26 @@ class BatchOptions:
 
 @dataclass
 class RunResult:
-    """This run's rows (scored or skipped), failures, and ids skipped as already done."""
+    """This run's rows (scored or skipped), failures, and ids skipped as already done
+    (`elsewhere`: those of them another run scored while this one ran)."""
 
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     scored: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A slide this run has to score, and how to recognise it scored by another run
+    meanwhile: a complete summary with the same model and configuration hashes, other
+    than the one found when the run planned (`stamp`: inode, mtime, size; None: none)."""
+
+    item: InputSlide
+    model_sha256: str
+    cfg_hash: str
+    stamp: tuple[int, int, int] | None
 
 
 def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | None = None,
@@ -99,7 +113,7 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     for item in items:
         done = None if opts.overwrite else completed_summary(out_dir, item, *hashes[item.stain])
         if done is None:
-            todo.append(item)
+            todo.append(_Job(item, *hashes[item.stain], _summary_stamp(out_dir, item)))
         else:
             result.skipped.append(item.slide_id)
             result.rows.append(flatten(done))
@@ -127,9 +141,64 @@ def _refresh_report(out_dir: Path) -> None:
         log.warning("report.html not written: %s", one_line(exc))
 
 
-def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
+# -- sharing an output folder with other runs ---------------------------------------------
+
+def _summary_stamp(out_dir: Path, item: InputSlide) -> tuple[int, int, int] | None:
+    try:
+        st = (out_dir / item.slide_id / "summary.json").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _claim(job: _Job, out_dir: Path, wait: bool) -> tuple[str, object]:
+    """Take `job`'s slide lock: ("mine", the held SlideLock): score it; ("done",
+    summary): another run scored it since this one planned; ("busy", None): another run
+    holds it now (only when not `wait`ing for it)."""
+    from tilscore.io.locks import SlideLock
+
+    lock = SlideLock(out_dir, job.item.slide_id)
+    if not lock.acquire(wait=wait):
+        return "busy", None
+    if _summary_stamp(out_dir, job.item) != job.stamp:
+        done = completed_summary(out_dir, job.item, job.model_sha256, job.cfg_hash)
+        if done is not None:
+            lock.release()
+            return "done", done
+    return "mine", lock
+
+
+def _claims(jobs: list[_Job], out_dir: Path, result: RunResult, bar):
+    """(job, held lock) of every slide this run scores, in order. A slide another run is
+    scoring now is put off until the others are done, then waited for: taken as done
+    if that run completed it, scored here if not (it failed, or was killed). So runs
+    sharing an output folder share the work and each slide is scored once."""
+    later = []
+    for wait, round_ in ((False, jobs), (True, later)):
+        for job in round_:
+            kind, got = _claim(job, out_dir, wait)
+            if kind == "busy":
+                log.info("%s: another run is scoring it; back to it later", job.item.slide_id)
+                later.append(job)
+            elif kind == "done":
+                _take_done(job, got, result, bar)
+            else:
+                yield job, got
+
+
+def _take_done(job: _Job, summary: dict, result: RunResult, bar) -> None:
+    result.rows.append(flatten(summary))
+    result.skipped.append(job.item.slide_id)
+    result.elsewhere.append(job.item.slide_id)
+    log.info("%s: scored by another run", job.item.slide_id)
+    bar.update(1)
+
+
+# -- in this process ----------------------------------------------------------------------
+
+def _run_here(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
               result: RunResult) -> None:
-    """Score `items` in this process, one device. With ``opts.overlap_writes`` (default:
+    """Score `jobs` in this process, one device. With ``opts.overlap_writes`` (default:
     on CUDA) pipelined by one slide: while slide N uses the device, slide N-1 is
     aggregated and written on a background thread (:func:`tilscore.pipeline.start_slide`),
     so writing is off the device's critical path; at most one slide waits to be
@@ -138,12 +207,17 @@ def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
 
     engines: dict[str, object] = {}
     pending = None  # the previous slide's finish, running
-    with _slide_bar(len(items), opts.quiet) as bar, \
+    with _slide_bar(len(jobs), opts.quiet) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
-        for item in items:
-            if item.stain not in engines:  # UsageError (no model for the stain) raises
-                engines[item.stain] = load_engine(opts, item.stain, opts.device)
-            started = _start_one(item, out_dir, engines[item.stain], opts)
+        for job, lock in _claims(jobs, out_dir, result, bar):
+            item = job.item
+            try:
+                if item.stain not in engines:  # UsageError (no model for the stain) raises
+                    engines[item.stain] = load_engine(opts, item.stain, opts.device)
+            except BaseException:
+                lock.release()
+                raise
+            started = _start_one(item, out_dir, engines[item.stain], opts, lock)
             if pending is not None:
                 _collect(pending.result(), result, bar)
                 pending = None
@@ -179,20 +253,21 @@ def _slide_kwargs(item: InputSlide, opts: BatchOptions) -> dict:
                 batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode)
 
 
-def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions) -> dict:
-    """Score one slide; a slide's failure is returned as data, never raised."""
+def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock) -> dict:
+    """Score one slide (its held `lock` is taken over); a slide's failure is returned as
+    data, never raised."""
     from tilscore.pipeline import score_slide
 
-    return _finish_one(item, lambda: score_slide(item, out_dir, engine,
+    return _finish_one(item, lambda: score_slide(item, out_dir, engine, lock=lock,
                                                  **_slide_kwargs(item, opts)))
 
 
-def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions):
+def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock):
     """The slide's device pass: its ``finish`` callable, or its failure as data."""
     from tilscore.pipeline import start_slide
 
     try:
-        return start_slide(item, out_dir, engine, **_slide_kwargs(item, opts))
+        return start_slide(item, out_dir, engine, lock=lock, **_slide_kwargs(item, opts))
     except UsageError:
         raise
     except Exception as exc:  # one bad slide never stops the others
@@ -257,9 +332,9 @@ def resolve_devices(opts: BatchOptions) -> list[str]:
     return devices or [opts.device]
 
 
-def _run_on_cluster(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
+def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
                     devices: list[str], result: RunResult) -> None:
-    if not items:
+    if not jobs:
         return
     from tilscore.cluster import open_client
 
@@ -269,45 +344,73 @@ def _run_on_cluster(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
     from tilscore.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
-    with open_client(kind, n_workers, opts.cluster_config) as client:
-        from distributed import as_completed
+    with open_client(kind, n_workers, opts.cluster_config) as client, \
+            _slide_bar(len(jobs), opts.quiet) as bar:
+        # Slides another run is scoring come back "busy": they are sent again, to wait
+        # for that run, once every other slide is done (as _claims does in one process).
+        for wait in (False, True):
+            jobs = _submit_all(client, jobs, out_dir, opts, devices, threads, wait,
+                               result, bar)
+            if not jobs or (opts.fail_fast and result.failures):
+                break
 
-        futures, owner = [], {}
-        for item in items:
-            future = client.submit(_score_on_worker, item, str(out_dir), opts, devices,
-                                   threads, key=f"tilscore-{item.slide_id}-{os.urandom(4).hex()}",
-                                   pure=False)
-            futures.append(future)
-            owner[future.key] = item
-        with _slide_bar(len(items), opts.quiet) as bar:
-            for future in as_completed(futures):
-                item = owner[future.key]
-                try:
-                    outcome = future.result()
-                except UsageError:
-                    client.cancel(futures)
-                    raise
-                except Exception as exc:  # the worker died (OOM killer, segfault, ...)
-                    outcome = {"slide_id": item.slide_id, "input": str(item.path),
-                               "error": f"worker lost: {one_line(exc)}"}
-                _collect(outcome, result, bar)
-                if opts.fail_fast and result.failures:
-                    client.cancel(futures)
-                    break
+
+def _submit_all(client, jobs: list[_Job], out_dir: Path, opts: BatchOptions,
+                devices: list[str], threads: int | None, wait: bool, result: RunResult,
+                bar) -> list[_Job]:
+    """One task per job on the cluster, outcomes collected as they finish; returns the
+    jobs that came back busy."""
+    from distributed import as_completed
+
+    futures, owner, busy = [], {}, []
+    for job in jobs:
+        future = client.submit(_score_on_worker, job, str(out_dir), opts, devices, threads,
+                               wait, key=f"tilscore-{job.item.slide_id}-{os.urandom(4).hex()}",
+                               pure=False)
+        futures.append(future)
+        owner[future.key] = job
+    for future in as_completed(futures):
+        job = owner[future.key]
+        try:
+            outcome = future.result()
+        except UsageError:
+            client.cancel(futures)
+            raise
+        except Exception as exc:  # the worker died (OOM killer, segfault, ...)
+            outcome = {"slide_id": job.item.slide_id, "input": str(job.item.path),
+                       "error": f"worker lost: {one_line(exc)}"}
+        if outcome.get("busy"):
+            busy.append(job)
+        elif "done" in outcome:
+            _take_done(job, outcome["done"], result, bar)
+        else:
+            _collect(outcome, result, bar)
+        if opts.fail_fast and result.failures:
+            client.cancel(futures)
+            break
+    return busy
 
 
 _WORKER_ENGINES: dict[tuple, object] = {}  # per worker process: loaded once, reused
 
 
-def _score_on_worker(item: InputSlide, out_dir: str, opts: BatchOptions,
-                     devices: list[str], cpu_threads: int | None) -> dict:
-    """Runs in a Dask worker: pick this worker's device, load (once) and score.
-    `cpu_threads`: torch threads (local workers split the node's cores; None = all)."""
+def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[str],
+                     cpu_threads: int | None, wait: bool = False) -> dict:
+    """Runs in a Dask worker: pick this worker's device, load (once), claim the slide's
+    lock (:func:`_claim`) and score. `cpu_threads`: torch threads (local workers split
+    the node's cores; None = all)."""
+    item = job.item
     device = _worker_device(devices)
     key = (opts.model, opts.mode, opts.region_model, item.stain, device)
     if key not in _WORKER_ENGINES:
         _WORKER_ENGINES[key] = load_engine(opts, item.stain, device, cpu_threads)
-    return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True))
+    kind, got = _claim(job, Path(out_dir), wait)
+    if kind == "busy":
+        return {"slide_id": item.slide_id, "busy": True}
+    if kind == "done":
+        return {"slide_id": item.slide_id, "done": got}
+    return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True),
+                      got)
 
 
 def _worker_device(devices: list[str]) -> str:
@@ -426,10 +529,13 @@ def _column_order(key: str) -> tuple[int, str]:
 
 
 def _ensure_writable(out_dir: Path) -> None:
+    import tempfile
+
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".tilscore-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        # a unique name: runs in other PID namespaces may have this process's PID
+        fd, probe = tempfile.mkstemp(prefix=".tilscore-write-test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"output folder {out_dir} is not writable: {exc.strerror}") from exc

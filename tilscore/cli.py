@@ -145,7 +145,9 @@ def score(
         report=report)
     result = score_inputs(inputs, out, opts)
     for row in result.rows:
-        done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
+        done = (" (scored by another run)" if row["slide"] in result.elsewhere
+                else " (already scored; --overwrite redoes it)"
+                if row["slide"] in result.skipped else "")
         typer.echo(f"{row['slide']}: {_headline(row)}{done}")
     for failure in result.failures:
         name, error = Path(failure["input"]).name, failure["error"]

@@ -8,11 +8,13 @@ never leaves a half-written slide folder; a failing slide is recorded in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from tilscore import __version__
 from tilscore.errors import InputError, UsageError
 from tilscore.inputs import InputSlide, slide_id_problem
 from tilscore.io import atomic
+from tilscore.io.locks import LOCK_SUFFIX, SlideLock, locks_work
 from tilscore.score import COMPARTMENT_OF_REGION, REGION_CLASSES, ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +134,8 @@ def model_card(model: str | None, stain: str):
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto") -> dict:
+                quiet: bool = False, decode: str = "auto",
+                lock: SlideLock | None = None) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
 
     `read_threads`/`batch_size` None: the device's defaults
@@ -140,42 +144,90 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
 
     `mpp` overrides the file's pixel size unless the input carries its own (a manifest
     row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
-    not `quiet`. The same as :func:`start_slide` followed by its ``finish()``."""
+    not `quiet`. The same as :func:`start_slide` (`lock`: the slide's lock, see there)
+    followed by its ``finish()``."""
     return start_slide(item, out_dir, engine, stain, mpp, cfg, read_threads, batch_size,
-                       quiet, decode)()
+                       quiet, decode, lock)()
 
 
 def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto") -> Callable[[], dict]:
+                quiet: bool = False, decode: str = "auto",
+                lock: SlideLock | None = None) -> Callable[[], dict]:
     """The slide's pass over the device now (tissue, tiles, model, stitching; arguments
     as :func:`score_slide`); returns ``finish()``, which aggregates, writes every output,
     publishes the slide folder and returns the summary. ``finish`` reads no pixels (the
     slide is closed by then), so it can run on another thread while the next slide uses
     the device (:mod:`tilscore.batch` does). Call it exactly once: it removes the work
-    folder whatever happens. If this raises, nothing is left behind."""
+    folder whatever happens. If this raises, nothing is left behind.
+
+    The slide's lock (:class:`~tilscore.io.locks.SlideLock`) is held from before the work
+    folder exists until it is gone: `lock`, acquired by the caller, is taken over;
+    None: taken here, and :class:`SlideBusyError` if another run holds it."""
+    try:
+        problem = _input_problem(item)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if problem:
+        if lock is not None:
+            lock.release()
+        raise InputError(problem)
+    if lock is None:
+        lock = SlideLock(out_dir, item.slide_id)
+        if not lock.acquire():
+            raise SlideBusyError(f"{item.slide_id}: another run is scoring it (it holds "
+                                 f"{lock.path})")
+    try:
+        finish = _start_locked(item, out_dir, engine, stain, mpp, cfg, read_threads,
+                               batch_size, quiet, decode)
+    except BaseException:
+        lock.release()
+        raise
+
+    def finish_and_release() -> dict:
+        try:
+            return finish()
+        finally:
+            lock.release()
+
+    return finish_and_release
+
+
+def _input_problem(item: InputSlide) -> str | None:
+    """Why `item` cannot be scored before anything is touched (None: it can). Checks an
+    InputSlide built by a caller, not by tilscore.inputs, as those do."""
+    from tilscore.slide.base import mpp_problem
+
+    problem = slide_id_problem(item.slide_id)
+    if problem:  # it names the output folder and the lock file
+        return f"slide id {item.slide_id!r} {problem}"
+    if item.problem:
+        return item.problem
+    if item.mpp is not None and mpp_problem(item.mpp):  # this slide's, not a usage error
+        return f"{item.path.name}: its mpp {item.mpp:g} {mpp_problem(item.mpp)}"
+    return None
+
+
+def _start_locked(item: InputSlide, out_dir: Path, engine: Engine, stain: str,
+                  mpp: float | None, cfg: ScoreConfig | None, read_threads: int | None,
+                  batch_size: int | None, quiet: bool, decode: str) -> Callable[[], dict]:
+    """:func:`start_slide` once the slide's lock is held."""
     from tilscore.fast import predict_fast
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
-    from tilscore.slide.base import mpp_problem
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
-    problem = slide_id_problem(item.slide_id)
-    if problem:  # an InputSlide built by a caller, not by tilscore.inputs
-        raise InputError(f"slide id {item.slide_id!r} {problem}")
-    if item.problem:
-        raise InputError(item.problem)
-    if item.mpp is not None and mpp_problem(item.mpp):  # this slide's, not a usage error
-        raise InputError(f"{item.path.name}: its mpp {item.mpp:g} {mpp_problem(item.mpp)}")
     cfg = cfg or ScoreConfig()
     card = engine.card
     read_threads = read_threads or default_read_threads(engine.device, engine.cores)
     batch_size = batch_size or default_batch_size(engine.device)
     t0 = time.perf_counter()
-    # Host and PID in the name: a later run removes it if this process was killed
-    # (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique across containers.
+    # Host and PID in the name tell a person whose it is; what makes it stale is its free
+    # slide lock (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique.
     prefix = f".{item.slide_id}.tmp-{atomic.host_tag()}-{os.getpid()}-"
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
@@ -578,6 +630,9 @@ def _jsonable(obj):
     return obj
 
 
+PUBLISH_ATTEMPTS = 5
+
+
 def _publish(work: Path, final: Path) -> None:
     """Replace `final` by the complete `work` folder (old outputs removed only after).
 
@@ -587,12 +642,28 @@ def _publish(work: Path, final: Path) -> None:
     if final.resolve().parent != out_dir or final.name in ("", ".", ".."):
         raise InputError(f"refusing to write outputs to {final}: not a folder directly "
                          f"inside {out_dir}")
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
     os.chmod(work, 0o777 & ~atomic.UMASK)  # mkdtemp makes 0700; outputs are shared
-    if final.exists():
-        os.replace(final, old)
-    os.replace(work, final)
-    shutil.rmtree(old, ignore_errors=True)
+    # The slide's lock keeps other tilscore runs out; should another process publish the
+    # same slide anyway (a filesystem whose locks do not reach other hosts), the
+    # moved-aside folder or the target may change between the two renames: try again
+    # rather than fail (both results are complete).
+    replaced = []
+    for attempt in range(PUBLISH_ATTEMPTS):
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+        try:
+            os.replace(final, old)
+            replaced.append(old)
+        except FileNotFoundError:
+            pass  # nothing there (yet)
+        try:
+            os.replace(work, final)
+            break
+        except OSError as exc:  # ENOTEMPTY/EEXIST: someone published in between
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or \
+                    attempt == PUBLISH_ATTEMPTS - 1:
+                raise
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
@@ -611,18 +682,50 @@ def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+STALE_AGE_S = 24 * 3600  # far beyond any slide's runtime
+# work folders (.<id>.tmp-<host>-<pid>-<random>) and replaced outputs (.<id>.old-<hex>)
+_LEFT_BEHIND = re.compile(r"\.(?P<id>.+)\.(tmp-(?P<host>[A-Za-z0-9]+)-|old-)[^/]+")
+
+
 def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
-    """Delete work folders left in `out_dir` by killed runs on this host (their process is
-    gone); folders of live processes or other hosts sharing the folder are left alone."""
+    """Delete the work folders (and replaced outputs, ``.<id>.old-*``) left in `out_dir`
+    by runs that are gone, and their lock files; return the folders removed.
+
+    A folder is stale when its slide's lock can be taken: the run that made it held the
+    lock for as long as the folder was its own, and the OS released it when that run
+    died (:mod:`tilscore.io.locks`), so nothing of a live run is touched, whatever its
+    PID namespace. A work folder named for another host is removed only once older than
+    STALE_AGE_S as well (not every shared filesystem carries locks between hosts), and
+    where the filesystem has no working locks at all, that age is the only rule."""
     removed = []
-    host = atomic.host_tag()
-    for path in out_dir.glob(".*.tmp-*"):
-        tag = path.name.rsplit(".tmp-", 1)[1].split("-")
-        mine = len(tag) >= 2 and tag[0] == host and tag[1].isdigit()
-        if mine and not atomic.pid_alive(int(tag[1])):
+    locking = locks_work(out_dir)
+    for path in sorted(out_dir.glob(".*")):
+        match = _LEFT_BEHIND.fullmatch(path.name)
+        if path.is_file() and path.name.endswith(LOCK_SUFFIX) and locking:
+            lock = SlideLock(out_dir, path.name[1:-len(LOCK_SUFFIX)])
+            if lock.acquire():  # a killed run's lock file: releasing unlinks it
+                lock.release()
+            continue
+        if match is None or not path.is_dir():
+            continue
+        try:
+            old_enough = time.time() - path.stat().st_mtime > STALE_AGE_S
+        except FileNotFoundError:
+            continue  # its run just finished with it
+        if not locking or match["host"] not in (None, atomic.host_tag()):
+            if not old_enough:
+                continue
+        with SlideLock(out_dir, match["id"]) as lock:
+            if not lock.acquire():
+                continue  # a live run owns it
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        removed.append(path)
     return removed
 
 
-__all__ = ["Engine", "InputError", "config_hash", "score_slide", "start_slide"]
+class SlideBusyError(InputError):
+    """Another live run holds the slide's lock (it is scoring the slide now)."""
+
+
+__all__ = ["Engine", "InputError", "SlideBusyError", "config_hash", "score_slide",
+           "start_slide"]
