@@ -298,6 +298,47 @@ def test_two_runs_on_one_output_folder_share_the_work(slides, tmp_path, namespac
     assert _tree(tmp_path, out) | _tree(slides[0].parent, out) == before
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_writes_the_tables_and_says_one_line(slides, tmp_path, signum, code):
+    """SIGTERM (what Slurm sends on cancel or at its time limit) killed the run with no
+    message and no scores.csv even for the finished slides; SIGINT printed nothing. Now:
+    no new slide, the tables for what is done, no work folder, one line, 128 + signal."""
+    from tilscore.summary import missing_outputs
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli("score", *slides, "--out", out, "--device", "cpu",
+                                 "--quiet"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the batch ended before it could be stopped")
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next slide
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"tilscore: interrupted by {signal.Signals(signum).name}: no new slide started; "), \
+        stderr
+    assert "scores.csv and failures.csv written" in lines[0]
+    done = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert 1 <= len(done) < N_SLIDES
+    assert sorted(r["slide"] for r in _rows(out)) == done  # the tables, for what is done
+    assert (out / "failures.csv").read_text() == "input,error\n"
+    assert all(not missing_outputs(out / d) for d in done)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*done, "scores.csv", "failures.csv"])  # no work folder, lock file or report
+    if signum != signal.SIGTERM:
+        return
+    rerun = subprocess.run(_cli("score", *slides, "--out", out, "--device", "cpu",
+                                "--quiet", "--no-report"), cwd=REPO, capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0 and f"{len(done)} skipped" in rerun.stdout
+
+
 def test_fail_fast_stops_at_the_first_failure_and_log_file_records(slides, tmp_path):
     out, log_file = tmp_path / "out", tmp_path / "run.log"
     bad = tmp_path / "corrupt.tiff"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
+from tilscore.interrupt import deferred_signals
 from tilscore.io import atomic
 from tilscore.score import ScoreConfig
 
@@ -124,7 +125,13 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
             _run_here(todo, out_dir, replace(opts, device=devices[0]), result)
         else:
             _run_on_cluster(todo, out_dir, opts, devices, result)
-    finally:  # what was scored is recorded even if the run is interrupted
+    except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
+        exc.result = result  # what was done, for the message
+        with deferred_signals():
+            write_tables(out_dir, result.failures)  # what was scored is recorded
+            remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
+        raise
+    with deferred_signals():
         write_tables(out_dir, result.failures)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)

@@ -17,6 +17,7 @@ import typer
 
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
+from tilscore.interrupt import Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -130,6 +131,7 @@ def score(
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
     DIR/report.html."""
     from tilscore.batch import BatchOptions, score_inputs
+    from tilscore.interrupt import stop_on_signals
     from tilscore.score_config import load_score_config
 
     check_stain(stain)
@@ -143,7 +145,8 @@ def score(
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
         report=report)
-    result = score_inputs(inputs, out, opts)
+    with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
+        result = score_inputs(inputs, out, opts)
     for row in result.rows:
         done = (" (scored by another run)" if row["slide"] in result.elsewhere
                 else " (already scored; --overwrite redoes it)"
@@ -328,6 +331,17 @@ def _headline(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _interrupted_line(exc: Interrupted) -> str:
+    """One line saying what a stopped run did and left."""
+    result = exc.result
+    if result is None:
+        return f"interrupted by {exc.name}"
+    return (f"interrupted by {exc.name}: no new slide started; {len(result.scored)} scored, "
+            f"{len(result.skipped)} skipped, {len(result.failures)} failed before it; "
+            "scores.csv and failures.csv written, work folders removed; rerun the same "
+            "command to score the rest")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     try:
@@ -338,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         print(f"tilscore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"tilscore: {_interrupted_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

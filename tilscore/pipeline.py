@@ -29,6 +29,7 @@ import numpy as np
 from tilscore import __version__
 from tilscore.errors import InputError, UsageError
 from tilscore.inputs import InputSlide, slide_id_problem
+from tilscore.interrupt import deferred_signals
 from tilscore.io import atomic
 from tilscore.io.locks import LOCK_SUFFIX, SlideLock, locks_work
 from tilscore.score import COMPARTMENT_OF_REGION, REGION_CLASSES, ScoreConfig
@@ -647,6 +648,15 @@ def _publish(work: Path, final: Path) -> None:
     # same slide anyway (a filesystem whose locks do not reach other hosts), the
     # moved-aside folder or the target may change between the two renames: try again
     # rather than fail (both results are complete).
+    with deferred_signals():  # a stop signal waits for both renames
+        replaced = _swap_in(work, final)
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(work: Path, final: Path) -> list[Path]:
+    """Rename `work` to `final`, moving what is there aside first; returns the folders
+    moved aside (to be removed)."""
     replaced = []
     for attempt in range(PUBLISH_ATTEMPTS):
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
@@ -662,8 +672,7 @@ def _publish(work: Path, final: Path) -> None:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or \
                     attempt == PUBLISH_ATTEMPTS - 1:
                 raise
-    for old in replaced:
-        shutil.rmtree(old, ignore_errors=True)
+    return replaced
 
 
 def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
