@@ -501,6 +501,20 @@ def _hold_lock(path: Path, *prefix: str) -> subprocess.Popen:
     return proc
 
 
+def test_a_slide_lock_is_exclusive_waitable_and_leaves_no_file(tmp_path):
+    import threading
+
+    from tilscore.io.locks import SlideLock
+
+    a, b = SlideLock(tmp_path, "s1"), SlideLock(tmp_path, "s1")
+    assert a.acquire() and not b.acquire()  # a second open file: flock is per file
+    threading.Timer(0.3, a.release).start()
+    assert b.acquire(wait=True, poll_s=0.05)  # the file a unlinked is noticed
+    assert not SlideLock(tmp_path, "s1").acquire()
+    b.release()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_work_folders_are_those_whose_slide_lock_is_free(tmp_path):
     """Two runs sharing a host name but not a PID namespace: the second run's clean-up
     took the first run's work folder for a killed run's (its PID, from another namespace,

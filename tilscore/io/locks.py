@@ -1,8 +1,8 @@
 """Per-slide advisory locks: which live run, if any, owns a slide of an output folder.
 
-A run scoring slide X holds an exclusive ``flock`` on ``OUT/.X.lock`` for as long as X's
-work folder exists: it takes the lock, then creates the folder, and removes or publishes
-the folder before it lets the lock go. A kernel lock belongs to an open file, not to a
+A run scoring slide X holds an exclusive ``flock`` on ``OUT/.X.tilscore-lock`` for as
+long as X's work folder exists: it takes the lock, then creates the folder, and removes
+or publishes the folder before it lets the lock go. A kernel lock belongs to an open file, not to a
 process id, so it holds between runs that share a host name but not a PID namespace
 (containers with host networking, Kubernetes pods with ``hostNetwork``) and, where the
 filesystem supports it (local filesystems; NFS through its lock manager), between hosts;
@@ -34,7 +34,7 @@ except ImportError:  # Windows: no flock
 
 log = logging.getLogger(__name__)
 
-LOCK_SUFFIX = ".lock"
+LOCK_SUFFIX = ".tilscore-lock"  # specific: never another tool's lock file
 POLL_S = 0.5  # how often a waiting run tries a held lock again
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
