@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import synthetic_he_slides
 from tilscore.cli import main
 from tilscore.errors import UsageError
 from tilscore.inputs import expand_inputs, read_manifest
@@ -25,12 +26,8 @@ SIDE_PX = 1280
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> list[Path]:
-    from tilscore.synth import write_synthetic_slide
-
-    root = tmp_path_factory.mktemp("batch-slides")
-    return [write_synthetic_slide(root / f"s{k}.tiff", stain="he", seed=20 + k,
-                                  size_px=(SIDE_PX, SIDE_PX), mpp=0.25).slide_path
-            for k in range(N_SLIDES)]
+    return synthetic_he_slides(tmp_path_factory.mktemp("batch-slides"), "s", N_SLIDES,
+                               SIDE_PX, seed=20)
 
 
 def _cli(*args) -> list[str]:
@@ -214,17 +211,23 @@ def test_globs_folders_and_files_expand_without_duplicates(tmp_path):
 
 # -- running a batch --------------------------------------------------------------------
 
+def _after_first_slide(command: list[str], out: Path, **popen) -> subprocess.Popen:
+    """A batch started in a subprocess, returned once its first slide is complete."""
+    proc = subprocess.Popen(command, cwd=REPO, **popen)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the batch ended before it could be stopped")
+        time.sleep(0.05)
+    return proc
+
+
 def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
     """SIGKILL mid-batch leaves no partial slide folder; the rerun scores only the rest."""
     out = tmp_path / "out"
     args = ("score", *slides, "--out", out, "--device", "cpu", "--quiet")
-    proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("the batch ended before it could be killed")
-        time.sleep(0.05)
+    proc = _after_first_slide(_cli(*args), out, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # into the next slide
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -307,14 +310,9 @@ def test_a_stop_signal_writes_the_tables_and_says_one_line(slides, tmp_path, sig
     from tilscore.summary import missing_outputs
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cli("score", *slides, "--out", out, "--device", "cpu",
-                                 "--quiet"), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("the batch ended before it could be stopped")
-        time.sleep(0.05)
+    proc = _after_first_slide(_cli("score", *slides, "--out", out, "--device", "cpu",
+                                   "--quiet"), out, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)  # into the next slide
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)

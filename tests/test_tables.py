@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import synthetic_he_slides
 from tilscore.cli import main
 from tilscore.io.atomic import read_csv_value, spreadsheet_safe, write_csv
 
@@ -21,12 +22,8 @@ SIDE_PX = 1024
 
 @pytest.fixture(scope="module")
 def he_slides(tmp_path_factory) -> list[Path]:
-    from tilscore.synth import write_synthetic_slide
-
-    root = tmp_path_factory.mktemp("tables-slides")
-    return [write_synthetic_slide(root / f"t{k}.tiff", stain="he", seed=40 + k,
-                                  size_px=(SIDE_PX, SIDE_PX), mpp=0.25).slide_path
-            for k in range(4)]
+    return synthetic_he_slides(tmp_path_factory.mktemp("tables-slides"), "t", 4, SIDE_PX,
+                               seed=40)
 
 
 @pytest.fixture(scope="module")
