@@ -492,12 +492,12 @@ def write_tables(out_dir: Path, failures: list[dict]) -> None:
     atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
 
 
-def write_scores(out_dir: Path, summaries: list[dict] | None = None) -> Path:
-    """``scores.csv``: one row per slide summary (default: :func:`all_summaries`), its
+def write_scores(out_dir: Path) -> Path:
+    """``scores.csv``: one row per valid slide summary (:func:`all_summaries`), its
     scalar fields as dotted columns (:func:`flatten`), QC flag codes and warnings as text;
     a column empty in every row (e.g. tumour and stroma with ``--model none``) is left
     out."""
-    rows = [flatten(s) for s in (all_summaries(out_dir) if summaries is None else summaries)]
+    rows = [flatten(s) for s in all_summaries(out_dir)]
     fields = sorted({k for row in rows for k, v in row.items() if v not in (None, "")}
                     | set(ALWAYS_COLUMNS if rows else ()), key=_column_order)
     atomic.write_csv(out_dir / "scores.csv", fields, rows)

@@ -166,12 +166,7 @@ def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
     The slide's lock (:class:`~tilscore.io.locks.SlideLock`) is held from before the work
     folder exists until it is gone: `lock`, acquired by the caller, is taken over;
     None: taken here, and :class:`SlideBusyError` if another run holds it."""
-    try:
-        problem = _input_problem(item)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+    problem = _input_problem(item)
     if problem:
         if lock is not None:
             lock.release()
