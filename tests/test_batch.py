@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import synthetic_he_slides
 from tilscore.cli import main
 from tilscore.errors import UsageError
 from tilscore.inputs import expand_inputs, read_manifest
@@ -25,12 +26,8 @@ SIDE_PX = 1280
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> list[Path]:
-    from tilscore.synth import write_synthetic_slide
-
-    root = tmp_path_factory.mktemp("batch-slides")
-    return [write_synthetic_slide(root / f"s{k}.tiff", stain="he", seed=20 + k,
-                                  size_px=(SIDE_PX, SIDE_PX), mpp=0.25).slide_path
-            for k in range(N_SLIDES)]
+    return synthetic_he_slides(tmp_path_factory.mktemp("batch-slides"), "s", N_SLIDES,
+                               SIDE_PX, seed=20)
 
 
 def _cli(*args) -> list[str]:
@@ -68,8 +65,6 @@ def test_manifest_paths_stain_mpp_and_metadata(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("file,stain\na.svs,he\n", "missing required column 'path' (columns: file, stain)"),
     ("path,slide_id\na.svs,X\nb.svs,X\n", "duplicate slide id 'X'"),
-    ("path,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a plausible"),
-    ("path,stain\na.svs,pas\n", "line 2: unknown stain 'pas'; valid: he, cd20, foxp3"),
     ("path\n", "lists no slides"),
     ("path,stain\na.svs,he,extra\n", "line 2: more values than columns"),
 ])
@@ -91,6 +86,64 @@ def test_manifest_slide_id_that_is_not_one_plain_name_is_rejected_with_its_row(
     with pytest.raises(UsageError) as err:
         read_manifest(manifest)
     assert "line 3: slide_id" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_bad_manifest_row_is_that_slides_failure_not_the_batchs(slides, tmp_path, capsys):
+    """A manifest mpp of 50 passed the manifest check (0.01–100), then aborted the run at
+    open (0.05–20) with exit 2 blaming --mpp, which the user never passed; later slides
+    were never tried and failures.csv was empty. One range, checked per row; a folder
+    named like a slide is said, not dropped."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,slide_id,stain,mpp\n"
+                        f"{slides[0]},a,,50\n"
+                        f"{slides[1]},b,,\n"
+                        f"{slides[2]},c,,fast\n"
+                        f"{slides[3]},d,pas,\n")
+    folder = tmp_path / "x.svs"
+    folder.mkdir()
+    out = tmp_path / "out"
+    assert main(["score", str(manifest), str(folder), "--out", str(out), "--device", "cpu",
+                 "-q", "--no-report"]) == 1
+    captured = capsys.readouterr()
+    assert "1 scored, 0 skipped (already done), 4 failed" in captured.out
+    assert [r["slide"] for r in _rows(out)] == ["b"]
+    with open(out / "failures.csv", newline="") as fh:
+        errors = {Path(f["input"]).name: f["error"] for f in csv.DictReader(fh)}
+    assert errors[slides[0].name] == (f"manifest {manifest} line 2: mpp '50' is not a "
+                                      "plausible pixel size (expected 0.05–20 µm/px)")
+    assert errors[slides[2].name] == (f"manifest {manifest} line 4: mpp 'fast' is not a "
+                                      "number (µm/px)")
+    assert errors[slides[3].name].startswith(f"manifest {manifest} line 5: unknown stain 'pas'")
+    assert errors["x.svs"] == "x.svs: is a folder, not a slide file"
+    assert "--mpp" not in captured.err and captured.err.count("tilscore: error:") == 4
+
+
+def test_an_implausible_mpp_option_stops_before_any_slide(slides, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["score", str(slides[0]), "--mpp", "50", "--out", str(out), "--device", "cpu",
+                 "-q"]) == 2
+    assert "implausible pixel size 50 µm/px from --mpp" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_folders_that_yield_no_slide_are_said_not_dropped(tmp_path):
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_text("x")
+    (tmp_path / "slides" / "b.svs").mkdir()  # a folder named like a slide, inside a folder
+    (tmp_path / "slides" / "notes").mkdir()  # an ordinary subfolder: not an input
+    (tmp_path / "empty").mkdir()
+    got = expand_inputs([str(tmp_path / "slides"), str(tmp_path / "empty")])
+    assert [(s.path.name, s.problem) for s in got] == [
+        ("a.svs", None), ("b.svs", "b.svs: is a folder, not a slide file"),
+        ("empty", got[2].problem)]
+    assert got[2].problem.startswith("empty: is a folder with no slide or image file in it")
+    globbed = expand_inputs([str(tmp_path / "slides" / "*.svs")])
+    assert [s.problem for s in globbed] == [None, "b.svs: is a folder, not a slide file"]
+    with pytest.raises(UsageError, match="no slides found in .*empty: is a folder with no"):
+        expand_inputs([str(tmp_path / "empty")])  # nothing at all to score: as before
+    with pytest.raises(UsageError, match="x.svs: is a folder, not a slide file"):
+        (tmp_path / "x.svs").mkdir()
+        expand_inputs([str(tmp_path / "x.svs")])
 
 
 def test_manifest_slide_id_with_a_newline_is_rejected(tmp_path):
@@ -158,17 +211,23 @@ def test_globs_folders_and_files_expand_without_duplicates(tmp_path):
 
 # -- running a batch --------------------------------------------------------------------
 
+def _after_first_slide(command: list[str], out: Path, **popen) -> subprocess.Popen:
+    """A batch started in a subprocess, returned once its first slide is complete."""
+    proc = subprocess.Popen(command, cwd=REPO, **popen)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the batch ended before it could be stopped")
+        time.sleep(0.05)
+    return proc
+
+
 def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
     """SIGKILL mid-batch leaves no partial slide folder; the rerun scores only the rest."""
     out = tmp_path / "out"
     args = ("score", *slides, "--out", out, "--device", "cpu", "--quiet")
-    proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*/summary.json")) and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("the batch ended before it could be killed")
-        time.sleep(0.05)
+    proc = _after_first_slide(_cli(*args), out, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # into the next slide
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -184,6 +243,98 @@ def test_killed_batch_resumes_exactly_the_missing_slides(slides, tmp_path):
     assert f"{N_SLIDES - len(done)} scored, {len(done)} skipped" in rerun.stdout
     assert not list(out.glob(".*.tmp-*"))  # the killed run's work dir was cleaned up
     assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
+
+
+def _unshare_pid() -> list[str]:
+    """The command prefix that runs a process in its own PID namespace, or skip."""
+    import shutil
+
+    prefix = ["unshare", "--pid", "--fork", "--map-root-user"]
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare cannot make a PID namespace here: {probe.stderr.strip()[:200]}")
+    assert int(probe.stdout) < 10  # really another namespace: its first processes
+    return prefix
+
+
+def _tree(root: Path, skip: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if skip not in (p, *p.parents)}
+
+
+@pytest.mark.parametrize("namespace", ["shared", "own"], ids=["same-pid-namespace",
+                                                               "own-pid-namespace"])
+def test_two_runs_on_one_output_folder_share_the_work(slides, tmp_path, namespace):
+    """Two `tilscore score` runs on the same cohort and --out at once (a job array, or a
+    rerun started while one runs; the second, in the "own" variant, in its own PID
+    namespace as in a container): each slide is scored exactly once, by one of them,
+    both exit 0, every slide folder is complete, nothing is left behind and nothing
+    outside --out is touched. Both used to score every slide, and concurrent publishing
+    of one slide failed 73 of 300 times."""
+    from tilscore.summary import missing_outputs, read_summary
+
+    prefix = _unshare_pid() if namespace == "own" else []
+    out = tmp_path / "out"
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "keep.txt").write_text("not tilscore's")
+    before = _tree(tmp_path, out) | _tree(slides[0].parent, out)
+    args = ("score", *slides, "--out", out, "--device", "cpu", "--quiet")
+    runs = [subprocess.Popen([*p, *_cli(*args)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for p in ([], prefix)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr
+    scored = [line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines()
+              if line.startswith("s") and ": " in line and "(" not in line]
+    assert sorted(scored) == [p.stem for p in slides]  # each exactly once, by one run
+    for stdout, _ in outputs:
+        assert "skipped (already done), 0 failed" in stdout.splitlines()[-1]
+    for p in slides:
+        assert not missing_outputs(out / p.stem)
+        assert read_summary(out / p.stem / "summary.json")["slide"] == p.stem
+    assert sorted(r["slide"] for r in _rows(out)) == [p.stem for p in slides]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".report-cache"]  # no work folder, replaced folder or lock file left
+    assert _tree(tmp_path, out) | _tree(slides[0].parent, out) == before
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_writes_the_tables_and_says_one_line(slides, tmp_path, signum, code):
+    """SIGTERM (what Slurm sends on cancel or at its time limit) killed the run with no
+    message and no scores.csv even for the finished slides; SIGINT printed nothing. Now:
+    no new slide, the tables for what is done, no work folder, one line, 128 + signal."""
+    from tilscore.summary import missing_outputs
+
+    out = tmp_path / "out"
+    proc = _after_first_slide(_cli("score", *slides, "--out", out, "--device", "cpu",
+                                   "--quiet"), out, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # into the next slide
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"tilscore: interrupted by {signal.Signals(signum).name}: no new slide started; "), \
+        stderr
+    assert "scores.csv and failures.csv written" in lines[0]
+    done = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert 1 <= len(done) < N_SLIDES
+    assert sorted(r["slide"] for r in _rows(out)) == done  # the tables, for what is done
+    assert (out / "failures.csv").read_text() == "input,error\n"
+    assert all(not missing_outputs(out / d) for d in done)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*done, "scores.csv", "failures.csv"])  # no work folder, lock file or report
+    if signum != signal.SIGTERM:
+        return
+    rerun = subprocess.run(_cli("score", *slides, "--out", out, "--device", "cpu",
+                                "--quiet", "--no-report"), cwd=REPO, capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0 and f"{len(done)} skipped" in rerun.stdout
 
 
 def test_fail_fast_stops_at_the_first_failure_and_log_file_records(slides, tmp_path):
@@ -332,24 +483,69 @@ def test_devices_one_worker_each():
             resolve_devices(BatchOptions(devices=("all",)))
 
 
-def test_work_dir_of_a_killed_unreaped_process_is_removed(tmp_path):
-    """A SIGKILLed run whose parent has not reaped it yet (a zombie) counts as gone."""
+HOLD_LOCK = ("import fcntl, os, sys, time\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+             "print(os.getpid(), flush=True)\n"
+             "time.sleep(120)\n")
+
+
+def _hold_lock(path: Path, *prefix: str) -> subprocess.Popen:
+    """A process (optionally started through `prefix`, e.g. unshare) holding the flock on
+    `path`; returns once it holds it."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", HOLD_LOCK, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip(), "the lock holder did not start"
+    return proc
+
+
+def test_a_slide_lock_is_exclusive_waitable_and_leaves_no_file(tmp_path):
+    import threading
+
+    from tilscore.io.locks import SlideLock
+
+    a, b = SlideLock(tmp_path, "s1"), SlideLock(tmp_path, "s1")
+    assert a.acquire() and not b.acquire()  # a second open file: flock is per file
+    threading.Timer(0.3, a.release).start()
+    assert b.acquire(wait=True, poll_s=0.05)  # the file a unlinked is noticed
+    assert not SlideLock(tmp_path, "s1").acquire()
+    b.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_work_folders_are_those_whose_slide_lock_is_free(tmp_path):
+    """Two runs sharing a host name but not a PID namespace: the second run's clean-up
+    took the first run's work folder for a killed run's (its PID, from another namespace,
+    was not alive here) and removed it, failing the first. The owner's lock decides."""
     from tilscore.io.atomic import host_tag as _host_tag
+    from tilscore.io.locks import lock_path
     from tilscore.pipeline import remove_stale_work_dirs
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    live = tmp_path / f".a.tmp-{_host_tag()}-{os.getpid()}-x1"
-    dead = tmp_path / f".b.tmp-{_host_tag()}-{child.pid}-x2"
-    other_host = tmp_path / f".c.tmp-elsewhere-{child.pid}-x3"
-    for d in (live, dead, other_host):
+    host = _host_tag()
+    live = tmp_path / f".a.tmp-{host}-999999999-x1"  # a PID that is not alive here
+    dead = tmp_path / f".b.tmp-{host}-{os.getpid()}-x2"  # a PID alive here: reused
+    replaced = tmp_path / ".c.old-0123456789ab"  # left between publishing's two renames
+    other_host = tmp_path / ".d.tmp-elsewhere-1-x4"  # locks may not reach other hosts
+    for d in (live, dead, replaced, other_host):
         d.mkdir()
-    child.send_signal(signal.SIGKILL)
-    time.sleep(0.5)  # not waited for: a zombie until reaped
+        (d / "cells.csv").write_text("x\n")
+    owner = _hold_lock(lock_path(tmp_path, "a"))
+    killed = _hold_lock(lock_path(tmp_path, "b"))
+    killed.kill()  # SIGKILL: the OS releases its lock; not waited for: a zombie
+    time.sleep(0.3)
     try:
-        assert remove_stale_work_dirs(tmp_path) == [dead]
-        assert live.exists() and other_host.exists() and not dead.exists()
+        assert remove_stale_work_dirs(tmp_path) == [dead, replaced]
+        assert live.is_dir() and other_host.is_dir()
+        assert not lock_path(tmp_path, "b").exists()  # the killed run's lock file too
+        old = time.time() - 2 * 24 * 3600
+        os.utime(other_host, (old, old))  # long dead: removed after all
+        assert remove_stale_work_dirs(tmp_path) == [other_host]
     finally:
-        child.wait()
+        owner.kill()
+        owner.wait()
+        killed.wait()
+    assert remove_stale_work_dirs(tmp_path) == [live]  # its owner is gone now
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypatch):

@@ -104,3 +104,32 @@ def test_synth_cli_writes_slide_and_truth(tmp_path):
     assert truth["stain"] == "foxp3" and truth["size_px"] == [1024, 768]
     info = json.loads(run("info", out, "--json").stdout)
     assert info["dimensions"] == [1024, 768] and info["mpp"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"score:\n  density_grid_um: 1.0e-6\n",
+     "density_grid_um must be a number from 10 to 10000 µm, got 1e-06"),
+    (b"score:\n  near_tumour_um: .inf\n", "near_tumour_um must be a number from 0 to 2000"),
+    ("score:\n  coarse_mpp: 8 # \u00b5m\n".encode("latin-1"), "not UTF-8 text"),
+    (b"score: [", "invalid YAML"),
+])
+def test_bad_score_config_exits_2_before_any_slide(tmp_path, capsys, content, message):
+    """Checked before anything runs: exit 2, one line naming the key and its range (a
+    1e-6 µm grid failed every slide after its model pass; a Latin-1 config exited 1)."""
+    from tilscore.cli import main
+
+    config = tmp_path / "score.yaml"
+    config.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "any.svs"), "--out", str(out), "--config",
+                 str(config), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tilscore: error: {config}: ") and message in err, err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_absurd_batch_size_is_refused_before_any_slide(tmp_path):
+    proc = run("score", tmp_path / "any.svs", "--out", tmp_path / "out", "--batch-size",
+               "100000000")
+    assert proc.returncode == 2 and "batch-size" in proc.stderr
+    assert not (tmp_path / "out").exists()

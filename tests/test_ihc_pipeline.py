@@ -54,10 +54,13 @@ def test_positive_densities_within_15_percent_of_truth(scored, stain):
         summary["counts"]["negative"]["tissue"]
     assert "stromal_til_percent" not in summary
     assert summary["qc"]["flags"] == []
-    rule = summary["positive_rule"]
-    assert rule["compartment"] == ("nucleus" if stain == "foxp3" else "membrane")
-    assert rule["dab_threshold_od"] == (1.2 if stain == "foxp3" else 0.3)
-    assert rule["intensity_bins_od"] == [0.461, 0.921, 1.382]  # QuPath's, natural-log OD
+    assert summary["positive_rule"] == {
+        "compartment": ("nucleus" if stain == "foxp3" else "membrane")}
+    used = summary["score_config"]  # the values the rule used, resolved (issue 19, item 15)
+    assert used[f"{stain}_dab_threshold_od"] == (1.2 if stain == "foxp3" else 0.3)
+    assert [used[f"dab_bin_{b}_od"] for b in ("weak", "moderate", "strong")] == [
+        0.461, 0.921, 1.382]  # QuPath's, natural-log OD
+    assert not any(k.startswith("cd20" if stain == "foxp3" else "foxp3") for k in used)
     bins = summary["intensity_bins"]  # negatives are "none", positives graded
     assert bins["none"] == summary["counts"]["negative"]["tissue"]
     assert bins["weak"] + bins["moderate"] + bins["strong"] == summary["counts"][marker]["tissue"]
@@ -68,7 +71,7 @@ def test_positive_threshold_comes_from_the_score_config(scored, tmp_path):
     no cell is positive, the bins follow the config, and the config hash changes (so a
     resumed batch rescores instead of skipping)."""
     cfg = tmp_path / "score.yaml"
-    cfg.write_text("score:\n  foxp3_dab_threshold_od: 20\n  dab_bin_strong_od: 1.5\n")
+    cfg.write_text("score:\n  foxp3_dab_threshold_od: 6\n  dab_bin_strong_od: 1.5\n")
     assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "foxp3", "--config",
                  str(cfg), "--out", str(tmp_path / "out"), "--device", "cpu", "-q",
                  "--no-report"]) == 0
@@ -76,8 +79,9 @@ def test_positive_threshold_comes_from_the_score_config(scored, tmp_path):
     default = scored["foxp3"][0]
     assert summary["counts"]["foxp3_positive"]["tissue"] == 0
     assert default["counts"]["foxp3_positive"]["tissue"] >= 70
-    assert summary["positive_rule"]["dab_threshold_od"] == 20
-    assert summary["positive_rule"]["intensity_bins_od"] == [0.461, 0.921, 1.5]
+    assert summary["score_config"]["foxp3_dab_threshold_od"] == 6
+    assert [summary["score_config"][f"dab_bin_{b}_od"] for b in ("weak", "moderate", "strong")
+            ] == [0.461, 0.921, 1.5]
     assert summary["config_hash"] != default["config_hash"]
     # the same cells were found: only the call and the bins moved
     total = sum(summary["intensity_bins"].values())

@@ -9,6 +9,7 @@ import torch
 
 from tilscore.errors import UsageError
 from tilscore.models import ARCHITECTURES, ModelCard, create_model, load_model, save_model
+from tilscore.models.registry import MODELS_DIR, file_sha256
 
 
 def _card(**kw) -> ModelCard:
@@ -93,7 +94,6 @@ def test_shape_mismatch(saved):
     folder, _, _ = saved
     data = json.loads((folder / "card.json").read_text())
     data["architecture_kwargs"] = {"decoder_channels": [64, 32, 16, 8, 8]}
-    data["sha256"] = None
     (folder / "card.json").write_text(json.dumps(data))
     with pytest.raises(UsageError, match="do not match"):
         load_model(folder)
@@ -109,7 +109,72 @@ def test_loading_never_unpickles(saved):
     folder, _, card = saved
     (folder / card.weights_file).write_bytes(b"\x80\x04K\x01.")  # a pickle, not safetensors
     data = json.loads((folder / "card.json").read_text())
-    data["sha256"] = None
+    data["sha256"] = file_sha256(folder / card.weights_file)
     (folder / "card.json").write_text(json.dumps(data))
     with pytest.raises(UsageError, match="not a valid safetensors"):
         load_model(folder)
+
+
+def test_a_card_without_sha256_is_refused_naming_the_command_that_fixes_it(saved, capsys):
+    """Weights without a hash in the card loaded unchecked: corrupted weights then scored
+    silently. `tilscore model-hash DIR` adds the hash; a wrong one it does not replace."""
+    from tilscore.cli import main
+
+    folder, _, card = saved
+    data = json.loads((folder / "card.json").read_text())
+    data.pop("sha256")
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError) as err:
+        load_model(folder)
+    assert f"has no sha256 of its weights, so they cannot be checked; add it with: " \
+        f"tilscore model-hash {folder}" in str(err.value)
+    from tilscore.pipeline import model_card
+
+    with pytest.raises(UsageError, match="tilscore model-hash"):  # what batches read first
+        model_card(str(folder), "he")
+    assert main(["model-hash", str(folder)]) == 0
+    assert f"wrote sha256 {card.sha256}" in capsys.readouterr().out
+    assert load_model(folder)[1].sha256 == card.sha256
+    assert main(["model-hash", str(folder)]) == 0
+    assert "already carries" in capsys.readouterr().out
+    data["sha256"] = "0" * 64
+    (folder / "card.json").write_text(json.dumps(data))
+    assert main(["model-hash", str(folder)]) == 2
+    assert "corrupt or belong to another card" in capsys.readouterr().err
+    assert main(["model-hash", str(folder), "--force"]) == 0
+    assert load_model(folder)[1].sha256 == card.sha256
+
+
+def test_a_run_with_an_unhashed_model_stops_before_any_slide(saved, tmp_path, capsys):
+    from tilscore.cli import main
+
+    folder, _, _ = saved
+    data = json.loads((folder / "card.json").read_text())
+    data["sha256"] = None
+    (folder / "card.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "a.svs"), "--model", str(folder), "--out", str(out),
+                 "--device", "cpu", "-q"]) == 2
+    assert "tilscore model-hash" in capsys.readouterr().err
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json")))
+def test_every_shipped_model_card_carries_the_sha256_of_its_weights(name):
+    card = ModelCard.read(MODELS_DIR / name / "card.json")
+    assert card.sha256 == file_sha256(MODELS_DIR / name / card.weights_file)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tile_px": 10**7}, "tile_px"), ({"input_mpp": float("inf")}, "input_mpp"),
+    ({"overlap_px": 300}, "leaves no tile core"), ({"heatmap": {"threshold": 2}}, "threshold"),
+    ({"cell_classes": ["=HYPERLINK(1)"]}, "cell_classes"), ({"weights_file": "../w"}, "weights"),
+    ({"std": [0, 1, 1]}, "std"),
+])
+def test_card_values_are_range_checked_when_read(saved, change, message):
+    folder, _, _ = saved
+    data = {**json.loads((folder / "card.json").read_text()), **change}
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="invalid model card") as err:
+        load_model(folder)
+    assert message in str(err.value)

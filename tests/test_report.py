@@ -246,7 +246,7 @@ def test_incomplete_and_failed_slides_listed(report):
     assert page.not_scored.count("incomplete") == 2
     assert "broken.svs: not a slide" in html
     assert "epsilon/" in html and "no summary.json" in html
-    assert "zeta/" in html and "unreadable summary.json" in html
+    assert "zeta/" in html and "zeta/summary.json: not valid JSON" in html
     assert "epsilon" not in page.rows and "zeta" not in page.rows
 
 

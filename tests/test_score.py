@@ -110,7 +110,7 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     assert ScoreConfig().ihc_overrides("cd20", (0.2, 0.4, 0.6)) == {}
     with pytest.raises(UsageError, match="must increase"):
         ScoreConfig(dab_bin_weak_od=0.5).ihc_overrides("cd20", (0.2, 0.4, 0.6))
-    with pytest.raises(UsageError, match="> 0"):
+    with pytest.raises(UsageError, match="cd20_dab_threshold_od must be a number from 0.01"):
         ScoreConfig(cd20_dab_threshold_od=0.0)
     with pytest.raises(UsageError, match="must increase"):  # at load, for any stain's run
         ScoreConfig(dab_bin_strong_od=0.3)
@@ -118,9 +118,9 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     bad.write_text("score:\n  foxp3_threshold: 1\n")
     with pytest.raises(UsageError, match="unknown key.*foxp3_threshold"):
         load_score_config(bad)
-    for text, message in (("score:\n  density_grid_um: 0\n", "density_grid_um must be > 0"),
+    for text, message in (("score:\n  density_grid_um: 0\n", "density_grid_um must be a num"),
                           ("score:\n  tiger_cell_area_um2: -64\n", "tiger_cell_area_um2"),
-                          ("score:\n  near_tumour_um: -1\n", "near_tumour_um must be >= 0"),
+                          ("score:\n  near_tumour_um: -1\n", "near_tumour_um must be a num"),
                           ("score:\n  - 1\n", "score: section must be a mapping"),
                           ("score:\n  coarse_mpp: 8\ndensity_grid_um: 50\n",
                            "beside the score: section: density_grid_um")):
@@ -129,3 +129,43 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
             load_score_config(bad)
     bad.write_text("score:\n")  # an empty section, like an empty file: the defaults
     assert load_score_config(bad) == ScoreConfig()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("density_grid_um: 1.0e-6", "density_grid_um must be a number from 10 to 10000 µm, got 1e-06"),
+    ("density_grid_um: .inf", "density_grid_um must be a number from 10 to 10000 µm, got inf"),
+    ("near_tumour_um: .nan", "near_tumour_um must be a number from 0 to 2000 µm, got nan"),
+    ("coarse_mpp: -.inf", "coarse_mpp must be a number from 2 to 64 µm/px, got -inf"),
+    ("bulk_closing_radius_um: 1.0e9", "bulk_closing_radius_um must be a number from 0 to 2000"),
+    ("tiger_cell_area_um2: true", "tiger_cell_area_um2 must be a number from 1 to 1000 µm², "
+                                  "got True"),
+    ("lymphocyte_nucleus_diameter_um: seven", "lymphocyte_nucleus_diameter_um must be a number"),
+    ("foxp3_dab_threshold_od: .inf", "foxp3_dab_threshold_od must be a number from 0.01 to 6"),
+    ("dab_bin_weak_od: 1.0e300", "dab_bin_weak_od must be a number from 0.01 to 6 OD"),
+    ("1: 2", "unknown key(s) 1; valid:"),
+])
+def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message):
+    """.inf and a 1e-6 µm density grid passed the check and failed every slide after the
+    model pass (a 233 PiB array): every key has a finite accepted range, named in the
+    one-line error with the file."""
+    from tilscore.errors import UsageError
+    from tilscore.score_config import load_score_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("score:\n  " + text + "\n", encoding="utf-8")
+    with pytest.raises(UsageError) as err:
+        load_score_config(path)
+    assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(
+        f"{path}: {message}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_score_ranges_hold_the_shipped_defaults():
+    import dataclasses
+
+    from tilscore.score import SCORE_RANGES
+
+    assert set(SCORE_RANGES) == {f.name for f in dataclasses.fields(ScoreConfig)}
+    for name, (low, high, _) in SCORE_RANGES.items():
+        default = getattr(ScoreConfig(), name)
+        assert default is None or low <= default <= high, name

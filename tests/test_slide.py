@@ -220,13 +220,33 @@ def test_non_rgb_png_is_not_brightfield(tmp_path, mode):
     assert_one_line_starting_with(info.value, "grey.png")
 
 
-def test_decompression_bomb_is_open_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("limit", [1000, 6000])  # 10,000 px: beyond 2x the limit; within
+def test_decompression_bomb_is_one_clear_line_and_no_pillow_warning(tmp_path, monkeypatch,
+                                                                     limit, capsys):
+    """Between 1x and 2x Pillow's limit a PNG printed Pillow's raw DecompressionBombWarning
+    and was decoded whole; beyond it the error named a Python attribute."""
+    import warnings
+
+    from tilscore.cli import main
+
     path = tmp_path / "big.png"
     Image.fromarray(gradient_rgb(100, 100)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(SlideOpenError, match="MAX_IMAGE_PIXELS") as info:
-        open_slide(path, mpp=0.5)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SlideOpenError) as info:
+            open_slide(path, mpp=0.5)
+        assert main(["score", str(path), "--mpp", "0.5", "--out", str(tmp_path / "out"),
+                     "--device", "cpu", "-q", "--no-report"]) == 1
     assert_one_line_starting_with(info.value, "big.png")
+    assert "plain image too large (" in str(info.value)
+    assert ("10,000 pixels" if limit == 1000 else "100 x 100 px") in str(info.value)
+    assert f"at most {limit:,} pixels" in str(info.value)
+    assert "tiled pyramidal TIFF" in str(info.value)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    err = capsys.readouterr().err
+    assert err.startswith("tilscore: error: big.png: plain image too large") and \
+        err.count("\n") == 1 and "Warning" not in err
 
 
 def test_forced_image_backend_on_tiff(tmp_path):

@@ -11,7 +11,6 @@ runs. A failing slide is recorded in ``failures.csv`` and never stops the others
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
+from tilscore.interrupt import deferred_signals
 from tilscore.io import atomic
 from tilscore.score import ScoreConfig
 
@@ -58,12 +58,26 @@ class BatchOptions:
 
 @dataclass
 class RunResult:
-    """This run's rows (scored or skipped), failures, and ids skipped as already done."""
+    """This run's rows (scored or skipped), failures, and ids skipped as already done
+    (`elsewhere`: those of them another run scored while this one ran)."""
 
     rows: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     scored: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A slide this run has to score, and how to recognise it scored by another run
+    meanwhile: a complete summary with the same model and configuration hashes, other
+    than the one found when the run planned (`stamp`: inode, mtime, size; None: none)."""
+
+    item: InputSlide
+    model_sha256: str
+    cfg_hash: str
+    stamp: tuple[int, int, int] | None
 
 
 def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | None = None,
@@ -78,20 +92,29 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
 
     if opts.decode not in DECODE_MODES:  # before any slide is touched
         raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
+    if opts.mpp is not None:  # before any slide: the option is wrong for all of them
+        from tilscore.slide.base import validate_mpp
+
+        validate_mpp(opts.mpp, "--mpp")
     out_dir = Path(out_dir)
-    items = [replace(i, stain=check_stain(i.stain or opts.stain)) for i in expand_inputs(inputs)]
+    check_stain(opts.stain)
+    expanded = expand_inputs(inputs)
+    items = [replace(i, stain=i.stain or opts.stain) for i in expanded if not i.problem]
     _ensure_writable(out_dir)
     from tilscore.pipeline import remove_stale_work_dirs
 
     for path in remove_stale_work_dirs(out_dir):
         log.info("removed %s, left by a killed run", path.name)
     result = RunResult()
+    for bad in (i for i in expanded if i.problem):  # this input's failure, not the batch's
+        result.failures.append({"input": str(bad.path), "error": bad.problem})
+        log.warning("%s: failed: %s", bad.slide_id or bad.path.name, bad.problem)
     hashes = {s: _model_and_config(opts, s) for s in sorted({i.stain for i in items})}
     todo = []
     for item in items:
         done = None if opts.overwrite else completed_summary(out_dir, item, *hashes[item.stain])
         if done is None:
-            todo.append(item)
+            todo.append(_Job(item, *hashes[item.stain], _summary_stamp(out_dir, item)))
         else:
             result.skipped.append(item.slide_id)
             result.rows.append(flatten(done))
@@ -102,7 +125,13 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
             _run_here(todo, out_dir, replace(opts, device=devices[0]), result)
         else:
             _run_on_cluster(todo, out_dir, opts, devices, result)
-    finally:  # what was scored is recorded even if the run is interrupted
+    except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
+        exc.result = result  # what was done, for the message
+        with deferred_signals():
+            write_tables(out_dir, result.failures)  # what was scored is recorded
+            remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
+        raise
+    with deferred_signals():
         write_tables(out_dir, result.failures)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)
@@ -119,9 +148,64 @@ def _refresh_report(out_dir: Path) -> None:
         log.warning("report.html not written: %s", one_line(exc))
 
 
-def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
+# -- sharing an output folder with other runs ---------------------------------------------
+
+def _summary_stamp(out_dir: Path, item: InputSlide) -> tuple[int, int, int] | None:
+    try:
+        st = (out_dir / item.slide_id / "summary.json").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _claim(job: _Job, out_dir: Path, wait: bool) -> tuple[str, object]:
+    """Take `job`'s slide lock: ("mine", the held SlideLock): score it; ("done",
+    summary): another run scored it since this one planned; ("busy", None): another run
+    holds it now (only when not `wait`ing for it)."""
+    from tilscore.io.locks import SlideLock
+
+    lock = SlideLock(out_dir, job.item.slide_id)
+    if not lock.acquire(wait=wait):
+        return "busy", None
+    if _summary_stamp(out_dir, job.item) != job.stamp:
+        done = completed_summary(out_dir, job.item, job.model_sha256, job.cfg_hash)
+        if done is not None:
+            lock.release()
+            return "done", done
+    return "mine", lock
+
+
+def _claims(jobs: list[_Job], out_dir: Path, result: RunResult, bar):
+    """(job, held lock) of every slide this run scores, in order. A slide another run is
+    scoring now is put off until the others are done, then waited for: taken as done
+    if that run completed it, scored here if not (it failed, or was killed). So runs
+    sharing an output folder share the work and each slide is scored once."""
+    later = []
+    for wait, round_ in ((False, jobs), (True, later)):
+        for job in round_:
+            kind, got = _claim(job, out_dir, wait)
+            if kind == "busy":
+                log.info("%s: another run is scoring it; back to it later", job.item.slide_id)
+                later.append(job)
+            elif kind == "done":
+                _take_done(job, got, result, bar)
+            else:
+                yield job, got
+
+
+def _take_done(job: _Job, summary: dict, result: RunResult, bar) -> None:
+    result.rows.append(flatten(summary))
+    result.skipped.append(job.item.slide_id)
+    result.elsewhere.append(job.item.slide_id)
+    log.info("%s: scored by another run", job.item.slide_id)
+    bar.update(1)
+
+
+# -- in this process ----------------------------------------------------------------------
+
+def _run_here(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
               result: RunResult) -> None:
-    """Score `items` in this process, one device. With ``opts.overlap_writes`` (default:
+    """Score `jobs` in this process, one device. With ``opts.overlap_writes`` (default:
     on CUDA) pipelined by one slide: while slide N uses the device, slide N-1 is
     aggregated and written on a background thread (:func:`tilscore.pipeline.start_slide`),
     so writing is off the device's critical path; at most one slide waits to be
@@ -130,12 +214,17 @@ def _run_here(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
 
     engines: dict[str, object] = {}
     pending = None  # the previous slide's finish, running
-    with _slide_bar(len(items), opts.quiet) as bar, \
+    with _slide_bar(len(jobs), opts.quiet) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
-        for item in items:
-            if item.stain not in engines:  # UsageError (no model for the stain) raises
-                engines[item.stain] = load_engine(opts, item.stain, opts.device)
-            started = _start_one(item, out_dir, engines[item.stain], opts)
+        for job, lock in _claims(jobs, out_dir, result, bar):
+            item = job.item
+            try:
+                if item.stain not in engines:  # UsageError (no model for the stain) raises
+                    engines[item.stain] = load_engine(opts, item.stain, opts.device)
+            except BaseException:
+                lock.release()
+                raise
+            started = _start_one(item, out_dir, engines[item.stain], opts, lock)
             if pending is not None:
                 _collect(pending.result(), result, bar)
                 pending = None
@@ -171,20 +260,21 @@ def _slide_kwargs(item: InputSlide, opts: BatchOptions) -> dict:
                 batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode)
 
 
-def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions) -> dict:
-    """Score one slide; a slide's failure is returned as data, never raised."""
+def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock) -> dict:
+    """Score one slide (its held `lock` is taken over); a slide's failure is returned as
+    data, never raised."""
     from tilscore.pipeline import score_slide
 
-    return _finish_one(item, lambda: score_slide(item, out_dir, engine,
+    return _finish_one(item, lambda: score_slide(item, out_dir, engine, lock=lock,
                                                  **_slide_kwargs(item, opts)))
 
 
-def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions):
+def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock):
     """The slide's device pass: its ``finish`` callable, or its failure as data."""
     from tilscore.pipeline import start_slide
 
     try:
-        return start_slide(item, out_dir, engine, **_slide_kwargs(item, opts))
+        return start_slide(item, out_dir, engine, lock=lock, **_slide_kwargs(item, opts))
     except UsageError:
         raise
     except Exception as exc:  # one bad slide never stops the others
@@ -249,9 +339,9 @@ def resolve_devices(opts: BatchOptions) -> list[str]:
     return devices or [opts.device]
 
 
-def _run_on_cluster(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
+def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
                     devices: list[str], result: RunResult) -> None:
-    if not items:
+    if not jobs:
         return
     from tilscore.cluster import open_client
 
@@ -261,45 +351,73 @@ def _run_on_cluster(items: list[InputSlide], out_dir: Path, opts: BatchOptions,
     from tilscore.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
-    with open_client(kind, n_workers, opts.cluster_config) as client:
-        from distributed import as_completed
+    with open_client(kind, n_workers, opts.cluster_config) as client, \
+            _slide_bar(len(jobs), opts.quiet) as bar:
+        # Slides another run is scoring come back "busy": they are sent again, to wait
+        # for that run, once every other slide is done (as _claims does in one process).
+        for wait in (False, True):
+            jobs = _submit_all(client, jobs, out_dir, opts, devices, threads, wait,
+                               result, bar)
+            if not jobs or (opts.fail_fast and result.failures):
+                break
 
-        futures, owner = [], {}
-        for item in items:
-            future = client.submit(_score_on_worker, item, str(out_dir), opts, devices,
-                                   threads, key=f"tilscore-{item.slide_id}-{os.urandom(4).hex()}",
-                                   pure=False)
-            futures.append(future)
-            owner[future.key] = item
-        with _slide_bar(len(items), opts.quiet) as bar:
-            for future in as_completed(futures):
-                item = owner[future.key]
-                try:
-                    outcome = future.result()
-                except UsageError:
-                    client.cancel(futures)
-                    raise
-                except Exception as exc:  # the worker died (OOM killer, segfault, ...)
-                    outcome = {"slide_id": item.slide_id, "input": str(item.path),
-                               "error": f"worker lost: {one_line(exc)}"}
-                _collect(outcome, result, bar)
-                if opts.fail_fast and result.failures:
-                    client.cancel(futures)
-                    break
+
+def _submit_all(client, jobs: list[_Job], out_dir: Path, opts: BatchOptions,
+                devices: list[str], threads: int | None, wait: bool, result: RunResult,
+                bar) -> list[_Job]:
+    """One task per job on the cluster, outcomes collected as they finish; returns the
+    jobs that came back busy."""
+    from distributed import as_completed
+
+    futures, owner, busy = [], {}, []
+    for job in jobs:
+        future = client.submit(_score_on_worker, job, str(out_dir), opts, devices, threads,
+                               wait, key=f"tilscore-{job.item.slide_id}-{os.urandom(4).hex()}",
+                               pure=False)
+        futures.append(future)
+        owner[future.key] = job
+    for future in as_completed(futures):
+        job = owner[future.key]
+        try:
+            outcome = future.result()
+        except UsageError:
+            client.cancel(futures)
+            raise
+        except Exception as exc:  # the worker died (OOM killer, segfault, ...)
+            outcome = {"slide_id": job.item.slide_id, "input": str(job.item.path),
+                       "error": f"worker lost: {one_line(exc)}"}
+        if outcome.get("busy"):
+            busy.append(job)
+        elif "done" in outcome:
+            _take_done(job, outcome["done"], result, bar)
+        else:
+            _collect(outcome, result, bar)
+        if opts.fail_fast and result.failures:
+            client.cancel(futures)
+            break
+    return busy
 
 
 _WORKER_ENGINES: dict[tuple, object] = {}  # per worker process: loaded once, reused
 
 
-def _score_on_worker(item: InputSlide, out_dir: str, opts: BatchOptions,
-                     devices: list[str], cpu_threads: int | None) -> dict:
-    """Runs in a Dask worker: pick this worker's device, load (once) and score.
-    `cpu_threads`: torch threads (local workers split the node's cores; None = all)."""
+def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[str],
+                     cpu_threads: int | None, wait: bool = False) -> dict:
+    """Runs in a Dask worker: pick this worker's device, load (once), claim the slide's
+    lock (:func:`_claim`) and score. `cpu_threads`: torch threads (local workers split
+    the node's cores; None = all)."""
+    item = job.item
     device = _worker_device(devices)
     key = (opts.model, opts.mode, opts.region_model, item.stain, device)
     if key not in _WORKER_ENGINES:
         _WORKER_ENGINES[key] = load_engine(opts, item.stain, device, cpu_threads)
-    return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True))
+    kind, got = _claim(job, Path(out_dir), wait)
+    if kind == "busy":
+        return {"slide_id": item.slide_id, "busy": True}
+    if kind == "done":
+        return {"slide_id": item.slide_id, "done": got}
+    return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True),
+                      got)
 
 
 def _worker_device(devices: list[str]) -> str:
@@ -327,40 +445,73 @@ def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
 
 def completed_summary(out_dir: Path, item: InputSlide, model_sha256: str,
                       cfg_hash: str) -> dict | None:
-    """The existing summary of `item` if its outputs are complete and were made with the
-    same model and configuration (summary.json is written last, so it marks completeness)."""
-    path = out_dir / item.slide_id / "summary.json"
+    """The existing summary of `item` if its outputs are complete (a valid summary.json,
+    which is written last, and every other output) and were made with the same model,
+    configuration and metadata; None means: score it. A malformed summary or a missing
+    output is logged, naming the file, and the slide is rescored."""
+    from tilscore.summary import SummaryProblem, missing_outputs, read_summary
+
+    folder = out_dir / item.slide_id
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = read_summary(folder / "summary.json")
+    except FileNotFoundError:
         return None
-    same_model = summary.get("model", {}).get("sha256") == model_sha256
+    except SummaryProblem as exc:
+        log.warning("%s", exc)
+        return None
+    missing = missing_outputs(folder)
+    if missing:
+        log.warning("%s: %s missing; the slide is not complete: rescoring it", folder,
+                    ", ".join(missing))
+        return None
+    same_model = summary["model"].get("sha256") == model_sha256
     same_config = summary.get("config_hash") == cfg_hash
     same_metadata = summary.get("metadata", {}) == dict(item.metadata)
     return summary if same_model and same_config and same_metadata else None
 
 
 def all_summaries(out_dir: Path) -> list[dict]:
-    """Every complete slide summary under `out_dir` (one per slide folder)."""
+    """Every valid slide summary under `out_dir` (one per slide folder); malformed ones
+    are logged, naming the file, and left out."""
+    from tilscore.summary import SummaryProblem, read_summary
+
     rows = []
     for path in sorted(out_dir.glob("*/summary.json")):
+        if path.parent.name.startswith("."):
+            continue  # a work folder, or a replaced one
         try:
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            log.warning("unreadable summary %s skipped in scores.csv", path)
+            rows.append(read_summary(path))
+        except (OSError, SummaryProblem) as exc:
+            log.warning("left out of scores.csv: %s", exc)
     return rows
 
 
 def write_tables(out_dir: Path, failures: list[dict]) -> None:
     """scores.csv from every summary in `out_dir`; failures.csv from this run."""
-    rows = [flatten(s) for s in all_summaries(out_dir)]
-    fields = sorted({k for row in rows for k in row}, key=_column_order)
-    atomic.write_csv(out_dir / "scores.csv", fields, rows)
+    write_scores(out_dir)
     atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
 
 
+def write_scores(out_dir: Path) -> Path:
+    """``scores.csv``: one row per valid slide summary (:func:`all_summaries`), its
+    scalar fields as dotted columns (:func:`flatten`), QC flag codes and warnings as text;
+    a column empty in every row (e.g. tumour and stroma with ``--model none``) is left
+    out."""
+    rows = [flatten(s) for s in all_summaries(out_dir)]
+    fields = sorted({k for row in rows for k, v in row.items() if v not in (None, "")}
+                    | set(ALWAYS_COLUMNS if rows else ()), key=_column_order)
+    atomic.write_csv(out_dir / "scores.csv", fields, rows)
+    return out_dir / "scores.csv"
+
+
+ALWAYS_COLUMNS = ("slide", "qc.flags", "warnings")  # empty QC columns mean: nothing found
+LIST_SEPARATOR = "; "  # joins a list of texts (warnings, QC flag codes) into one cell
+
+
 def flatten(summary: dict, prefix: str = "") -> dict:
-    """Scalar fields of a nested summary as a flat dict with dotted keys."""
+    """Scalar fields of a nested summary as a flat dict with dotted keys; a list of texts
+    (``warnings``) becomes one text joined by "; ", a list of QC flags (``qc.flags``) the
+    joined flag codes; other lists are left out."""
     flat = {}
     for key, value in summary.items():
         name = f"{prefix}{key}"
@@ -368,21 +519,30 @@ def flatten(summary: dict, prefix: str = "") -> dict:
             flat.update(flatten(value, name + "."))
         elif isinstance(value, (int, float, str, bool)) or value is None:
             flat[name] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            flat[name] = LIST_SEPARATOR.join(value)
+        elif isinstance(value, list) and all(isinstance(v, dict) and "code" in v
+                                             for v in value):
+            flat[name] = LIST_SEPARATOR.join(str(v["code"]) for v in value)
     return flat
 
 
 def _column_order(key: str) -> tuple[int, str]:
-    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger", "percent_positive")
+    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger", "percent_positive",
+             "qc.flags", "warnings")
     if key in first:
         return (first.index(key), "")
     return (len(first) + (0 if key.startswith("metadata.") else 1), key)
 
 
 def _ensure_writable(out_dir: Path) -> None:
+    import tempfile
+
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".tilscore-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        # a unique name: runs in other PID namespaces may have this process's PID
+        fd, probe = tempfile.mkstemp(prefix=".tilscore-write-test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"output folder {out_dir} is not writable: {exc.strerror}") from exc

@@ -17,6 +17,7 @@ import typer
 
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
+from tilscore.interrupt import Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -91,7 +92,7 @@ def score(
     devices: Annotated[str | None, typer.Option(
         help="One worker process per device: 'cuda:0,cuda:1' or 'all' (default with "
              "several GPUs and --device auto).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Slide worker processes (CPU nodes, "
+    workers: Annotated[int, typer.Option(min=1, max=4096, help="Slide worker processes (CPU nodes, "
                                                      "or per --cluster).")] = 1,
     cluster: Annotated[str | None, typer.Option(
         help="Dask: 'local', 'tcp://HOST:8786' (a running scheduler) or 'slurm'.")] = None,
@@ -107,10 +108,10 @@ def score(
         help="Region model of --mode fast [default: he-regions].")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     read_threads: Annotated[int | None, typer.Option(
-        min=1, help="Tile decoding threads per slide [default: 2 on CPU, the cores minus 2 "
-                    "on CUDA].")] = None,
+        min=1, max=1024, help="Tile decoding threads per slide [default: 2 on CPU, the "
+                               "cores minus 2 on CUDA].")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+        min=1, max=4096, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
     decode: Annotated[str, typer.Option(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
              "allows it), host or device.")] = "auto",
@@ -130,6 +131,7 @@ def score(
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
     DIR/report.html."""
     from tilscore.batch import BatchOptions, score_inputs
+    from tilscore.interrupt import stop_on_signals
     from tilscore.score_config import load_score_config
 
     check_stain(stain)
@@ -143,9 +145,12 @@ def score(
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
         report=report)
-    result = score_inputs(inputs, out, opts)
+    with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
+        result = score_inputs(inputs, out, opts)
     for row in result.rows:
-        done = " (already scored; --overwrite redoes it)" if row["slide"] in result.skipped else ""
+        done = (" (scored by another run)" if row["slide"] in result.elsewhere
+                else " (already scored; --overwrite redoes it)"
+                if row["slide"] in result.skipped else "")
         typer.echo(f"{row['slide']}: {_headline(row)}{done}")
     for failure in result.failures:
         name, error = Path(failure["input"]).name, failure["error"]
@@ -264,6 +269,22 @@ def evaluate(
         typer.echo(f"calibrated {folder / 'card.json'}: threshold {best:.2f}")
 
 
+@app.command("model-hash")
+def model_hash(
+    model_dir: Annotated[Path, typer.Argument(metavar="DIR",
+                                              help="Model folder (card.json + weights).")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a hash that does not match the weights.")] = False,
+):
+    """Write the sha256 of a model's weights into its card.json (a card must carry it)."""
+    from tilscore.models.registry import write_card_sha256
+
+    card, done = write_card_sha256(model_dir, force=force)
+    what = {"written": "wrote", "replaced": "replaced with",
+            "unchanged": "already carries"}[done]
+    typer.echo(f"{model_dir / 'card.json'}: {what} sha256 {card.sha256}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
@@ -294,16 +315,31 @@ def report(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="HTML file (default DIR/report.html).")] = None,
 ):
-    """Write a self-contained HTML report of a scored folder: table, plots, maps."""
+    """Write a self-contained HTML report of a scored folder (table, plots, maps) and
+    rebuild its scores.csv from the slide summaries."""
+    from tilscore.batch import write_scores
     from tilscore.report import write_report
 
-    typer.echo(str(write_report(out_dir, group_by=group_by, path=out)))
+    path = write_report(out_dir, group_by=group_by, path=out)
+    write_scores(out_dir)
+    typer.echo(str(path))
 
 
 def _headline(row: dict) -> str:
     keys = ("stromal_til_percent", "areas_mm2.tissue", "qc.tiles", "runtime_s")
     parts = [f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))]
     return ", ".join(parts)
+
+
+def _interrupted_line(exc: Interrupted) -> str:
+    """One line saying what a stopped run did and left."""
+    result = exc.result
+    if result is None:
+        return f"interrupted by {exc.name}"
+    return (f"interrupted by {exc.name}: no new slide started; {len(result.scored)} scored, "
+            f"{len(result.skipped)} skipped, {len(result.failures)} failed before it; "
+            "scores.csv and failures.csv written, work folders removed; rerun the same "
+            "command to score the rest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         print(f"tilscore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"tilscore: {_interrupted_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

@@ -8,11 +8,13 @@ never leaves a half-written slide folder; a failing slide is recorded in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,9 @@ import numpy as np
 from tilscore import __version__
 from tilscore.errors import InputError, UsageError
 from tilscore.inputs import InputSlide, slide_id_problem
+from tilscore.interrupt import deferred_signals
 from tilscore.io import atomic
+from tilscore.io.locks import LOCK_SUFFIX, SlideLock, locks_work
 from tilscore.score import COMPARTMENT_OF_REGION, REGION_CLASSES, ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -88,8 +92,7 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
     stain, and that the model takes H&E and has the region map's classes in order (reads
     only its card)."""
     from tilscore.fast import DEFAULT_REGION_MODEL
-    from tilscore.models.card import ModelCard
-    from tilscore.models.registry import resolve_model_dir
+    from tilscore.models.registry import read_card, resolve_model_dir
 
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -99,7 +102,7 @@ def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | 
         raise UsageError(f"--mode fast is for H&E (stain he), not {stain!r}: on IHC every "
                          "cell is counted, so there is nothing to skip")
     name = region_model or DEFAULT_REGION_MODEL
-    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    card = read_card(resolve_model_dir(name))
     if "he" not in card.stains:
         raise UsageError(f"region model {card.name} does not support H&E")
     if tuple(card.region_classes) != REGION_CLASSES:  # the region map's codes
@@ -112,8 +115,7 @@ def model_card(model: str | None, stain: str):
     """The card of `model` (None: the stain's default; "none": no compartment model,
     :mod:`tilscore.tissue_only`), checked to support `stain`; reads only card.json, so a
     batch client can decide what to skip without weights."""
-    from tilscore.models.card import ModelCard
-    from tilscore.models.registry import MODELS_DIR, resolve_model_dir
+    from tilscore.models.registry import MODELS_DIR, read_card, resolve_model_dir
     from tilscore.tissue_only import NO_MODEL, tissue_only_card
 
     if model == NO_MODEL:
@@ -123,7 +125,7 @@ def model_card(model: str | None, stain: str):
         shipped = sorted(p.parent.name for p in MODELS_DIR.glob("*/card.json"))
         raise UsageError(f"no default model for stain {stain!r} is installed "
                          f"(shipped: {', '.join(shipped) or 'none'}); pass --model")
-    card = ModelCard.read(resolve_model_dir(name) / "card.json")
+    card = read_card(resolve_model_dir(name))
     if stain not in card.stains:
         raise UsageError(f"model {card.name} does not support stain {stain!r} "
                          f"(it supports: {', '.join(card.stains)})")
@@ -133,7 +135,8 @@ def model_card(model: str | None, stain: str):
 def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto") -> dict:
+                quiet: bool = False, decode: str = "auto",
+                lock: SlideLock | None = None) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
 
     `read_threads`/`batch_size` None: the device's defaults
@@ -142,37 +145,85 @@ def score_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "h
 
     `mpp` overrides the file's pixel size unless the input carries its own (a manifest
     row). A tile progress bar (throughput, ETA) goes to stderr when it is a terminal and
-    not `quiet`. The same as :func:`start_slide` followed by its ``finish()``."""
+    not `quiet`. The same as :func:`start_slide` (`lock`: the slide's lock, see there)
+    followed by its ``finish()``."""
     return start_slide(item, out_dir, engine, stain, mpp, cfg, read_threads, batch_size,
-                       quiet, decode)()
+                       quiet, decode, lock)()
 
 
 def start_slide(item: InputSlide, out_dir: Path, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto") -> Callable[[], dict]:
+                quiet: bool = False, decode: str = "auto",
+                lock: SlideLock | None = None) -> Callable[[], dict]:
     """The slide's pass over the device now (tissue, tiles, model, stitching; arguments
     as :func:`score_slide`); returns ``finish()``, which aggregates, writes every output,
     publishes the slide folder and returns the summary. ``finish`` reads no pixels (the
     slide is closed by then), so it can run on another thread while the next slide uses
     the device (:mod:`tilscore.batch` does). Call it exactly once: it removes the work
-    folder whatever happens. If this raises, nothing is left behind."""
+    folder whatever happens. If this raises, nothing is left behind.
+
+    The slide's lock (:class:`~tilscore.io.locks.SlideLock`) is held from before the work
+    folder exists until it is gone: `lock`, acquired by the caller, is taken over;
+    None: taken here, and :class:`SlideBusyError` if another run holds it."""
+    problem = _input_problem(item)
+    if problem:
+        if lock is not None:
+            lock.release()
+        raise InputError(problem)
+    if lock is None:
+        lock = SlideLock(out_dir, item.slide_id)
+        if not lock.acquire():
+            raise SlideBusyError(f"{item.slide_id}: another run is scoring it (it holds "
+                                 f"{lock.path})")
+    try:
+        finish = _start_locked(item, out_dir, engine, stain, mpp, cfg, read_threads,
+                               batch_size, quiet, decode)
+    except BaseException:
+        lock.release()
+        raise
+
+    def finish_and_release() -> dict:
+        try:
+            return finish()
+        finally:
+            lock.release()
+
+    return finish_and_release
+
+
+def _input_problem(item: InputSlide) -> str | None:
+    """Why `item` cannot be scored before anything is touched (None: it can). Checks an
+    InputSlide built by a caller, not by tilscore.inputs, as those do."""
+    from tilscore.slide.base import mpp_problem
+
+    problem = slide_id_problem(item.slide_id)
+    if problem:  # it names the output folder and the lock file
+        return f"slide id {item.slide_id!r} {problem}"
+    if item.problem:
+        return item.problem
+    if item.mpp is not None and mpp_problem(item.mpp):  # this slide's, not a usage error
+        return f"{item.path.name}: its mpp {item.mpp:g} {mpp_problem(item.mpp)}"
+    return None
+
+
+def _start_locked(item: InputSlide, out_dir: Path, engine: Engine, stain: str,
+                  mpp: float | None, cfg: ScoreConfig | None, read_threads: int | None,
+                  batch_size: int | None, quiet: bool, decode: str) -> Callable[[], dict]:
+    """:func:`start_slide` once the slide's lock is held."""
     from tilscore.fast import predict_fast
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
     from tilscore.slide import open_slide
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
-    problem = slide_id_problem(item.slide_id)
-    if problem:  # an InputSlide built by a caller, not by tilscore.inputs
-        raise InputError(f"slide id {item.slide_id!r} {problem}")
     cfg = cfg or ScoreConfig()
     card = engine.card
     read_threads = read_threads or default_read_threads(engine.device, engine.cores)
     batch_size = batch_size or default_batch_size(engine.device)
     t0 = time.perf_counter()
-    # Host and PID in the name: a later run removes it if this process was killed
-    # (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique across containers.
+    # Host and PID in the name tell a person whose it is; what makes it stale is its free
+    # slide lock (remove_stale_work_dirs); mkdtemp's random suffix keeps it unique.
     prefix = f".{item.slide_id}.tmp-{atomic.host_tag()}-{os.getpid()}-"
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
@@ -266,6 +317,25 @@ def ihc_rule_params(stain: str, cfg: ScoreConfig):
     from tilscore.ihc_detect import ihc_params
 
     return ihc_params(stain, **cfg.ihc_overrides(stain))
+
+
+DAB_BIN_SETTINGS = ("dab_bin_weak_od", "dab_bin_moderate_od", "dab_bin_strong_od")
+
+
+def score_settings_used(stain: str, cfg: ScoreConfig) -> dict:
+    """The score settings a slide of `stain` is scored with, every value resolved: the
+    summary's ``score_config`` (the one record of them). On IHC the marker's positive
+    threshold and the intensity bins are the values the cell rule used (the marker's
+    defaults where the configuration leaves them null); settings of other stains are left
+    out (H&E has no DAB settings, a FOXP3 slide no CD20 threshold)."""
+    from tilscore.score import OPTIONAL_SETTINGS
+
+    used = {k: v for k, v in cfg.__dict__.items() if k not in OPTIONAL_SETTINGS}
+    if stain != "he":
+        params = ihc_rule_params(stain, cfg)
+        used[f"{stain}_dab_threshold_od"] = params.dab_threshold_od
+        used.update(zip(DAB_BIN_SETTINGS, params.bins_od, strict=True))
+    return used
 
 
 def _tile_bar(slide_id: str, quiet: bool):
@@ -362,7 +432,7 @@ def _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions, cells
                      + [f["message"] for f in qc["flags"] if f["code"] == "no_dab"]
                      + _mpp_warnings(slide)),
         "timings_s": {k: round(v, 3) for k, v in pred.timings_s.items()},
-        "score_config": cfg.__dict__,
+        "score_config": score_settings_used(stain, cfg),
         "metadata": dict(item.metadata),  # pass-through manifest columns
     }
 
@@ -408,9 +478,8 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
         "intensity_bins": dict(zip(INTENSITY_BINS, map(int, bins), strict=True)),
         # QuPath-style H-score (0–300) over every detected cell, from the DAB bins
         "h_score": float((bins * np.arange(4)).sum() * 100 / n) if n else None,
-        "positive_rule": {"compartment": params.compartment,
-                          "dab_threshold_od": params.dab_threshold_od,
-                          "intensity_bins_od": list(params.bins_od)},
+        # the threshold and bins it used are in score_config (score_settings_used)
+        "positive_rule": {"compartment": params.compartment},
     }
 
 
@@ -537,7 +606,10 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
-    atomic.write_json(work / "summary.json", _jsonable(summary))
+    from tilscore.summary import check_summary
+
+    # what every reader checks (tilscore.summary): a mismatch fails this slide now
+    atomic.write_json(work / "summary.json", check_summary(_jsonable(summary)))
 
 
 def _overlay_title(summary: dict) -> str:
@@ -561,6 +633,9 @@ def _jsonable(obj):
     return obj
 
 
+PUBLISH_ATTEMPTS = 5
+
+
 def _publish(work: Path, final: Path) -> None:
     """Replace `final` by the complete `work` folder (old outputs removed only after).
 
@@ -570,12 +645,36 @@ def _publish(work: Path, final: Path) -> None:
     if final.resolve().parent != out_dir or final.name in ("", ".", ".."):
         raise InputError(f"refusing to write outputs to {final}: not a folder directly "
                          f"inside {out_dir}")
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
     os.chmod(work, 0o777 & ~atomic.UMASK)  # mkdtemp makes 0700; outputs are shared
-    if final.exists():
-        os.replace(final, old)
-    os.replace(work, final)
-    shutil.rmtree(old, ignore_errors=True)
+    # The slide's lock keeps other tilscore runs out; should another process publish the
+    # same slide anyway (a filesystem whose locks do not reach other hosts), the
+    # moved-aside folder or the target may change between the two renames: try again
+    # rather than fail (both results are complete).
+    with deferred_signals():  # a stop signal waits for both renames
+        replaced = _swap_in(work, final)
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(work: Path, final: Path) -> list[Path]:
+    """Rename `work` to `final`, moving what is there aside first; returns the folders
+    moved aside (to be removed)."""
+    replaced = []
+    for attempt in range(PUBLISH_ATTEMPTS):
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+        try:
+            os.replace(final, old)
+            replaced.append(old)
+        except FileNotFoundError:
+            pass  # nothing there (yet)
+        try:
+            os.replace(work, final)
+            break
+        except OSError as exc:  # ENOTEMPTY/EEXIST: someone published in between
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or \
+                    attempt == PUBLISH_ATTEMPTS - 1:
+                raise
+    return replaced
 
 
 def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
@@ -594,18 +693,50 @@ def config_hash(card, stain: str, cfg: ScoreConfig, region_card=None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+STALE_AGE_S = 24 * 3600  # far beyond any slide's runtime
+# work folders (.<id>.tmp-<host>-<pid>-<random>) and replaced outputs (.<id>.old-<hex>)
+_LEFT_BEHIND = re.compile(r"\.(?P<id>.+)\.(tmp-(?P<host>[A-Za-z0-9]+)-|old-)[^/]+")
+
+
 def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
-    """Delete work folders left in `out_dir` by killed runs on this host (their process is
-    gone); folders of live processes or other hosts sharing the folder are left alone."""
+    """Delete the work folders (and replaced outputs, ``.<id>.old-*``) left in `out_dir`
+    by runs that are gone, and their lock files; return the folders removed.
+
+    A folder is stale when its slide's lock can be taken: the run that made it held the
+    lock for as long as the folder was its own, and the OS released it when that run
+    died (:mod:`tilscore.io.locks`), so nothing of a live run is touched, whatever its
+    PID namespace. A work folder named for another host is removed only once older than
+    STALE_AGE_S as well (not every shared filesystem carries locks between hosts), and
+    where the filesystem has no working locks at all, that age is the only rule."""
     removed = []
-    host = atomic.host_tag()
-    for path in out_dir.glob(".*.tmp-*"):
-        tag = path.name.rsplit(".tmp-", 1)[1].split("-")
-        mine = len(tag) >= 2 and tag[0] == host and tag[1].isdigit()
-        if mine and not atomic.pid_alive(int(tag[1])):
+    locking = locks_work(out_dir)
+    for path in sorted(out_dir.glob(".*")):
+        match = _LEFT_BEHIND.fullmatch(path.name)
+        if path.is_file() and path.name.endswith(LOCK_SUFFIX) and locking:
+            lock = SlideLock(out_dir, path.name[1:-len(LOCK_SUFFIX)])
+            if lock.acquire():  # a killed run's lock file: releasing unlinks it
+                lock.release()
+            continue
+        if match is None or not path.is_dir():
+            continue
+        try:
+            old_enough = time.time() - path.stat().st_mtime > STALE_AGE_S
+        except FileNotFoundError:
+            continue  # its run just finished with it
+        if not locking or match["host"] not in (None, atomic.host_tag()):
+            if not old_enough:
+                continue
+        with SlideLock(out_dir, match["id"]) as lock:
+            if not lock.acquire():
+                continue  # a live run owns it
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        removed.append(path)
     return removed
 
 
-__all__ = ["Engine", "InputError", "config_hash", "score_slide", "start_slide"]
+class SlideBusyError(InputError):
+    """Another live run holds the slide's lock (it is scoring the slide now)."""
+
+
+__all__ = ["Engine", "InputError", "SlideBusyError", "config_hash", "score_slide",
+           "start_slide"]

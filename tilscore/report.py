@@ -26,11 +26,10 @@ import numpy as np
 from tilscore.batch import flatten
 from tilscore.errors import UsageError
 from tilscore.io import atomic
+from tilscore.summary import OUTPUT_FILES, SummaryProblem, read_summary
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("summary.json", "cells.csv", "cells.geojson", "regions.geojson", "maps.zarr",
-                "overlay.png")
 IMAGE_LONG_SIDE_PX = 800  # embedded maps: at most this many px on the long side
 OVERLAY_LONG_SIDE_PX = 640  # overlay JPEG: ~80 kB, so a slide costs ~90 kB of report
 DENSITY_MIN_SIDE_PX = 320  # coarse density grids are enlarged (nearest) to about this
@@ -92,22 +91,20 @@ def load_cohort(out_dir: str | Path) -> Cohort:
 
 
 def _read_entry(folder: Path) -> SlideEntry:
-    path = folder / "summary.json"
-    if not path.exists():
-        return SlideEntry(folder.name, folder, None, "no summary.json (scoring did not finish)")
+    """A slide folder; one whose summary.json is missing or malformed is incomplete."""
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return SlideEntry(folder.name, folder, None, f"unreadable summary.json: {exc}")
-    if not isinstance(summary, dict):
-        return SlideEntry(folder.name, folder, None, "summary.json is not a JSON object")
-    return SlideEntry(str(summary.get("slide") or folder.name), folder, summary)
+        summary = read_summary(folder / "summary.json")
+    except FileNotFoundError:
+        return SlideEntry(folder.name, folder, None, "no summary.json (scoring did not finish)")
+    except (OSError, SummaryProblem) as exc:
+        return SlideEntry(folder.name, folder, None, str(exc))
+    return SlideEntry(summary["slide"] or folder.name, folder, summary)
 
 
 def _read_failures(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            return [{"input": r.get("input") or "", "error": r.get("error") or ""}
+            return [{k: atomic.read_csv_value(r.get(k) or "") for k in ("input", "error")}
                     for r in csv.DictReader(fh)]
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         if path.exists():

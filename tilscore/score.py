@@ -35,6 +35,35 @@ QUPATH_DAB_BINS_LOG10_OD = (0.2, 0.4, 0.6)
 DAB_BINS_OD = tuple(round(b * math.log(10), 3) for b in QUPATH_DAB_BINS_LOG10_OD)
 
 
+# The accepted range (inclusive) of every score setting, checked when the configuration is
+# read, before any slide runs: a value outside it is a typo, not a choice (a density grid
+# of 1e-6 µm once passed and then asked for a 233 PiB array after every slide's model
+# pass; ``.inf`` passed too). Wide enough for any real protocol: see configs/score.yaml.
+SCORE_RANGES = {
+    "bulk_closing_radius_um": (0.0, 2000.0, "µm"),
+    "lymphocyte_nucleus_diameter_um": (1.0, 30.0, "µm"),
+    "tiger_cell_area_um2": (1.0, 1000.0, "µm²"),
+    "near_tumour_um": (0.0, 2000.0, "µm"),
+    "density_grid_um": (10.0, 10000.0, "µm"),
+    "coarse_mpp": (2.0, 64.0, "µm/px"),  # the region map is 2 µm/px
+    # natural-log OD: an 8-bit pixel reaches at most ln 255 = 5.5, so nothing above 6
+    "foxp3_dab_threshold_od": (0.01, 6.0, "OD"),
+    "cd20_dab_threshold_od": (0.01, 6.0, "OD"),
+    "dab_bin_weak_od": (0.01, 6.0, "OD"),
+    "dab_bin_moderate_od": (0.01, 6.0, "OD"),
+    "dab_bin_strong_od": (0.01, 6.0, "OD"),
+}
+OPTIONAL_SETTINGS = ("foxp3_dab_threshold_od", "cd20_dab_threshold_od", "dab_bin_weak_od",
+                     "dab_bin_moderate_od", "dab_bin_strong_od")  # None: the marker's default
+
+
+def _in_range(value, low: float, high: float) -> bool:
+    """A real, finite number (not a bool) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return False
+    return math.isfinite(value) and low <= value <= high
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """Score constants (sources in configs/score.yaml). The IHC entries override the H-DAB
@@ -56,17 +85,13 @@ class ScoreConfig:
     dab_bin_strong_od: float | None = None
 
     def __post_init__(self):
-        for name in ("lymphocyte_nucleus_diameter_um", "tiger_cell_area_um2", "density_grid_um",
-                     "coarse_mpp"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("bulk_closing_radius_um", "near_tumour_um"):
-            if not getattr(self, name) >= 0:
-                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("foxp3_dab_threshold_od", "cd20_dab_threshold_od"):
+        for name, (low, high, unit) in SCORE_RANGES.items():
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be > 0 OD, got {value}")
+            if value is None and name in OPTIONAL_SETTINGS:
+                continue
+            if not _in_range(value, low, high):
+                raise UsageError(f"{name} must be a number from {low:g} to {high:g} {unit}, "
+                                 f"got {value!r}")
         self.dab_bins()  # bad bins are an error whatever the stain of the run
 
     def dab_bins(self, default_bins_od: tuple[float, float, float] = DAB_BINS_OD

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -47,12 +48,42 @@ def write_json(path: str | Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+# Spreadsheet formula injection (OWASP "CSV Injection"): Excel, LibreOffice and Google
+# Sheets evaluate a cell that starts with one of these as a formula, so a manifest value
+# such as ``=HYPERLINK(...)`` or ``-2+3+cmd|' /C calc'!A0`` in scores.csv would run when a
+# statistician opens the file. Such text is written with a leading single quote (OWASP's
+# recommendation: shown as text, the quote hidden); plain numbers, negative ones
+# included, are left as they are.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value):
+    """`value` as written into a CSV cell: text that a spreadsheet would run as a formula
+    gets a leading ``'``; numbers (of any type, or text that is one plain number such as
+    ``-1.5``) and other values are unchanged."""
+    if (isinstance(value, str) and value.startswith(FORMULA_STARTS)
+            and not _PLAIN_NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
+
+
+def read_csv_value(text: str) -> str:
+    """Inverse of :func:`spreadsheet_safe` for a value read back from a tilscore CSV."""
+    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):
+        return text[1:]
+    return text
+
+
 def write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict]) -> None:
+    """A CSV table written atomically; text cells that would start a spreadsheet formula
+    are neutralised (:func:`spreadsheet_safe`)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=[spreadsheet_safe(f) for f in fieldnames],
+                                extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow(row)
+            writer.writerow({spreadsheet_safe(k): spreadsheet_safe(v) for k, v in row.items()})
 
 
 def host_tag() -> str:

@@ -69,18 +69,55 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     )
 
 
+HASH_COMMAND = "tilscore model-hash"
+
+
+def read_card(folder: Path) -> ModelCard:
+    """The card of the model in `folder`, which must name its weights' sha256: without it
+    corrupt or swapped weights would load unchecked and score silently (UsageError naming
+    the command that adds it)."""
+    card = ModelCard.read(folder / "card.json")
+    if not card.sha256:
+        raise UsageError(f"model {card.name}: {folder / 'card.json'} has no sha256 of its "
+                         f"weights, so they cannot be checked; add it with: "
+                         f"{HASH_COMMAND} {folder}")
+    return card
+
+
+def write_card_sha256(folder: str | Path, force: bool = False) -> tuple[ModelCard, str]:
+    """Write the sha256 of the weights in model `folder` into its card.json: (the card,
+    what was done: "written", "unchanged" or "replaced"). A card whose hash differs from
+    the weights is a UsageError unless `force` (the weights may be corrupt)."""
+    folder = resolve_model_dir(folder)
+    card = ModelCard.read(folder / "card.json")
+    weights = folder / card.weights_file
+    if not weights.is_file():
+        raise UsageError(f"model {card.name}: weights file missing: {weights}")
+    digest = file_sha256(weights)
+    if card.sha256 == digest:
+        return card, "unchanged"
+    if card.sha256 and not force:
+        raise UsageError(f"model {card.name}: card.json says sha256 {card.sha256[:12]}… but "
+                         f"{weights.name} is {digest[:12]}…: the weights are corrupt or "
+                         "belong to another card (--force replaces the card's hash)")
+    done = "replaced" if card.sha256 else "written"
+    card = card.model_copy(update={"sha256": digest})
+    card.write(folder / "card.json")
+    return card, done
+
+
 def load_model(name_or_path: str | Path):
     """Load (model in eval mode on CPU, card). Checks the weights' sha256 and shapes."""
     import torch
     from safetensors.torch import load_file
 
     folder = resolve_model_dir(name_or_path)
-    card = ModelCard.read(folder / "card.json")
+    card = read_card(folder)
     weights = folder / card.weights_file
     if not weights.exists():
         raise UsageError(f"model {card.name}: weights file missing: {weights}")
     digest = file_sha256(weights)
-    if card.sha256 and digest != card.sha256:
+    if digest != card.sha256:
         raise UsageError(
             f"model {card.name}: weights sha256 {digest[:12]}… does not match the card "
             f"({card.sha256[:12]}…); the file is corrupt or belongs to another card"

@@ -55,10 +55,18 @@ class Backend(Protocol):
         """Release file handles."""
 
 
+def mpp_problem(mpp: float) -> str | None:
+    """Why `mpp` (µm/px) is not a plausible slide pixel size (None: it is). The one range
+    every pixel size is checked against: --mpp, manifest rows, file metadata."""
+    if not (math.isfinite(mpp) and MPP_MIN_UM <= mpp <= MPP_MAX_UM):
+        return f"is not a plausible pixel size (expected {MPP_MIN_UM:g}–{MPP_MAX_UM:g} µm/px)"
+    return None
+
+
 def validate_mpp(mpp: float, source: str) -> float:
     """Return `mpp` as float, or raise UsageError when outside 0.05–20 µm/px."""
     value = float(mpp)
-    if not (math.isfinite(value) and MPP_MIN_UM <= value <= MPP_MAX_UM):
+    if mpp_problem(value):
         raise UsageError(
             f"implausible pixel size {value:g} µm/px from {source} "
             f"(expected {MPP_MIN_UM}–{MPP_MAX_UM}); pass the right value with --mpp"

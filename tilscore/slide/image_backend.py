@@ -2,13 +2,19 @@
 
 The whole image is decoded into memory at open: width x height x 3 bytes (a 20000 x 20000
 image takes 1.2 GB). That suits plain images (ROIs, crops, tiles); whole slides should be
-pyramidal TIFF or a vendor format. Pillow's decompression-bomb limit
-(``PIL.Image.MAX_IMAGE_PIXELS``) is kept and reported as a SlideOpenError.
+pyramidal TIFF or a vendor format. So a plain image may have at most Pillow's
+decompression-bomb limit of pixels (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 Mpx = 268 MB
+decoded), checked from the header before anything is decoded: above it the open fails
+with one line (a SlideOpenError) instead of Pillow's raw DecompressionBombWarning (up to
+twice the limit, after which Pillow decoded it anyway) or its error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +42,7 @@ def is_pillow_image(path: str | Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path):
+        with _no_bomb_warning(), Image.open(path):
             return True
     except Image.DecompressionBombError:
         return True  # an image all the same; ImageBackend reports the limit
@@ -62,19 +68,18 @@ class ImageBackend:
         self._path = Path(path)
         name = self._path.name
         try:
-            with Image.open(self._path) as image:
+            with _no_bomb_warning(), Image.open(self._path) as image:
+                _check_size(image.size, name)
                 if getattr(image, "n_frames", 1) > 1:
                     log.warning("%s: %d frames; using the first", name, image.n_frames)
                 fmt = image.format or "unknown"
                 mode = image.mode
                 self.metadata_mpp = _tiff_mpp(image) if fmt == "TIFF" else None
                 self._pixels = _to_rgb(image, name)
-        except Image.DecompressionBombError as exc:
-            raise SlideOpenError(
-                f"{name}: image too large for Pillow's decompression-bomb limit "
-                f"({Image.MAX_IMAGE_PIXELS} pixels); convert it to a tiled pyramidal TIFF "
-                "(e.g. vips tiffsave --tile --pyramid) or raise PIL.Image.MAX_IMAGE_PIXELS"
-            ) from exc
+        except Image.DecompressionBombError as exc:  # Pillow's own check: beyond 2x
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise SlideOpenError(_too_large(
+                name, f"{int(pixels[1]):,} pixels" if pixels else "its size")) from exc
         except (NotBrightfieldError, SlideOpenError):
             raise
         except UnidentifiedImageError as exc:
@@ -95,6 +100,34 @@ class ImageBackend:
 
     def close(self) -> None:
         self._pixels = np.zeros((0, 0, 3), np.uint8)
+
+
+@contextlib.contextmanager
+def _no_bomb_warning():
+    """Pillow's DecompressionBombWarning silenced: :func:`_check_size` says it in one line."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    """SlideOpenError when a plain image of `size` (w, h) would exceed the pixel limit."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise SlideOpenError(_too_large(name, f"{size[0]} x {size[1]} px"))
+
+
+def _too_large(name: str, what: str) -> str:
+    from PIL import Image
+
+    return (f"{name}: plain image too large ({what}; at most {Image.MAX_IMAGE_PIXELS:,} "
+            "pixels, since it is decoded whole into memory: a decompression-bomb guard); "
+            "convert it to a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tiff --tile "
+            "--pyramid --compression jpeg)")
 
 
 def _to_rgb(image, name: str) -> np.ndarray:
