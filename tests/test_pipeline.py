@@ -104,6 +104,26 @@ def test_outputs_are_complete_and_readable(scored):
     assert len(rows) == 1 and rows[0]["slide"] == "golden"
 
 
+def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
+    """Each grid cell's density is its counted cells ÷ its tissue area (region-map pixels
+    of any tissue class); a cell without tissue is NaN, not 0. Weighted by the tissue, the
+    map adds up to the summary's count."""
+    import zarr
+
+    from tilscore.aggregate import tissue_area_grid
+
+    _, out, summary = scored
+    root = zarr.open_group(str(out / "maps.zarr"), mode="r")
+    labels, dens = root["regions"]["0"][:], root["til_density"]["0"][:]
+    grid_um = summary["score_config"]["density_grid_um"]
+    tissue = tissue_area_grid(labels, 2.0, grid_um, (1024.0, 1024.0))
+    assert (tissue > 0).any() and (tissue == 0).any()  # the slide has tissue and glass
+    np.testing.assert_array_equal(np.isnan(dens), tissue == 0)
+    counted = summary["counts"]["lymphocyte"]["tissue"]
+    assert np.nansum(dens.astype(np.float64) * tissue) == pytest.approx(counted, rel=0.01)
+    assert tissue.sum() == pytest.approx(summary["areas_mm2"]["tissue"], rel=1e-6)
+
+
 def test_batch_isolates_failures_and_no_tissue(tmp_path):
     from PIL import Image
 

@@ -495,7 +495,6 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     from tilscore.io.ome_zarr import write_ome_zarr
     from tilscore.io.overlay import write_overlay_png
     from tilscore.score import COMPARTMENT_OF_REGION as region_names
-    from tilscore.score import density_map
 
     stain = summary["stain"]
     extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
@@ -505,7 +504,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
 
     def maps() -> None:
-        dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
+        dmap = _density(pred.canvas, pts[mine], extent_um, cfg.density_grid_um)
         if plan is not None:
             from tilscore.fast import mask_unsearched
 
@@ -538,6 +537,16 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
     atomic.write_json(work / "summary.json", _jsonable(summary))
+
+
+def _density(canvas, points_xy_um: np.ndarray, extent_um, grid_um: float) -> np.ndarray:
+    """The density map: points per mm² of the tissue in each grid cell of the region map
+    (NaN where a cell holds none; :func:`tilscore.score.density_map`)."""
+    from tilscore.aggregate import tissue_area_grid
+    from tilscore.score import density_map
+
+    tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um, extent_um)
+    return density_map(points_xy_um, tissue, grid_um)
 
 
 def _overlay_title(summary: dict) -> str:
