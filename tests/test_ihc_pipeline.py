@@ -96,10 +96,9 @@ def test_ihc_outputs_carry_dab_measurements(scored):
     bins = {r["intensity_bin"] for r in rows if r["class"] == "cd20_positive"}
     assert bins <= {"1", "2", "3"}  # integers; a positive cell is at least weak
     assert {r["intensity_bin"] for r in rows if r["class"] == "negative"} == {"0"}
-    import zarr
+    from tests.test_io_writers import assert_opens_in_ome_zarr_readers
 
-    root = zarr.open_group(str(folder / "maps.zarr"), mode="r")
-    assert root.attrs["tilscore"]["images"] == ["regions", "cd20_positive_density"]
+    assert_opens_in_ome_zarr_readers(folder / "maps.zarr", "cd20_positive_density")
     assert summary["qc"]["stain_vectors"]["source"] in ("estimated", "default")
 
 

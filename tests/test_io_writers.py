@@ -194,6 +194,9 @@ def test_regions_geojson_simplified_is_valid(tmp_path):
 
 # --- maps.zarr -------------------------------------------------------------------------
 
+_DENSITY = np.zeros((2, 2), np.float32)  # a density map where a test needs none
+
+
 def _ome(path):
     import zarr
 
@@ -204,11 +207,13 @@ def test_ome_zarr_metadata_and_levels(tmp_path):
     rng = np.random.default_rng(5)
     lab = np.kron(rng.integers(0, 4, (75, 65)), np.ones((8, 8))).astype(np.uint8)  # 600×520
     dmap = rng.uniform(0, 500, (40, 30)).astype(np.float32)
+    dmap[:2, :4] = np.nan  # no tissue there
     path = tmp_path / "maps.zarr"
     write_ome_zarr(path, lab, 2.0, dmap, 32.0, REGIONS, CLASS_COLORS)
     root = _ome(path)
     assert root.attrs["ome"]["version"] == "0.5"
-    reg = root["regions"]
+    reg = root["labels/regions"]
+    assert root["labels"].attrs["ome"] == {"version": "0.5", "labels": ["regions"]}
     ome = reg.attrs["ome"]
     ms = ome["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["y", "x"]
@@ -222,14 +227,75 @@ def test_ome_zarr_metadata_and_levels(tmp_path):
     assert reg["1"].shape == (300, 260) and reg["2"].shape == (150, 130)
     np.testing.assert_array_equal(reg["1"][:], lab[::2, ::2])  # 8-px blocks: mode = any
     assert reg["0"].metadata.dimension_names == ("y", "x")
-    colors = {c["label-value"]: c["rgba"] for c in ome["image-label"]["colors"]}
+    label = ome["image-label"]
+    colors = {c["label-value"]: c["rgba"] for c in label["colors"]}
     assert colors[1] == [*CLASS_COLORS["tumour"], 255] and colors[0][3] == 0
-    dens = root["til_density"]
-    dms = dens.attrs["ome"]["multiscales"][0]
-    assert dms["datasets"][0]["coordinateTransformations"][0]["scale"] == [32.0, 32.0]
-    assert len(dms["datasets"]) == 1  # 40×30 is already below 256 px
-    np.testing.assert_array_equal(dens["0"][:], dmap)
-    assert dens["0"].dtype == np.float32
+    props = {p["label-value"]: p["class"] for p in label["properties"]}
+    assert props == {0: "background", **REGIONS} and set(props) == set(colors)
+    assert label["source"] == {"image": "../../"}
+    # the root image is the density map, with as many levels as the labels (NGFF rule)
+    dms = root.attrs["ome"]["multiscales"][0]
+    assert dms["name"] == "til_density" and len(dms["datasets"]) == 3
+    assert dms["datasets"][1]["coordinateTransformations"][0]["scale"] == [64.0, 64.0]
+    np.testing.assert_array_equal(root["0"][:], dmap)
+    assert root["0"].dtype == np.float32 and root["2"].shape == (10, 8)
+    assert np.isnan(root["1"][0, 0]) and root["1"][0, 3] == pytest.approx(dmap[:2, 6:8].mean())
+    assert root.attrs["tilscore"]["density"]["grid_um"] == 32.0
+    assert "tissue area" in root.attrs["tilscore"]["density"]["denominator"]
+
+
+def assert_opens_in_ome_zarr_readers(path, density_name: str = "til_density") -> dict:
+    """Strict ome-zarr-models validation of `path` (the 0.5 image, its labels group and
+    label image), and the ome-zarr Reader (what napari's plugin uses) finds the image and
+    the regions label with its parent, colours and class names. Returns the Reader's nodes
+    by path under maps.zarr ("" = the image)."""
+    import logging
+    import warnings
+
+    models = pytest.importorskip("ome_zarr_models")
+    from ome_zarr_models.exceptions import ValidationWarning
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ValidationWarning)
+        image = models.open_ome_zarr(str(path), version="0.5")
+        assert isinstance(image, Image) and image.labels.label_paths == ["regions"]
+        label = models.open_ome_zarr(str(path / "labels" / "regions"), version="0.5")
+        assert isinstance(label, ImageLabel)
+    log = logging.getLogger("ome_zarr")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        nodes = list(reader.Reader(parse_url(str(path)))())
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in seen if "no parent found" in m], seen
+    by_path = {n.zarr.path.rstrip("/").split("maps.zarr")[-1]: n for n in nodes}
+    assert set(by_path) >= {"", "/labels/regions"}
+    img, regions = by_path[""], by_path["/labels/regions"]
+    assert img.metadata["name"] == density_name and img.data[0].dtype == np.float32
+    assert any(type(s).__name__ == "Label" for s in regions.specs)
+    assert regions.metadata["properties"][1] == {"class": "tumour"}
+    assert regions.metadata["color"][1][:3] == [c / 255 for c in CLASS_COLORS["tumour"]]
+    return by_path
+
+
+def test_ome_zarr_opens_in_ome_zarr_readers(tmp_path):
+    lab = np.zeros((700, 300), np.uint8)
+    lab[100:400, 50:250] = 1
+    lab[400:600, 50:250] = 3
+    path = tmp_path / "maps.zarr"
+    write_ome_zarr(path, lab, 2.0, np.full((14, 6), 50.0, np.float32), 100.0, REGIONS,
+                   CLASS_COLORS)
+    nodes = assert_opens_in_ome_zarr_readers(path)
+    assert nodes[""].data[0].shape == (14, 6)
+    assert nodes["/labels/regions"].data[0].shape == (700, 300)
 
 
 def test_ome_zarr_mode_and_mean_downsampling(tmp_path):
@@ -249,14 +315,13 @@ def test_ome_zarr_banded_zarr_source_equals_numpy(tmp_path):
     src = zarr.open_group(str(tmp_path / "canvas.zarr"), mode="w").create_array(
         "labels", shape=lab.shape, chunks=(256, 256), dtype="uint8", fill_value=0)
     src[:] = lab
-    write_ome_zarr(tmp_path / "a.zarr", lab, 1.0, None, None, REGIONS, band_rows=10_000)
-    write_ome_zarr(tmp_path / "b.zarr", src, 1.0, None, None, REGIONS, band_rows=2048)
-    a, b = _ome(tmp_path / "a.zarr")["regions"], _ome(tmp_path / "b.zarr")["regions"]
+    write_ome_zarr(tmp_path / "a.zarr", lab, 1.0, _DENSITY, 100.0, REGIONS, band_rows=10_000)
+    write_ome_zarr(tmp_path / "b.zarr", src, 1.0, _DENSITY, 100.0, REGIONS, band_rows=2048)
+    a, b = (_ome(tmp_path / name)["labels/regions"] for name in ("a.zarr", "b.zarr"))
     assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1"]
     assert b["1"].shape == (2500, 150)
     for k in ("0", "1"):
         np.testing.assert_array_equal(a[k][:], b[k][:])
-    assert "til_density" not in _ome(tmp_path / "b.zarr")
 
 
 # --- overlay.png -----------------------------------------------------------------------
@@ -300,7 +365,7 @@ def test_stale_temp_files_do_not_get_in_the_way(tmp_path):
     stale.mkdir()
     (stale / "junk").write_text("x")
     write_cells_csv(tmp_path / "cells.csv", _cells(20))
-    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), 1.0, None, None,
+    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), 1.0, _DENSITY, 100.0,
                    REGIONS)
     assert len(list(csv.reader(open(tmp_path / "cells.csv")))) == 21
     assert _leftovers(tmp_path) == [".cells.csv.abc123.tmp", "cells.csv", "maps.zarr"]
@@ -328,11 +393,14 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         write_cells_csv(tmp_path / "cells.csv", cells, chunk_rows=10)
     with pytest.raises(OSError):
-        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), 1.0, None, None, REGIONS,
-                       band_rows=10)
+        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), 1.0, _DENSITY, 100.0,
+                       REGIONS, band_rows=10)
     with pytest.raises(ValueError):
-        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), 1.0, None,
-                       None, REGIONS)
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), 1.0, _DENSITY,
+                       100.0, REGIONS)
+    with pytest.raises(ValueError, match="density map"):
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4), np.uint8), 1.0, None, None,
+                       REGIONS)
     with pytest.raises(ValueError):
         write_overlay_png(tmp_path / "overlay.png", np.zeros((10, 10, 3), np.float32), 8.0,
                           np.zeros((5, 5), np.uint8), 16.0, np.zeros((0, 2)), {}, "t")
@@ -344,13 +412,13 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
 
 def test_failed_rewrite_keeps_previous_output(tmp_path):
     path = tmp_path / "maps.zarr"
-    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), 1.0, None, None, REGIONS)
+    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
     with pytest.raises(OSError):
-        write_ome_zarr(path, _FailingSource(), 1.0, None, None, REGIONS, band_rows=10)
+        write_ome_zarr(path, _FailingSource(), 1.0, _DENSITY, 100.0, REGIONS, band_rows=10)
     assert _leftovers(tmp_path) == ["maps.zarr"]
-    assert (_ome(path)["regions"]["0"][:] == 2).all()
-    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), 1.0, None, None, REGIONS)
-    assert (_ome(path)["regions"]["0"][:] == 3).all()  # replaced
+    assert (_ome(path)["labels/regions/0"][:] == 2).all()
+    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
+    assert (_ome(path)["labels/regions/0"][:] == 3).all()  # replaced
     assert _leftovers(tmp_path) == ["maps.zarr"]
 
 

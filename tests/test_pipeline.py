@@ -96,9 +96,13 @@ def test_outputs_are_complete_and_readable(scored):
     group = zarr.open_group(str(out / "maps.zarr"), mode="r")
     assert group.attrs["ome"]["version"] == "0.5"
     # The maps cover the slide (1,024 µm), not the tile grid (5 cores of 224 µm = 1,120 µm).
-    assert group["regions"]["0"].shape == (512, 512)  # 2 µm/px
+    assert group["labels/regions/0"].shape == (512, 512)  # 2 µm/px
     grid_um = summary["score_config"]["density_grid_um"]
-    assert group["til_density"]["0"].shape == (int(np.ceil(1024 / grid_um)),) * 2
+    assert group.attrs["ome"]["multiscales"][0]["name"] == "til_density"  # the root image
+    assert group["0"].shape == (int(np.ceil(1024 / grid_um)),) * 2
+    from tests.test_io_writers import assert_opens_in_ome_zarr_readers
+
+    assert_opens_in_ome_zarr_readers(out / "maps.zarr")
     assert not list(out.parent.glob(".*tmp*"))  # no temporary leftovers
     rows = list(csv.DictReader(open(out.parent / "scores.csv")))
     assert len(rows) == 1 and rows[0]["slide"] == "golden"
@@ -114,7 +118,7 @@ def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
 
     _, out, summary = scored
     root = zarr.open_group(str(out / "maps.zarr"), mode="r")
-    labels, dens = root["regions"]["0"][:], root["til_density"]["0"][:]
+    labels, dens = root["labels/regions/0"][:], root["0"][:]
     grid_um = summary["score_config"]["density_grid_um"]
     tissue = tissue_area_grid(labels, 2.0, grid_um, (1024.0, 1024.0))
     assert (tissue > 0).any() and (tissue == 0).any()  # the slide has tissue and glass

@@ -304,7 +304,7 @@ def test_damaged_maps_and_overlay_do_not_stop_the_report(cohort, tmp_path):
     out, _ = cohort
     copy = tmp_path / "out"
     shutil.copytree(out / "alpha", copy / "alpha")
-    shutil.rmtree(copy / "alpha" / "maps.zarr" / "regions")
+    shutil.rmtree(copy / "alpha" / "maps.zarr" / "labels" / "regions")
     (copy / "alpha" / "overlay.png").write_bytes(b"not a png")
     html = write_report(copy).read_text()
     assert "maps.zarr unreadable" in html and "overlay.png unreadable" in html
