@@ -138,6 +138,21 @@ def _hand_labels() -> np.ndarray:
     return lab
 
 
+def _signed_area(ring) -> float:
+    x, y = np.asarray(ring, float).T
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def assert_rings_counter_clockwise(geometry: dict) -> None:
+    """RFC 7946: exterior rings counter-clockwise, holes clockwise (the shoelace sign of
+    the coordinates as written), for a GeoJSON Polygon or MultiPolygon."""
+    polygons = ([geometry["coordinates"]] if geometry["type"] == "Polygon"
+                else geometry["coordinates"])
+    for rings in polygons:
+        assert _signed_area(rings[0]) > 0
+        assert all(_signed_area(hole) < 0 for hole in rings[1:])
+
+
 def test_regions_geojson_exact_pixel_edges(tmp_path):
     lab, s, mpp = _hand_labels(), 4.0, 0.5
     path = tmp_path / "regions.geojson"
@@ -151,6 +166,7 @@ def test_regions_geojson_exact_pixel_edges(tmp_path):
         assert p["classification"]["color"] == list(CLASS_COLORS[name])
         geom = shape(f["geometry"])
         assert geom.is_valid and f["geometry"]["type"] == "MultiPolygon"
+        assert_rings_counter_clockwise(f["geometry"])
         count = int((lab == (1 if name == "tumour" else 2)).sum())
         assert geom.area == count * s * s  # pixel edges, exactly
         assert p["measurements"]["area_um2"] == pytest.approx(count * (s * mpp) ** 2)
@@ -162,6 +178,41 @@ def test_regions_geojson_exact_pixel_edges(tmp_path):
     assert tumour.bounds == (2 * s, 2 * s, 12 * s, 12 * s)
     stroma = shape(feats["stroma"]["geometry"])
     assert len(stroma.geoms) == 2 and stroma.covers(hole)
+
+
+def test_regions_geojson_traced_in_bands_and_clipped_to_the_image(tmp_path):
+    """Bands of a few rows give the same polygons as one pass (pieces reaching a band edge
+    are merged), one per 4-connected piece; the region map's last row and column reach
+    past the image and are clipped to it."""
+    import cv2
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    field = ndimage.gaussian_filter(rng.standard_normal((90, 70)), 3)
+    lab = np.digitize(field, [-0.1, 0.0, 0.1]).astype(np.uint8)
+    lab[rng.random(lab.shape) < 0.03] = 3  # specks, many touching only at a corner
+    s, size = 8.0, (70 * 8.0 - 5, 90 * 8.0 - 3)  # the last column/row is 3/8 and 5/8 inside
+    one, banded = tmp_path / "one.geojson", tmp_path / "banded.geojson"
+    write_regions_geojson(one, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size)
+    write_regions_geojson(banded, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size,
+                          band_rows=7)
+    feats = {f["properties"]["classification"]["name"]: f
+             for f in json.loads(banded.read_text())["features"]}
+    whole = {f["properties"]["classification"]["name"]: shape(f["geometry"])
+             for f in json.loads(one.read_text())["features"]}
+    image = shapely.box(0, 0, *size)
+    for code, name in REGIONS.items():
+        geom = shape(feats[name]["geometry"])
+        assert geom.is_valid and image.covers(geom)
+        assert_rings_counter_clockwise(feats[name]["geometry"])
+        assert geom.symmetric_difference(whole[name]).area == 0
+        n = cv2.connectedComponents((lab == code).astype(np.uint8), connectivity=4)[0] - 1
+        assert len(geom.geoms) == n
+        m = lab == code
+        clipped = m.sum() - m[:, -1].sum() * 5 / 8 - m[-1, :].sum() * 3 / 8 + m[-1, -1] * 15 / 64
+        assert geom.area == pytest.approx(clipped * s * s)
+        area_mm2 = feats[name]["properties"]["measurements"]["area_mm2"]
+        assert area_mm2 == pytest.approx(geom.area * 0.25e-6, abs=1e-6)
 
 
 def test_polygons_exact_on_random_masks_with_corner_touches():

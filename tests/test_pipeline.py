@@ -108,6 +108,31 @@ def test_outputs_are_complete_and_readable(scored):
     assert len(rows) == 1 and rows[0]["slide"] == "golden"
 
 
+def test_region_polygons_trace_the_areas_of_the_summary(scored):
+    """regions.geojson traces the region map the summary's areas come from (within 2 %),
+    clipped to the image, with counter-clockwise exterior rings like the cells'."""
+    import shapely.geometry
+
+    from tests.test_io_writers import assert_rings_counter_clockwise
+
+    _, out, summary = scored
+    image = shapely.geometry.box(0, 0, SIZE_PX, SIZE_PX)
+    features = json.loads((out / "regions.geojson").read_text())["features"]
+    assert {f["properties"]["classification"]["name"] for f in features} \
+        == {"tumour", "stroma", "other"}
+    for f in features:
+        name = f["properties"]["classification"]["name"]
+        geom = shapely.geometry.shape(f["geometry"])
+        assert geom.is_valid and image.covers(geom)
+        assert_rings_counter_clockwise(f["geometry"])
+        area_mm2 = geom.area * summary["mpp"] ** 2 * 1e-6
+        assert area_mm2 == pytest.approx(f["properties"]["measurements"]["area_mm2"],
+                                         rel=1e-4)
+        assert area_mm2 == pytest.approx(summary["areas_mm2"][name], rel=0.02), name
+    cell = json.loads((out / "cells.geojson").read_text())["features"][0]["geometry"]
+    assert_rings_counter_clockwise(cell)
+
+
 def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
     """Each grid cell's density is its counted cells ÷ its tissue area (region-map pixels
     of any tissue class); a cell without tissue is NaN, not 0. Weighted by the tissue, the
@@ -184,6 +209,17 @@ def test_real_svs_scores(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["areas_mm2"]["tissue"] > 0.3  # ~0.66 mm² of tissue on the thumbnail
     assert summary["mpp"] == pytest.approx(0.499, abs=1e-3)
+    # region polygons: the summary's areas (were up to 19 % off), inside the image (were
+    # up to 3 px past it)
+    import shapely.geometry
+
+    image = shapely.geometry.box(0, 0, 2220, 2967)
+    for f in json.loads((out / "regions.geojson").read_text())["features"]:
+        geom = shapely.geometry.shape(f["geometry"])
+        name = f["properties"]["classification"]["name"]
+        assert image.covers(geom)
+        got = f["properties"]["measurements"]["area_mm2"]
+        assert got == pytest.approx(summary["areas_mm2"][name], rel=0.02), name
 
 
 def test_rerun_skips_done_slides_and_scores_csv_keeps_one_row_each(tmp_path):

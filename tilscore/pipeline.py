@@ -497,6 +497,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     from tilscore.score import COMPARTMENT_OF_REGION as region_names
 
     stain = summary["stain"]
+    image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
     extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     counted = counted_class(stain)
@@ -513,16 +514,17 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
         write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um),
                        pred.canvas.mpp, dmap, cfg.density_grid_um, region_names, CLASS_COLORS,
                        density_name=density_name, density_unit=f"{counted} cells per mm²")
-        shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
 
     # Independent files, written at once: numpy, zlib, PIL and zarr release the GIL for
     # most of their work (on a GPU node's spare cores this is ~ the slowest writer).
     jobs = [
         lambda: write_cells_csv(work / "cells.csv", cells, extra=extra),
         lambda: write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS),
-        lambda: write_regions_geojson(work / "regions.geojson", regions.labels,
-                                      regions.coarse_mpp / slide_mpp, region_names,
-                                      CLASS_COLORS, mpp_l0=slide_mpp),
+        # the region map the summary's areas count, clipped to the image
+        lambda: write_regions_geojson(work / "regions.geojson",
+                                      pred.canvas.labels_within(extent_um),
+                                      pred.canvas.mpp / slide_mpp, region_names, CLASS_COLORS,
+                                      mpp_l0=slide_mpp, image_size_l0=image_size_l0),
         maps,
         lambda: write_overlay_png(
             work / "overlay.png", overlay[0], overlay[1], regions.labels, regions.coarse_mpp,
@@ -533,6 +535,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
         for fut in [pool.submit(job) for job in jobs]:
             fut.result()  # the first error is raised, once the others have finished
+    shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas (read above)
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
