@@ -104,3 +104,20 @@ def test_synth_cli_writes_slide_and_truth(tmp_path):
     assert truth["stain"] == "foxp3" and truth["size_px"] == [1024, 768]
     info = json.loads(run("info", out, "--json").stdout)
     assert info["dimensions"] == [1024, 768] and info["mpp"] == pytest.approx(0.25)
+
+
+def test_end_of_run_line_shows_the_stain_s_scores():
+    from tilscore.cli import _headline
+
+    he = {"stain": "he", "stromal_til_percent": 23.4, "areas_mm2.tissue": 0.943,
+          "qc.tiles": 25, "runtime_s": 20.1, "percent_positive": None}
+    assert _headline(he) == ("stromal_til_percent=23.4, areas_mm2.tissue=0.943, qc.tiles=25, "
+                             "runtime_s=20.1")
+    ihc = {"stain": "cd20", "stromal_til_percent": None, "percent_positive": 12.5,
+           "densities_per_mm2.cd20_positive.tissue": 256.1,
+           "densities_per_mm2.cd20_positive.tumour": None,  # --model none: not measured
+           "densities_per_mm2.cd20_positive.stroma": None, "h_score": 31.0,
+           "areas_mm2.tissue": 0.9, "qc.tiles": 16, "runtime_s": 9.0}
+    line = _headline(ihc)
+    assert line.startswith("percent_positive=12.5, densities_per_mm2.cd20_positive.tissue=256,")
+    assert "h_score=31" in line and "tumour" not in line and "stromal" not in line

@@ -383,20 +383,57 @@ def test_overlay_png(tmp_path):
     thumb = np.full((1000, 3000, 3), 230, np.uint8)  # 8 µm/px: 24 × 8 mm
     lab = np.zeros((500, 1500), np.uint8)  # 16 µm/px
     lab[250:450, 1000:1400] = 1  # tumour: y 4000–7200 µm, x 16000–22400 µm
+    lab[0:40, 0:40] = 1  # tumour in the top-left corner, where the legend box used to be
     cells = np.array([[6000.0, 6000.0], [30000.0, 1.0]])  # second one off the image
     path = tmp_path / "overlay.png"
     legend = {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")}
     write_overlay_png(path, thumb, 8.0, lab, 16.0, cells, legend, "sTIL 23.4 %")
     img = np.asarray(Image.open(path).convert("RGB"))
-    assert img.shape == (683, 2048, 3)  # long side capped
+    assert img.shape[1] == 2048 and img.shape[0] > 683  # long side capped; legend below
     out_mpp = 8.0 * 3000 / 2048
+    tinted = np.rint(0.65 * 230 + 0.35 * np.array(CLASS_COLORS["tumour"]))
     r, c = int(5600 / out_mpp), int(19200 / out_mpp)  # tumour centre
-    expected = np.rint(0.65 * 230 + 0.35 * np.array(CLASS_COLORS["tumour"]))
-    np.testing.assert_allclose(img[r, c], expected, atol=1)
+    np.testing.assert_allclose(img[r, c], tinted, atol=1)
     assert (img[600, 100] == 230).all()  # background untouched
     r, c = int(6000 / out_mpp), int(6000 / out_mpp)
     assert (img[r - 1:r + 2, c - 1:c + 2] == CLASS_COLORS["lymphocyte"]).all(axis=2).any()
-    assert (img[:40, :40] == 255).all(axis=2).any()  # legend box
+    # no legend on the image: the tumour in the top-left corner is as tinted as elsewhere
+    corner = img[:int(640 / out_mpp) - 1, :int(640 / out_mpp) - 1].reshape(-1, 3)
+    assert np.abs(corner - tinted).max() <= 1
+    strip = img[683:]  # the legend, below the image: white with dark text and swatches
+    assert (strip == 255).all(axis=2).mean() > 0.5 and (strip < 80).all(axis=2).any()
+    assert (strip == CLASS_COLORS["tumour"]).all(axis=2).any()
+    assert not (strip == CLASS_COLORS["stroma"]).all(axis=2).any()  # no stroma on the map
+
+
+def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
+    """Positive cells drawn on brown-stained IHC tissue are still visible once the overlay
+    is shrunk to the report's 640 px JPEG (they were 2 px dots in the cells' own brown)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tilscore.report import OVERLAY_LONG_SIDE_PX
+    from tilscore.report_plots import image_data_uri
+
+    rng = np.random.default_rng(2)
+    thumb = np.clip(rng.normal((170, 120, 90), 25, (1536, 1536, 3)), 0, 255).astype(np.uint8)
+    cells = rng.uniform(500, 5500, (60, 2))  # µm, on a 4 µm/px thumbnail
+    legend = {"cd20_positive": CLASS_COLORS["cd20_positive"]}
+    shown = []
+    for name, xy in (("plain", np.zeros((0, 2))), ("dots", cells)):
+        write_overlay_png(tmp_path / f"{name}.png", thumb, 4.0, np.zeros((10, 10), np.uint8),
+                          1000.0, xy, legend, "CD20+", class_names={})
+        full = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
+        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, "JPEG")
+        shown.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1])))
+                                .convert("RGB")).astype(int))
+    scale = shown[0].shape[1] / 1536
+    diff = np.abs(shown[1] - shown[0]).sum(axis=2)
+    for x, y in cells / 4.0 * scale:
+        r, c = int(y), int(x)
+        assert diff[r - 1:r + 2, c - 1:c + 2].max() > 150, (x, y)  # a clear mark
 
 
 # --- atomicity -------------------------------------------------------------------------

@@ -497,6 +497,8 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     from tilscore.score import COMPARTMENT_OF_REGION as region_names
 
     stain = summary["stain"]
+    # without a compartment model (--model none) all tissue is "other": nothing to tint
+    tinted = {} if summary["areas_mm2"]["tumour"] is None else dict(region_names)
     image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
     extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
@@ -528,8 +530,8 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
         maps,
         lambda: write_overlay_png(
             work / "overlay.png", overlay[0], overlay[1], regions.labels, regions.coarse_mpp,
-            pts[mine], {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
-            _overlay_title(summary)),
+            pts[mine], {n: CLASS_COLORS[n] for n in (*tinted.values(), counted)},
+            _overlay_title(summary), class_names=tinted),
     ]
     threads = min(len(jobs), WRITE_THREADS or usable_cores())
     with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:

@@ -195,8 +195,9 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     colors = {int(c["label-value"]): tuple(c["rgba"]) for c in info.get("colors", [])}
     names = {int(p["label-value"]): p.get("class", str(p["label-value"]))
              for p in info.get("properties", [])}
+    present = set(np.unique(labels).tolist())  # no legend entry for a class not on the map
     maps.legend = [(names.get(code, str(code)), rgba) for code, rgba in sorted(colors.items())
-                   if code != 0]
+                   if code != 0 and code in present]
     box_um = _tissue_box_um(labels, labels_mpp)
 
     image = root.attrs["ome"]["multiscales"][0]
@@ -276,6 +277,7 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
 
 
 MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
+RENDER_VERSION = 2  # bump when rendering changes (2: maps.zarr as image + labels; legends)
 
 
 class MapsCache:
@@ -295,7 +297,7 @@ class MapsCache:
         from tilscore import __version__
 
         h = hashlib.sha256((slide_folder / "summary.json").read_bytes())
-        h.update(f"{__version__}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
+        h.update(f"{__version__}|{RENDER_VERSION}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
                  f"{DENSITY_MIN_SIDE_PX}|{DENSITY_PERCENTILE}".encode())
         return h.hexdigest()
 
