@@ -3,7 +3,7 @@
 NGFF 0.5 is Zarr v3 (what zarr-python 3 writes by default) with the OME metadata under
 the ``ome`` key of each group's ``attributes`` (https://ngff.openmicroscopy.org/0.5/).
 Laid out as the spec's image with labels, so OME-Zarr readers (the ``ome-zarr`` Reader,
-napari) find both, and ``ome-zarr-models`` validates it::
+which napari's plugin uses) find both, and ``ome-zarr-models`` validates it::
 
     maps.zarr/                 image: ome.multiscales (name: til_density, or
       0, 1, ... n-1              <marker>_positive_density); float32 (y, x) cells per mm²
