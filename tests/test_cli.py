@@ -133,3 +133,20 @@ def test_absurd_batch_size_is_refused_before_any_slide(tmp_path):
                "100000000")
     assert proc.returncode == 2 and "batch-size" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_end_of_run_line_shows_the_stain_s_scores():
+    from tilscore.cli import _headline
+
+    he = {"stain": "he", "stromal_til_percent": 23.4, "areas_mm2.tissue": 0.943,
+          "qc.tiles": 25, "runtime_s": 20.1, "percent_positive": None}
+    assert _headline(he) == ("stromal_til_percent=23.4, areas_mm2.tissue=0.943, qc.tiles=25, "
+                             "runtime_s=20.1")
+    ihc = {"stain": "cd20", "stromal_til_percent": None, "percent_positive": 12.5,
+           "densities_per_mm2.cd20_positive.tissue": 256.1,
+           "densities_per_mm2.cd20_positive.tumour": None,  # --model none: not measured
+           "densities_per_mm2.cd20_positive.stroma": None, "h_score": 31.0,
+           "areas_mm2.tissue": 0.9, "qc.tiles": 16, "runtime_s": 9.0}
+    line = _headline(ihc)
+    assert line.startswith("percent_positive=12.5, densities_per_mm2.cd20_positive.tissue=256,")
+    assert "h_score=31" in line and "tumour" not in line and "stromal" not in line

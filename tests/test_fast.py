@@ -163,7 +163,7 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
     assert summary["fast"]["cell_tiles"] <= summary["fast"]["cell_tiles_full_mode"]
     import zarr
 
-    dens = zarr.open_group(str(out / "maps.zarr"), mode="r")["til_density"]["0"][:]
+    dens = zarr.open_group(str(out / "maps.zarr"), mode="r")["0"][:]  # the density map
     assert np.isfinite(dens).any()
 
 

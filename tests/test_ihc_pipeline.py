@@ -100,10 +100,9 @@ def test_ihc_outputs_carry_dab_measurements(scored):
     bins = {r["intensity_bin"] for r in rows if r["class"] == "cd20_positive"}
     assert bins <= {"1", "2", "3"}  # integers; a positive cell is at least weak
     assert {r["intensity_bin"] for r in rows if r["class"] == "negative"} == {"0"}
-    import zarr
+    from tests.test_io_writers import assert_opens_in_ome_zarr_readers
 
-    root = zarr.open_group(str(folder / "maps.zarr"), mode="r")
-    assert root.attrs["tilscore"]["images"] == ["regions", "cd20_positive_density"]
+    assert_opens_in_ome_zarr_readers(folder / "maps.zarr", "cd20_positive_density")
     assert summary["qc"]["stain_vectors"]["source"] in ("estimated", "default")
 
 
@@ -125,8 +124,11 @@ def test_without_a_compartment_model_densities_are_over_tissue_only(scored, tmp_
     """--model none: the same cells over the same tissue, no network; tumour and stroma
     null (not zero), the summary says why, and the cohort report still renders."""
     out = tmp_path / "out"
+    capsys.readouterr()
     assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "foxp3", "--model",
                  "none", "--out", str(out), "--device", "cpu", "-q"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]  # the end-of-run line: the IHC scores
+    assert line.startswith("foxp3: percent_positive=") and "foxp3_positive.tissue=" in line
     summary = json.loads((out / "foxp3" / "summary.json").read_text())
     default = scored["foxp3"][0]
     marker = "foxp3_positive"
@@ -143,6 +145,23 @@ def test_without_a_compartment_model_densities_are_over_tissue_only(scored, tmp_
     assert any("no compartment model" in w for w in summary["warnings"])
     assert summary["config_hash"] != default["config_hash"]
     assert "foxp3" in (out / "report.html").read_text()
+    # the overlay tints no compartment and its legend lists none, only the positive cells
+    import numpy as np
+    from PIL import Image
+
+    from tilscore.io.colors import CLASS_COLORS
+
+    overlay = np.asarray(Image.open(out / "foxp3" / "overlay.png").convert("RGB"))
+    from scipy import ndimage
+
+    strip = overlay[np.flatnonzero((overlay == 160).all(axis=(1, 2)))[0]:]  # the legend
+
+    def swatch(name: str) -> bool:  # a block of the colour (text is anti-aliased grey)
+        return ndimage.binary_erosion((strip == CLASS_COLORS[name]).all(axis=2),
+                                      np.ones((5, 5), bool)).any()
+
+    assert not any(swatch(name) for name in ("tumour", "stroma", "other"))
+    assert swatch("foxp3_positive")
     # H&E needs the network for its lymphocytes: a one-line usage error, exit 2
     capsys.readouterr()
     assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "he", "--model", "none",

@@ -138,6 +138,21 @@ def _hand_labels() -> np.ndarray:
     return lab
 
 
+def _signed_area(ring) -> float:
+    x, y = np.asarray(ring, float).T
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def assert_rings_counter_clockwise(geometry: dict) -> None:
+    """RFC 7946: exterior rings counter-clockwise, holes clockwise (the shoelace sign of
+    the coordinates as written), for a GeoJSON Polygon or MultiPolygon."""
+    polygons = ([geometry["coordinates"]] if geometry["type"] == "Polygon"
+                else geometry["coordinates"])
+    for rings in polygons:
+        assert _signed_area(rings[0]) > 0
+        assert all(_signed_area(hole) < 0 for hole in rings[1:])
+
+
 def test_regions_geojson_exact_pixel_edges(tmp_path):
     lab, s, mpp = _hand_labels(), 4.0, 0.5
     path = tmp_path / "regions.geojson"
@@ -151,6 +166,7 @@ def test_regions_geojson_exact_pixel_edges(tmp_path):
         assert p["classification"]["color"] == list(CLASS_COLORS[name])
         geom = shape(f["geometry"])
         assert geom.is_valid and f["geometry"]["type"] == "MultiPolygon"
+        assert_rings_counter_clockwise(f["geometry"])
         count = int((lab == (1 if name == "tumour" else 2)).sum())
         assert geom.area == count * s * s  # pixel edges, exactly
         assert p["measurements"]["area_um2"] == pytest.approx(count * (s * mpp) ** 2)
@@ -162,6 +178,41 @@ def test_regions_geojson_exact_pixel_edges(tmp_path):
     assert tumour.bounds == (2 * s, 2 * s, 12 * s, 12 * s)
     stroma = shape(feats["stroma"]["geometry"])
     assert len(stroma.geoms) == 2 and stroma.covers(hole)
+
+
+def test_regions_geojson_traced_in_bands_and_clipped_to_the_image(tmp_path):
+    """Bands of a few rows give the same polygons as one pass (pieces reaching a band edge
+    are merged), one per 4-connected piece; the region map's last row and column reach
+    past the image and are clipped to it."""
+    import cv2
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    field = ndimage.gaussian_filter(rng.standard_normal((90, 70)), 3)
+    lab = np.digitize(field, [-0.1, 0.0, 0.1]).astype(np.uint8)
+    lab[rng.random(lab.shape) < 0.03] = 3  # specks, many touching only at a corner
+    s, size = 8.0, (70 * 8.0 - 5, 90 * 8.0 - 3)  # the last column/row is 3/8 and 5/8 inside
+    one, banded = tmp_path / "one.geojson", tmp_path / "banded.geojson"
+    write_regions_geojson(one, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size)
+    write_regions_geojson(banded, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size,
+                          band_rows=7)
+    feats = {f["properties"]["classification"]["name"]: f
+             for f in json.loads(banded.read_text())["features"]}
+    whole = {f["properties"]["classification"]["name"]: shape(f["geometry"])
+             for f in json.loads(one.read_text())["features"]}
+    image = shapely.box(0, 0, *size)
+    for code, name in REGIONS.items():
+        geom = shape(feats[name]["geometry"])
+        assert geom.is_valid and image.covers(geom)
+        assert_rings_counter_clockwise(feats[name]["geometry"])
+        assert geom.symmetric_difference(whole[name]).area == 0
+        n = cv2.connectedComponents((lab == code).astype(np.uint8), connectivity=4)[0] - 1
+        assert len(geom.geoms) == n
+        m = lab == code
+        clipped = m.sum() - m[:, -1].sum() * 5 / 8 - m[-1, :].sum() * 3 / 8 + m[-1, -1] * 15 / 64
+        assert geom.area == pytest.approx(clipped * s * s)
+        area_mm2 = feats[name]["properties"]["measurements"]["area_mm2"]
+        assert area_mm2 == pytest.approx(geom.area * 0.25e-6, abs=1e-6)
 
 
 def test_polygons_exact_on_random_masks_with_corner_touches():
@@ -194,6 +245,9 @@ def test_regions_geojson_simplified_is_valid(tmp_path):
 
 # --- maps.zarr -------------------------------------------------------------------------
 
+_DENSITY = np.zeros((2, 2), np.float32)  # a density map where a test needs none
+
+
 def _ome(path):
     import zarr
 
@@ -204,11 +258,13 @@ def test_ome_zarr_metadata_and_levels(tmp_path):
     rng = np.random.default_rng(5)
     lab = np.kron(rng.integers(0, 4, (75, 65)), np.ones((8, 8))).astype(np.uint8)  # 600×520
     dmap = rng.uniform(0, 500, (40, 30)).astype(np.float32)
+    dmap[:2, :4] = np.nan  # no tissue there
     path = tmp_path / "maps.zarr"
     write_ome_zarr(path, lab, 2.0, dmap, 32.0, REGIONS, CLASS_COLORS)
     root = _ome(path)
     assert root.attrs["ome"]["version"] == "0.5"
-    reg = root["regions"]
+    reg = root["labels/regions"]
+    assert root["labels"].attrs["ome"] == {"version": "0.5", "labels": ["regions"]}
     ome = reg.attrs["ome"]
     ms = ome["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["y", "x"]
@@ -222,14 +278,75 @@ def test_ome_zarr_metadata_and_levels(tmp_path):
     assert reg["1"].shape == (300, 260) and reg["2"].shape == (150, 130)
     np.testing.assert_array_equal(reg["1"][:], lab[::2, ::2])  # 8-px blocks: mode = any
     assert reg["0"].metadata.dimension_names == ("y", "x")
-    colors = {c["label-value"]: c["rgba"] for c in ome["image-label"]["colors"]}
+    label = ome["image-label"]
+    colors = {c["label-value"]: c["rgba"] for c in label["colors"]}
     assert colors[1] == [*CLASS_COLORS["tumour"], 255] and colors[0][3] == 0
-    dens = root["til_density"]
-    dms = dens.attrs["ome"]["multiscales"][0]
-    assert dms["datasets"][0]["coordinateTransformations"][0]["scale"] == [32.0, 32.0]
-    assert len(dms["datasets"]) == 1  # 40×30 is already below 256 px
-    np.testing.assert_array_equal(dens["0"][:], dmap)
-    assert dens["0"].dtype == np.float32
+    props = {p["label-value"]: p["class"] for p in label["properties"]}
+    assert props == {0: "background", **REGIONS} and set(props) == set(colors)
+    assert label["source"] == {"image": "../../"}
+    # the root image is the density map, with as many levels as the labels (NGFF rule)
+    dms = root.attrs["ome"]["multiscales"][0]
+    assert dms["name"] == "til_density" and len(dms["datasets"]) == 3
+    assert dms["datasets"][1]["coordinateTransformations"][0]["scale"] == [64.0, 64.0]
+    np.testing.assert_array_equal(root["0"][:], dmap)
+    assert root["0"].dtype == np.float32 and root["2"].shape == (10, 8)
+    assert np.isnan(root["1"][0, 0]) and root["1"][0, 3] == pytest.approx(dmap[:2, 6:8].mean())
+    assert root.attrs["tilscore"]["density"]["grid_um"] == 32.0
+    assert "tissue area" in root.attrs["tilscore"]["density"]["denominator"]
+
+
+def assert_opens_in_ome_zarr_readers(path, density_name: str = "til_density") -> dict:
+    """Strict ome-zarr-models validation of `path` (the 0.5 image, its labels group and
+    label image), and the ome-zarr Reader (what napari's plugin uses) finds the image and
+    the regions label with its parent, colours and class names. Returns the Reader's nodes
+    by path under maps.zarr ("" = the image)."""
+    import logging
+    import warnings
+
+    models = pytest.importorskip("ome_zarr_models")
+    from ome_zarr_models.exceptions import ValidationWarning
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ValidationWarning)
+        image = models.open_ome_zarr(str(path), version="0.5")
+        assert isinstance(image, Image) and image.labels.label_paths == ["regions"]
+        label = models.open_ome_zarr(str(path / "labels" / "regions"), version="0.5")
+        assert isinstance(label, ImageLabel)
+    log = logging.getLogger("ome_zarr")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        nodes = list(reader.Reader(parse_url(str(path)))())
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in seen if "no parent found" in m], seen
+    by_path = {n.zarr.path.rstrip("/").split("maps.zarr")[-1]: n for n in nodes}
+    assert set(by_path) >= {"", "/labels/regions"}
+    img, regions = by_path[""], by_path["/labels/regions"]
+    assert img.metadata["name"] == density_name and img.data[0].dtype == np.float32
+    assert any(type(s).__name__ == "Label" for s in regions.specs)
+    assert regions.metadata["properties"][1] == {"class": "tumour"}
+    assert regions.metadata["color"][1][:3] == [c / 255 for c in CLASS_COLORS["tumour"]]
+    return by_path
+
+
+def test_ome_zarr_opens_in_ome_zarr_readers(tmp_path):
+    lab = np.zeros((700, 300), np.uint8)
+    lab[100:400, 50:250] = 1
+    lab[400:600, 50:250] = 3
+    path = tmp_path / "maps.zarr"
+    write_ome_zarr(path, lab, 2.0, np.full((14, 6), 50.0, np.float32), 100.0, REGIONS,
+                   CLASS_COLORS)
+    nodes = assert_opens_in_ome_zarr_readers(path)
+    assert nodes[""].data[0].shape == (14, 6)
+    assert nodes["/labels/regions"].data[0].shape == (700, 300)
 
 
 def test_ome_zarr_mode_and_mean_downsampling(tmp_path):
@@ -249,14 +366,13 @@ def test_ome_zarr_banded_zarr_source_equals_numpy(tmp_path):
     src = zarr.open_group(str(tmp_path / "canvas.zarr"), mode="w").create_array(
         "labels", shape=lab.shape, chunks=(256, 256), dtype="uint8", fill_value=0)
     src[:] = lab
-    write_ome_zarr(tmp_path / "a.zarr", lab, 1.0, None, None, REGIONS, band_rows=10_000)
-    write_ome_zarr(tmp_path / "b.zarr", src, 1.0, None, None, REGIONS, band_rows=2048)
-    a, b = _ome(tmp_path / "a.zarr")["regions"], _ome(tmp_path / "b.zarr")["regions"]
+    write_ome_zarr(tmp_path / "a.zarr", lab, 1.0, _DENSITY, 100.0, REGIONS, band_rows=10_000)
+    write_ome_zarr(tmp_path / "b.zarr", src, 1.0, _DENSITY, 100.0, REGIONS, band_rows=2048)
+    a, b = (_ome(tmp_path / name)["labels/regions"] for name in ("a.zarr", "b.zarr"))
     assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1"]
     assert b["1"].shape == (2500, 150)
     for k in ("0", "1"):
         np.testing.assert_array_equal(a[k][:], b[k][:])
-    assert "til_density" not in _ome(tmp_path / "b.zarr")
 
 
 # --- overlay.png -----------------------------------------------------------------------
@@ -267,20 +383,57 @@ def test_overlay_png(tmp_path):
     thumb = np.full((1000, 3000, 3), 230, np.uint8)  # 8 µm/px: 24 × 8 mm
     lab = np.zeros((500, 1500), np.uint8)  # 16 µm/px
     lab[250:450, 1000:1400] = 1  # tumour: y 4000–7200 µm, x 16000–22400 µm
+    lab[0:40, 0:40] = 1  # tumour in the top-left corner, where the legend box used to be
     cells = np.array([[6000.0, 6000.0], [30000.0, 1.0]])  # second one off the image
     path = tmp_path / "overlay.png"
     legend = {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")}
     write_overlay_png(path, thumb, 8.0, lab, 16.0, cells, legend, "sTIL 23.4 %")
     img = np.asarray(Image.open(path).convert("RGB"))
-    assert img.shape == (683, 2048, 3)  # long side capped
+    assert img.shape[1] == 2048 and img.shape[0] > 683  # long side capped; legend below
     out_mpp = 8.0 * 3000 / 2048
+    tinted = np.rint(0.65 * 230 + 0.35 * np.array(CLASS_COLORS["tumour"]))
     r, c = int(5600 / out_mpp), int(19200 / out_mpp)  # tumour centre
-    expected = np.rint(0.65 * 230 + 0.35 * np.array(CLASS_COLORS["tumour"]))
-    np.testing.assert_allclose(img[r, c], expected, atol=1)
+    np.testing.assert_allclose(img[r, c], tinted, atol=1)
     assert (img[600, 100] == 230).all()  # background untouched
     r, c = int(6000 / out_mpp), int(6000 / out_mpp)
     assert (img[r - 1:r + 2, c - 1:c + 2] == CLASS_COLORS["lymphocyte"]).all(axis=2).any()
-    assert (img[:40, :40] == 255).all(axis=2).any()  # legend box
+    # no legend on the image: the tumour in the top-left corner is as tinted as elsewhere
+    corner = img[:int(640 / out_mpp) - 1, :int(640 / out_mpp) - 1].reshape(-1, 3)
+    assert np.abs(corner - tinted).max() <= 1
+    strip = img[683:]  # the legend, below the image: white with dark text and swatches
+    assert (strip == 255).all(axis=2).mean() > 0.5 and (strip < 80).all(axis=2).any()
+    assert (strip == CLASS_COLORS["tumour"]).all(axis=2).any()
+    assert not (strip == CLASS_COLORS["stroma"]).all(axis=2).any()  # no stroma on the map
+
+
+def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
+    """Positive cells drawn on brown-stained IHC tissue are still visible once the overlay
+    is shrunk to the report's 640 px JPEG (they were 2 px dots in the cells' own brown)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tilscore.report import OVERLAY_LONG_SIDE_PX
+    from tilscore.report_plots import image_data_uri
+
+    rng = np.random.default_rng(2)
+    thumb = np.clip(rng.normal((170, 120, 90), 25, (1536, 1536, 3)), 0, 255).astype(np.uint8)
+    cells = rng.uniform(500, 5500, (60, 2))  # µm, on a 4 µm/px thumbnail
+    legend = {"cd20_positive": CLASS_COLORS["cd20_positive"]}
+    shown = []
+    for name, xy in (("plain", np.zeros((0, 2))), ("dots", cells)):
+        write_overlay_png(tmp_path / f"{name}.png", thumb, 4.0, np.zeros((10, 10), np.uint8),
+                          1000.0, xy, legend, "CD20+", class_names={})
+        full = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
+        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, "JPEG")
+        shown.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1])))
+                                .convert("RGB")).astype(int))
+    scale = shown[0].shape[1] / 1536
+    diff = np.abs(shown[1] - shown[0]).sum(axis=2)
+    for x, y in cells / 4.0 * scale:
+        r, c = int(y), int(x)
+        assert diff[r - 1:r + 2, c - 1:c + 2].max() > 150, (x, y)  # a clear mark
 
 
 # --- atomicity -------------------------------------------------------------------------
@@ -300,7 +453,7 @@ def test_stale_temp_files_do_not_get_in_the_way(tmp_path):
     stale.mkdir()
     (stale / "junk").write_text("x")
     write_cells_csv(tmp_path / "cells.csv", _cells(20))
-    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), 1.0, None, None,
+    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), 1.0, _DENSITY, 100.0,
                    REGIONS)
     assert len(list(csv.reader(open(tmp_path / "cells.csv")))) == 21
     assert _leftovers(tmp_path) == [".cells.csv.abc123.tmp", "cells.csv", "maps.zarr"]
@@ -328,11 +481,14 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         write_cells_csv(tmp_path / "cells.csv", cells, chunk_rows=10)
     with pytest.raises(OSError):
-        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), 1.0, None, None, REGIONS,
-                       band_rows=10)
+        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), 1.0, _DENSITY, 100.0,
+                       REGIONS, band_rows=10)
     with pytest.raises(ValueError):
-        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), 1.0, None,
-                       None, REGIONS)
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), 1.0, _DENSITY,
+                       100.0, REGIONS)
+    with pytest.raises(ValueError, match="density map"):
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4), np.uint8), 1.0, None, None,
+                       REGIONS)
     with pytest.raises(ValueError):
         write_overlay_png(tmp_path / "overlay.png", np.zeros((10, 10, 3), np.float32), 8.0,
                           np.zeros((5, 5), np.uint8), 16.0, np.zeros((0, 2)), {}, "t")
@@ -344,13 +500,13 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
 
 def test_failed_rewrite_keeps_previous_output(tmp_path):
     path = tmp_path / "maps.zarr"
-    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), 1.0, None, None, REGIONS)
+    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
     with pytest.raises(OSError):
-        write_ome_zarr(path, _FailingSource(), 1.0, None, None, REGIONS, band_rows=10)
+        write_ome_zarr(path, _FailingSource(), 1.0, _DENSITY, 100.0, REGIONS, band_rows=10)
     assert _leftovers(tmp_path) == ["maps.zarr"]
-    assert (_ome(path)["regions"]["0"][:] == 2).all()
-    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), 1.0, None, None, REGIONS)
-    assert (_ome(path)["regions"]["0"][:] == 3).all()  # replaced
+    assert (_ome(path)["labels/regions/0"][:] == 2).all()
+    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
+    assert (_ome(path)["labels/regions/0"][:] == 3).all()  # replaced
     assert _leftovers(tmp_path) == ["maps.zarr"]
 
 

@@ -96,12 +96,61 @@ def test_outputs_are_complete_and_readable(scored):
     group = zarr.open_group(str(out / "maps.zarr"), mode="r")
     assert group.attrs["ome"]["version"] == "0.5"
     # The maps cover the slide (1,024 µm), not the tile grid (5 cores of 224 µm = 1,120 µm).
-    assert group["regions"]["0"].shape == (512, 512)  # 2 µm/px
+    assert group["labels/regions/0"].shape == (512, 512)  # 2 µm/px
     grid_um = summary["score_config"]["density_grid_um"]
-    assert group["til_density"]["0"].shape == (int(np.ceil(1024 / grid_um)),) * 2
+    assert group.attrs["ome"]["multiscales"][0]["name"] == "til_density"  # the root image
+    assert group["0"].shape == (int(np.ceil(1024 / grid_um)),) * 2
+    from tests.test_io_writers import assert_opens_in_ome_zarr_readers
+
+    assert_opens_in_ome_zarr_readers(out / "maps.zarr")
     assert not list(out.parent.glob(".*tmp*"))  # no temporary leftovers
     rows = list(csv.DictReader(open(out.parent / "scores.csv")))
     assert len(rows) == 1 and rows[0]["slide"] == "golden"
+
+
+def test_region_polygons_trace_the_areas_of_the_summary(scored):
+    """regions.geojson traces the region map the summary's areas come from (within 2 %),
+    clipped to the image, with counter-clockwise exterior rings like the cells'."""
+    import shapely.geometry
+
+    from tests.test_io_writers import assert_rings_counter_clockwise
+
+    _, out, summary = scored
+    image = shapely.geometry.box(0, 0, SIZE_PX, SIZE_PX)
+    features = json.loads((out / "regions.geojson").read_text())["features"]
+    assert {f["properties"]["classification"]["name"] for f in features} \
+        == {"tumour", "stroma", "other"}
+    for f in features:
+        name = f["properties"]["classification"]["name"]
+        geom = shapely.geometry.shape(f["geometry"])
+        assert geom.is_valid and image.covers(geom)
+        assert_rings_counter_clockwise(f["geometry"])
+        area_mm2 = geom.area * summary["mpp"] ** 2 * 1e-6
+        assert area_mm2 == pytest.approx(f["properties"]["measurements"]["area_mm2"],
+                                         rel=1e-4)
+        assert area_mm2 == pytest.approx(summary["areas_mm2"][name], rel=0.02), name
+    cell = json.loads((out / "cells.geojson").read_text())["features"][0]["geometry"]
+    assert_rings_counter_clockwise(cell)
+
+
+def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
+    """Each grid cell's density is its counted cells ÷ its tissue area (region-map pixels
+    of any tissue class); a cell without tissue is NaN, not 0. Weighted by the tissue, the
+    map adds up to the summary's count."""
+    import zarr
+
+    from tilscore.aggregate import tissue_area_grid
+
+    _, out, summary = scored
+    root = zarr.open_group(str(out / "maps.zarr"), mode="r")
+    labels, dens = root["labels/regions/0"][:], root["0"][:]
+    grid_um = summary["score_config"]["density_grid_um"]
+    tissue = tissue_area_grid(labels, 2.0, grid_um, (1024.0, 1024.0))
+    assert (tissue > 0).any() and (tissue == 0).any()  # the slide has tissue and glass
+    np.testing.assert_array_equal(np.isnan(dens), tissue == 0)
+    counted = summary["counts"]["lymphocyte"]["tissue"]
+    assert np.nansum(dens.astype(np.float64) * tissue) == pytest.approx(counted, rel=0.01)
+    assert tissue.sum() == pytest.approx(summary["areas_mm2"]["tissue"], rel=1e-6)
 
 
 def test_batch_isolates_failures_and_no_tissue(tmp_path):
@@ -160,6 +209,17 @@ def test_real_svs_scores(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["areas_mm2"]["tissue"] > 0.3  # ~0.66 mm² of tissue on the thumbnail
     assert summary["mpp"] == pytest.approx(0.499, abs=1e-3)
+    # region polygons: the summary's areas (were up to 19 % off), inside the image (were
+    # up to 3 px past it)
+    import shapely.geometry
+
+    image = shapely.geometry.box(0, 0, 2220, 2967)
+    for f in json.loads((out / "regions.geojson").read_text())["features"]:
+        geom = shapely.geometry.shape(f["geometry"])
+        name = f["properties"]["classification"]["name"]
+        assert image.covers(geom)
+        got = f["properties"]["measurements"]["area_mm2"]
+        assert got == pytest.approx(summary["areas_mm2"][name], rel=0.02), name
 
 
 def test_rerun_skips_done_slides_and_scores_csv_keeps_one_row_each(tmp_path):

@@ -175,6 +175,8 @@ def test_table_has_one_row_per_scored_slide_with_summary_values(cohort, report):
                 assert float(row[f"CD20+/mm² {comp}"]) == want
             assert row["sTIL %"] == ""  # no H&E score on an IHC slide
     assert page.rows["beta"]["QC"] == "1" and page.rows["alpha"]["QC"] == "0"
+    # QC right after slide and stain: visible at 1,400 px whatever the other columns
+    assert page.heads[:3] == ["slide", "stain", "QC"]
 
 
 def test_header_counts_and_versions(cohort, report):
@@ -304,7 +306,7 @@ def test_damaged_maps_and_overlay_do_not_stop_the_report(cohort, tmp_path):
     out, _ = cohort
     copy = tmp_path / "out"
     shutil.copytree(out / "alpha", copy / "alpha")
-    shutil.rmtree(copy / "alpha" / "maps.zarr" / "regions")
+    shutil.rmtree(copy / "alpha" / "maps.zarr" / "labels" / "regions")
     (copy / "alpha" / "overlay.png").write_bytes(b"not a png")
     html = write_report(copy).read_text()
     assert "maps.zarr unreadable" in html and "overlay.png unreadable" in html
@@ -357,7 +359,8 @@ def test_plots_and_colormap_units():
 
 def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome",
-                                           "chrome", "headless_shell") if shutil.which(n)),
+                                           "chrome", "headless_shell",
+                                           "chromium-headless-shell") if shutil.which(n)),
                 None)
 
 
@@ -386,6 +389,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dumped.feed(dom)
     assert sorted(dumped.rows) == sorted(page.rows)
     assert "<svg" in dom and "tilscore report" in dom
+    # at 1,400 px the QC column lies inside the window (it was behind a sideways scroll)
+    probe = path.with_name("report-probe.html")
+    probe.write_text(path.read_text().replace("</body>", (
+        "<script>var th = Array.from(document.querySelectorAll('#cohort th'))"
+        ".find(function(h){return h.textContent.trim() === 'QC';}); "
+        "var r = th.getBoundingClientRect(); document.body.setAttribute('data-qc', "
+        "th.textContent + ' ' + r.right + ' ' + window.innerWidth);</script></body>")))
+    dom = subprocess.run([*flags, "--window-size=1400,900", "--dump-dom",
+                          probe.resolve().as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    probe.unlink()
+    label, right, width = dom.split('data-qc="', 1)[1].split('"', 1)[0].rsplit(" ", 2)
+    assert label == "QC" and float(right) <= float(width) == 1400
     # Sorting: click "sTIL %" twice (descending); the IHC slide without a value stays last.
     col = page.heads.index("sTIL %")
     click = f"<script>var h = document.querySelectorAll('#cohort th')[{col}]; h.click(); " \
@@ -399,3 +415,42 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
              if m.split('"')[1] in page.rows]
     til = {k: float(v["sTIL %"]) for k, v in page.rows.items() if v["sTIL %"]}
     assert order == sorted(til, key=til.get, reverse=True) + ["delta"]
+
+
+def test_ihc_section_without_a_compartment_model(cohort, tmp_path):
+    """--model none: no region map or tumour/stroma/other legend, no "(/mm²)" in empty
+    cells, H-score and intensity bins shown, and a model line that says what "none" is."""
+    from tilscore.report import write_report
+
+    out, _ = cohort
+    copy = tmp_path / "out"
+    shutil.copytree(out / "delta", copy / "nomodel")
+
+    def no_model(s):
+        s.update(slide="nomodel", model={"name": "none", "version": "0.1.0", "sha256": "none"},
+                 h_score=31.5, intensity_bins={"none": 308, "weak": 30, "moderate": 10,
+                                               "strong": 4},
+                 percent_positive_by_compartment={"tumour": None, "stroma": None,
+                                                  "other": None, "tissue": 12.5},
+                 positive_rule={"compartment": "ring", "dab_threshold_od": 0.3,
+                                "intensity_bins_od": [0.461, 0.921, 1.382]})
+        for cls in s["counts"]:
+            for comp in ("tumour", "stroma", "other"):
+                s["counts"][cls][comp] = s["densities_per_mm2"][cls][comp] = None
+        s["areas_mm2"] = {k: (v if k == "tissue" else None) for k, v in s["areas_mm2"].items()}
+        return s
+
+    _edit(copy / "nomodel", no_model)
+    html = write_report(copy).read_text()
+    section = html.split('<section class="slide"', 1)[1]
+    assert "(/mm²)" not in html and "swatch" not in section and "region map" not in section
+    assert "no compartment model" in section and "sha256 none" not in html
+    assert "none 0.1.0" not in html
+    assert "H-score" in section and "31.5" in section
+    for label, n in (("none (negative)", 308), ("weak (positive, &lt; 0.921 OD)", 30),
+                     ("moderate (0.921–1.382 OD)", 10), ("strong (≥ 1.382 OD)", 4)):
+        assert f"<td>{label}</td><td class=\"n\" data-value=\"{n}\">" in section, label
+    cells = section.split("Cells: count", 1)[1].split("</table>", 1)[0]
+    assert "<th>tissue</th>" in cells and "<th>tumour</th>" not in cells
+    page = _page(copy / "report.html")
+    assert float(page.rows["nomodel"]["H-score"]) == 31.5

@@ -79,20 +79,50 @@ def test_fraction_near_tumour():
     assert fraction_near(np.zeros((0, 2)), tumour, 8.0, 50.0) is None
 
 
-def test_density_map_per_mm2():
-    pts = np.array([[10.0, 10.0], [20.0, 30.0], [150.0, 10.0]])
-    dmap = density_map(pts, (200.0, 100.0), 100.0)
-    assert dmap.shape == (1, 2)
-    assert dmap[0, 0] == pytest.approx(2 / 0.01) and dmap[0, 1] == pytest.approx(1 / 0.01)
+def test_density_map_per_mm2_of_tissue_and_nan_without_tissue():
+    pts = np.array([[10.0, 10.0], [20.0, 30.0], [150.0, 10.0], [250.0, 50.0]])
+    tissue = np.array([[0.01, 0.0025, 0.0]])  # mm²: a full cell, a quarter, none
+    dmap = density_map(pts, tissue, 100.0)
+    assert dmap.shape == (1, 3) and dmap.dtype == np.float32
+    assert dmap[0, 0] == pytest.approx(2 / 0.01)
+    assert dmap[0, 1] == pytest.approx(1 / 0.0025)  # divided by its tissue, not by 0.01 mm²
+    assert np.isnan(dmap[0, 2])  # no tissue: not measured, not 0 (a point there is lost)
+    empty = density_map(np.zeros((0, 2)), tissue, 100.0)
+    assert empty[0, 0] == 0 and np.isnan(empty[0, 2])
 
 
-def test_density_map_edge_cells_divide_by_their_area_inside_the_slide():
+def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
+    from tilscore.aggregate import tissue_area_grid
+
     rng = np.random.default_rng(0)
     pts = rng.uniform(0, 1050.0, (200_000, 2))  # uniform on a 1050 µm square: 181,406 /mm²
-    dmap = density_map(pts, (1050.0, 1050.0), 100.0)
+    labels = np.ones((525, 525), np.uint8)  # all tissue at 2 µm/px
+    tissue = tissue_area_grid(labels, 2.0, 100.0, (1050.0, 1050.0))
+    dmap = density_map(pts, tissue, 100.0)
     assert dmap.shape == (11, 11)
     truth = 200_000 / 1.05**2
     assert np.allclose(dmap, truth, rtol=0.1)  # the cut last row/column and corner too
+
+
+def test_tissue_area_grid_counts_region_pixels_by_their_centre():
+    from tilscore.aggregate import tissue_area_grid
+
+    rng = np.random.default_rng(1)
+    labels = (rng.random((203, 311)) < 0.4).astype(np.uint8) * rng.integers(1, 4, (203, 311))
+    labels[:50, :120] = 0  # glass: these grid cells hold no tissue
+    mpp, grid = 2.0, 30.0  # 15 px per grid cell; the last row and column are cut
+    extent = (311 * mpp - 1.0, 203 * mpp - 1.5)  # the last pixel straddles the slide edge
+    got = tissue_area_grid(labels, mpp, grid, extent, band_rows=16)
+    rows, cols = int(np.ceil(extent[1] / grid)), int(np.ceil(extent[0] / grid))
+    want = np.zeros((rows, cols))
+    for i, j in zip(*np.nonzero(labels), strict=True):
+        want[min(int((i + 0.5) * mpp // grid), rows - 1),
+             min(int((j + 0.5) * mpp // grid), cols - 1)] += (mpp * 1e-3) ** 2
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert got.sum() == pytest.approx((labels > 0).sum() * (mpp * 1e-3) ** 2)  # as the summary
+    assert (got[:3, :4] == 0).all()
+    fine = tissue_area_grid(labels, mpp, 1.0, extent)  # grid finer than a pixel
+    assert fine.sum() == pytest.approx(got.sum())
 
 
 def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_path):

@@ -120,3 +120,30 @@ def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
     )
     labels = fractions.argmax(axis=0).astype(np.uint8)
     return RegionSummary(areas, bulk, labels == 1, labels, coarse_mpp, fractions)
+
+
+def tissue_area_grid(labels, mpp: float, grid_um: float, extent_um: tuple[float, float],
+                     band_rows: int = 2048) -> np.ndarray:
+    """float64 (rows, cols) mm² of tissue (region code > 0) in each cell of a `grid_um`
+    grid covering `extent_um` (w, h) µm: rows = ⌈h / grid_um⌉, cols = ⌈w / grid_um⌉.
+
+    `labels`: 2-D region codes at `mpp` µm/px (a zarr array or
+    :class:`~tilscore.stitch.CroppedRows`, read `band_rows` rows at a time); a pixel counts
+    in the grid cell holding its centre (clipped onto the grid), with its whole area, as
+    the summary's areas count it."""
+    cols = max(1, int(np.ceil(extent_um[0] / grid_um)))
+    rows = max(1, int(np.ceil(extent_um[1] / grid_um)))
+    h, w = labels.shape
+    col_of = np.minimum(((np.arange(w) + 0.5) * mpp // grid_um).astype(np.int64), cols - 1)
+    row_of = np.minimum(((np.arange(h) + 0.5) * mpp // grid_um).astype(np.int64), rows - 1)
+    used_cols, first_px = np.unique(col_of, return_index=True)  # col_of is non-decreasing
+    out = np.zeros((rows, cols), np.int64)
+    for r0 in range(0, h, band_rows):
+        tissue = np.asarray(labels[r0:r0 + band_rows]) > 0
+        if tissue.size == 0:
+            continue
+        per_row = np.add.reduceat(tissue, first_px, axis=1, dtype=np.int64)
+        band = np.zeros((rows, len(used_cols)), np.int64)
+        np.add.at(band, row_of[r0:r0 + len(tissue)], per_row)
+        out[:, used_cols] += band
+    return out * (mpp * 1e-3) ** 2

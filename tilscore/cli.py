@@ -326,8 +326,19 @@ def report(
 
 
 def _headline(row: dict) -> str:
-    keys = ("stromal_til_percent", "areas_mm2.tissue", "qc.tiles", "runtime_s")
-    parts = [f"{k}={row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))]
+    """The end-of-run line of a slide (a scores.csv row): its stain's scores (H&E: sTIL %;
+    IHC: % positive, positive cells per mm² of tissue, tumour and stroma, H-score), the
+    tissue area, tiles and runtime; unknown (null) values are left out."""
+    stain = row.get("stain") or "he"
+    if stain == "he":
+        scores = ("stromal_til_percent",)
+    else:
+        density = f"densities_per_mm2.{stain}_positive"
+        scores = ("percent_positive", *(f"{density}.{c}" for c in ("tissue", "tumour", "stroma")),
+                  "h_score")
+    keys = (*scores, "areas_mm2.tissue", "qc.tiles", "runtime_s")
+    parts = [f"{k}={row[k]:.3g}" for k in keys
+             if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)]
     return ", ".join(parts)
 
 

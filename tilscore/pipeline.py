@@ -564,9 +564,11 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     from tilscore.io.ome_zarr import write_ome_zarr
     from tilscore.io.overlay import write_overlay_png
     from tilscore.score import COMPARTMENT_OF_REGION as region_names
-    from tilscore.score import density_map
 
     stain = summary["stain"]
+    # without a compartment model (--model none) all tissue is "other": nothing to tint
+    tinted = {} if summary["areas_mm2"]["tumour"] is None else dict(region_names)
+    image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
     extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     counted = counted_class(stain)
@@ -574,7 +576,7 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
 
     def maps() -> None:
-        dmap = density_map(pts[mine], extent_um, cfg.density_grid_um)
+        dmap = _density(pred.canvas, pts[mine], extent_um, cfg.density_grid_um)
         if plan is not None:
             from tilscore.fast import mask_unsearched
 
@@ -583,26 +585,28 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
         write_ome_zarr(work / "maps.zarr", pred.canvas.labels_within(extent_um),
                        pred.canvas.mpp, dmap, cfg.density_grid_um, region_names, CLASS_COLORS,
                        density_name=density_name, density_unit=f"{counted} cells per mm²")
-        shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas
 
     # Independent files, written at once: numpy, zlib, PIL and zarr release the GIL for
     # most of their work (on a GPU node's spare cores this is ~ the slowest writer).
     jobs = [
         lambda: write_cells_csv(work / "cells.csv", cells, extra=extra),
         lambda: write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS),
-        lambda: write_regions_geojson(work / "regions.geojson", regions.labels,
-                                      regions.coarse_mpp / slide_mpp, region_names,
-                                      CLASS_COLORS, mpp_l0=slide_mpp),
+        # the region map the summary's areas count, clipped to the image
+        lambda: write_regions_geojson(work / "regions.geojson",
+                                      pred.canvas.labels_within(extent_um),
+                                      pred.canvas.mpp / slide_mpp, region_names, CLASS_COLORS,
+                                      mpp_l0=slide_mpp, image_size_l0=image_size_l0),
         maps,
         lambda: write_overlay_png(
             work / "overlay.png", overlay[0], overlay[1], regions.labels, regions.coarse_mpp,
-            pts[mine], {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", counted)},
-            _overlay_title(summary)),
+            pts[mine], {n: CLASS_COLORS[n] for n in (*tinted.values(), counted)},
+            _overlay_title(summary), class_names=tinted),
     ]
     threads = min(len(jobs), WRITE_THREADS or usable_cores())
     with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
         for fut in [pool.submit(job) for job in jobs]:
             fut.result()  # the first error is raised, once the others have finished
+    shutil.rmtree(work / ".canvas.zarr", ignore_errors=True)  # the working canvas (read above)
     now = time.perf_counter()
     summary["timings_s"]["write"] = round(now - t_write, 3)
     summary["runtime_s"] = round(now - t0, 3)
@@ -610,6 +614,16 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
 
     # what every reader checks (tilscore.summary): a mismatch fails this slide now
     atomic.write_json(work / "summary.json", check_summary(_jsonable(summary)))
+
+
+def _density(canvas, points_xy_um: np.ndarray, extent_um, grid_um: float) -> np.ndarray:
+    """The density map: points per mm² of the tissue in each grid cell of the region map
+    (NaN where a cell holds none; :func:`tilscore.score.density_map`)."""
+    from tilscore.aggregate import tissue_area_grid
+    from tilscore.score import density_map
+
+    tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um, extent_um)
+    return density_map(points_xy_um, tissue, grid_um)
 
 
 def _overlay_title(summary: dict) -> str:

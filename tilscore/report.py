@@ -177,48 +177,48 @@ def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMa
 
 def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     """Region map and density map, both cropped to the same box around the tissue (the
-    maps cover whole tiles, often well beyond the slide's tissue)."""
+    maps cover whole tiles, often well beyond the slide's tissue). The density map is the
+    root image of ``maps.zarr``, the regions its label image ``labels/regions``."""
     import zarr
 
+    from tilscore.io.ome_zarr import LABELS_NAME
     from tilscore.report_plots import density_rgba, image_data_uri, labels_rgba
 
     root = zarr.open_group(str(path), mode="r")
-    regions = root["regions"]
+    regions = root[f"labels/{LABELS_NAME}"]
     ome = regions.attrs["ome"]
     labels, labels_mpp = _level_at_most(regions, ome, max_px)
     info = ome.get("image-label", {})
     colors = {int(c["label-value"]): tuple(c["rgba"]) for c in info.get("colors", [])}
     names = {int(p["label-value"]): p.get("class", str(p["label-value"]))
              for p in info.get("properties", [])}
+    present = set(np.unique(labels).tolist())  # no legend entry for a class not on the map
     maps.legend = [(names.get(code, str(code)), rgba) for code, rgba in sorted(colors.items())
-                   if code != 0]
+                   if code != 0 and code in present]
     box_um = _tissue_box_um(labels, labels_mpp)
 
-    meta = dict(root.attrs.get("tilscore", {}))
-    images = [n for n in meta.get("images", list(root.group_keys())) if n != "regions"]
-    if images:
-        name = images[0]
-        group = root[name]
-        density, d_mpp = _level_at_most(group, group.attrs["ome"], max_px, level=0)
-        # Tissue = a region code > 0 at the density cell's centre (glass is transparent).
-        rows = ((np.arange(density.shape[0]) + 0.5) * d_mpp / labels_mpp).astype(int)
-        cols = ((np.arange(density.shape[1]) + 0.5) * d_mpp / labels_mpp).astype(int)
-        tissue = labels[np.clip(rows, 0, labels.shape[0] - 1)][:, np.clip(
-            cols, 0, labels.shape[1] - 1)] > 0
-        # Snap the box outwards to density cells, so both maps show the same area.
-        y0, y1, x0, x1 = (int(np.floor(box_um[0] / d_mpp)), int(np.ceil(box_um[1] / d_mpp)),
-                          int(np.floor(box_um[2] / d_mpp)), int(np.ceil(box_um[3] / d_mpp)))
-        box_um = (y0 * d_mpp, y1 * d_mpp, x0 * d_mpp, x1 * d_mpp)
-        density, tissue = density[y0:y1, x0:x1], tissue[y0:y1, x0:x1]
-        finite = density[np.isfinite(density) & tissue]
-        vmax = float(np.percentile(finite, DENSITY_PERCENTILE)) if finite.size else 0.0
-        maps.density_vmax = vmax if vmax > 0 else 1.0
-        if density.size:
-            maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue),
-                                              max_px, min_long_side_px=DENSITY_MIN_SIDE_PX)
-        maps.density_title = ("TIL density" if name == "til_density"
-                              else name.replace("_", " ").removesuffix(" density") + " density")
-        maps.density_unit = meta.get("units", {}).get(name, "cells per mm²")
+    image = root.attrs["ome"]["multiscales"][0]
+    name = image.get("name") or "density"
+    density, d_mpp = _level_at_most(root, root.attrs["ome"], max_px, level=0)
+    # Tissue = a region code > 0 at the density cell's centre (glass is transparent).
+    rows = ((np.arange(density.shape[0]) + 0.5) * d_mpp / labels_mpp).astype(int)
+    cols = ((np.arange(density.shape[1]) + 0.5) * d_mpp / labels_mpp).astype(int)
+    tissue = labels[np.clip(rows, 0, labels.shape[0] - 1)][:, np.clip(
+        cols, 0, labels.shape[1] - 1)] > 0
+    # Snap the box outwards to density cells, so both maps show the same area.
+    y0, y1, x0, x1 = (int(np.floor(box_um[0] / d_mpp)), int(np.ceil(box_um[1] / d_mpp)),
+                      int(np.floor(box_um[2] / d_mpp)), int(np.ceil(box_um[3] / d_mpp)))
+    box_um = (y0 * d_mpp, y1 * d_mpp, x0 * d_mpp, x1 * d_mpp)
+    density, tissue = density[y0:y1, x0:x1], tissue[y0:y1, x0:x1]
+    finite = density[np.isfinite(density) & tissue]
+    vmax = float(np.percentile(finite, DENSITY_PERCENTILE)) if finite.size else 0.0
+    maps.density_vmax = vmax if vmax > 0 else 1.0
+    if density.size:
+        maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue),
+                                          max_px, min_long_side_px=DENSITY_MIN_SIDE_PX)
+    maps.density_title = ("TIL density" if name == "til_density"
+                          else name.replace("_", " ").removesuffix(" density") + " density")
+    maps.density_unit = "cells per mm² of tissue"
     r0, r1 = int(box_um[0] // labels_mpp), int(np.ceil(box_um[1] / labels_mpp))
     c0, c1 = int(box_um[2] // labels_mpp), int(np.ceil(box_um[3] / labels_mpp))
     crop = labels[r0:r1, c0:c1]
@@ -274,6 +274,7 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
 
 
 MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
+RENDER_VERSION = 2  # bump when rendering changes (2: maps.zarr as image + labels; legends)
 
 
 class MapsCache:
@@ -293,7 +294,7 @@ class MapsCache:
         from tilscore import __version__
 
         h = hashlib.sha256((slide_folder / "summary.json").read_bytes())
-        h.update(f"{__version__}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
+        h.update(f"{__version__}|{RENDER_VERSION}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
                  f"{DENSITY_MIN_SIDE_PX}|{DENSITY_PERCENTILE}".encode())
         return h.hexdigest()
 

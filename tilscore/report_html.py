@@ -15,6 +15,8 @@ from tilscore.report import MISSING_GROUP, Cohort, SlideEntry, SlideMaps, group_
 from tilscore.report_plots import Point, colorbar_svg, strip_box_svg
 
 COMPARTMENTS = ("tumour", "stroma", "tissue")
+NO_MODEL = "none"  # the model name of --model none (tilscore.tissue_only.NO_MODEL)
+OK_BADGE = '<span class="ok">ok</span>'
 LINKED_FILES = ("summary.json", "cells.csv", "overlay.png", "regions.geojson", "cells.geojson")
 TABLE_FILES = {"summary.json": "summary", "cells.csv": "cells", "overlay.png": "overlay",
                "regions.geojson": "regions"}  # short link labels in the cohort table
@@ -144,7 +146,7 @@ def _score_columns(cohort: Cohort) -> list[tuple[str, str]]:
         cols += [("stromal_til_percent", "sTIL %"), ("til_score_tiger", "TIGER %")]
     positives = _positive_classes(cohort)
     if positives or any("percent_positive" in e.summary for e in cohort.scored):
-        cols.append(("percent_positive", "% positive"))
+        cols += [("percent_positive", "% positive"), ("h_score", "H-score")]
     for cls in positives:
         marker = cls.removesuffix("_positive").upper()
         cols += [(f"densities_per_mm2.{cls}.{c}", f"{marker}+/mm² {c}") for c in COMPARTMENTS]
@@ -157,8 +159,7 @@ def _header(cohort: Cohort, group_column: str | None) -> str:
         return escape(", ".join(values)) or '<span class="muted">unknown</span>'
 
     def model(e):
-        m = e.summary.get("model") or {}
-        return f"{m.get('name', '?')} {m.get('version', '')} (sha256 {str(m.get('sha256'))[:12]})"
+        return _model_line(e.summary)
 
     stains = sorted({str(e.summary.get("stain")) for e in cohort.scored})
     rows = [("output folder", escape(str(cohort.out_dir.resolve()))),
@@ -192,7 +193,8 @@ def _cohort_table(cohort: Cohort, group_column: str | None, anchors: dict[str, s
     meta = cohort.metadata_columns()
     extra = [group_column] if group_column and group_column not in (
         {k for k, _ in scores} | set(meta) | {"slide", "stain"}) else []
-    heads = (["slide", "stain"] + [h for _, h in scores] + ["QC"]
+    # QC third: the column a reader must not miss, visible without scrolling sideways
+    heads = (["slide", "stain", "QC"] + [h for _, h in scores]
              + [m.removeprefix("metadata.") for m in meta] + extra + ["files"])
     rows = []
     for e in cohort.scored:
@@ -201,9 +203,9 @@ def _cohort_table(cohort: Cohort, group_column: str | None, anchors: dict[str, s
         n_flags = len((e.summary.get("qc") or {}).get("flags") or []) + len(
             e.summary.get("warnings") or [])
         cells = [_td(e.slide_id, False, f'<a href="#{anchors[name]}">{escape(e.slide_id)}</a>'),
-                 _td(flat.get("stain"), False)]
+                 _td(flat.get("stain"), False),
+                 _td(n_flags, True, flags or OK_BADGE).replace(' class="n"', ' class="qc"', 1)]
         cells += [_td(flat.get(k)) for k, _ in scores]
-        cells.append(_td(n_flags, True, flags or '<span class="ok">ok</span>'))
         cells += [_td(flat.get(k), False) for k in meta + extra]
         files = " ".join(f'<a href="{href}" title="{escape(n)}">{TABLE_FILES[n]}</a>'
                          for n, href in links[name] if n in TABLE_FILES)
@@ -286,29 +288,68 @@ def _kv_table(title: str, rows: list[tuple[str, object]]) -> str:
 
 
 def _cells_table(summary: dict) -> str:
+    """Counts with their densities; a compartment no slide value was measured for (all
+    null, e.g. tumour and stroma with ``--model none``) is left out, and a cell without a
+    value stays empty."""
     counts = summary.get("counts") or {}
     dens = summary.get("densities_per_mm2") or {}
-    comps = ("tumour", "stroma", "other", "tissue")
+    comps = [c for c in ("tumour", "stroma", "other", "tissue")
+             if any((counts.get(cls) or {}).get(c) is not None for cls in counts)]
     head = "".join(f"<th>{c}</th>" for c in comps)
     rows = []
     for cls in counts:
-        cells = "".join(_td((counts.get(cls) or {}).get(c), True,
-                            f"{_num((counts.get(cls) or {}).get(c))} <span class=\"muted\">"
-                            f"({_num((dens.get(cls) or {}).get(c))}/mm²)</span>")
-                        for c in comps)
-        rows.append(f"<tr><td>{escape(cls)}</td>{cells}</tr>")
+        cells = []
+        for c in comps:
+            n, d = (counts.get(cls) or {}).get(c), (dens.get(cls) or {}).get(c)
+            text = "" if n is None else _num(n) if d is None else \
+                f'{_num(n)} <span class="muted">({_num(d)}/mm²)</span>'
+            cells.append(_td(n, True, text))
+        rows.append(f"<tr><td>{escape(cls)}</td>{''.join(cells)}</tr>")
     return (f'<div><h4>Cells: count (per mm²)</h4><table class="data"><thead><tr><th>class'
             f'</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-            if rows else "")
+            if rows and comps else "")
+
+
+def _intensity_table(summary: dict) -> str:
+    """IHC: cells per DAB intensity bin (QuPath-style: none = the negative cells; a positive
+    cell is at least weak), with the bins' limits in DAB optical density."""
+    bins = summary.get("intensity_bins")
+    if not isinstance(bins, dict) or len(bins) != 4:
+        return ""
+    limits = (summary.get("positive_rule") or {}).get("intensity_bins_od") or []
+    names = list(bins)
+    labels = [f"{names[0]} (negative)", f"{names[1]} (positive)", names[2], names[3]]
+    if len(limits) == 3 and all(isinstance(v, (int, float)) for v in limits):
+        _, moderate, strong = limits
+        labels[1:] = [f"{names[1]} (positive, < {moderate:g} OD)",
+                      f"{names[2]} ({moderate:g}–{strong:g} OD)",
+                      f"{names[3]} (≥ {strong:g} OD)"]
+    return _kv_table("DAB intensity bins: cells", list(zip(labels, bins.values(), strict=True)))
+
+
+def _model_line(summary: dict) -> str:
+    """The model as a reader needs it: name, version and sha256 prefix; for
+    ``--model none`` what that means instead of "none 0.1.0 (sha256 none)"."""
+    m = summary.get("model") or {}
+    if m.get("name") == NO_MODEL:
+        return "none: no compartment model (positive cells over all tissue)"
+    return f"{m.get('name', '?')} {m.get('version', '')} (sha256 {str(m.get('sha256'))[:12]})"
+
+
+def _has_compartments(summary: dict) -> bool:
+    """False when tumour and stroma were not separated (``--model none``)."""
+    return (summary.get("model") or {}).get("name") != NO_MODEL
 
 
 def _slide_section(e: SlideEntry, maps: SlideMaps, anchor: str, links: list,
                    group_column: str | None) -> str:
     s = e.summary
     model = s.get("model") or {}
+    compartments = _has_compartments(s)
     sub = " · ".join(x for x in (str(s.get("stain", "")), f"{s.get('mpp')} µm/px"
-                                  if s.get("mpp") else "", f"model {model.get('name', '?')}")
-                     if x)
+                                  if s.get("mpp") else "",
+                                  f"model {model.get('name', '?')}" if compartments
+                                  else "no compartment model") if x)
     notes = [f'<li><span class="flag">{escape(str(f.get("code", "?")))}</span> '
              f'{escape(str(f.get("message", "")))}</li>'
              for f in (s.get("qc") or {}).get("flags") or [] if isinstance(f, dict)]
@@ -318,9 +359,10 @@ def _slide_section(e: SlideEntry, maps: SlideMaps, anchor: str, links: list,
     figs = []
     if maps.overlay_uri:
         figs.append(f'<figure><img alt="overlay of {escape(e.slide_id)}" '
-                    f'src="{maps.overlay_uri}"><figcaption>overlay: regions and detected '
-                    f'cells</figcaption></figure>')
-    if maps.regions_uri:
+                    f'src="{maps.overlay_uri}"><figcaption>overlay: '
+                    f'{"regions and detected cells" if compartments else "positive cells"}'
+                    f'</figcaption></figure>')
+    if maps.regions_uri and compartments:  # without a model every tissue pixel is "other"
         legend = "".join(f'<span class="swatch" style="background:rgb({r},{g},{b})"></span>'
                          f'{escape(n)}' for n, (r, g, b, *_) in maps.legend)
         figs.append(f'<figure><img class="px" alt="region map" src="{maps.regions_uri}">'
@@ -340,10 +382,15 @@ def _slide_section(e: SlideEntry, maps: SlideMaps, anchor: str, links: list,
               ("TIGER cell area µm²", parts.get("tiger_cell_area_um2")),
               ("stromal lymphocytes near tumour (fraction)",
                s.get("stromal_lymphocytes_near_tumour_fraction")),
-              ("% positive", s.get("percent_positive"))]
+              ("% positive", s.get("percent_positive")),
+              *((f"% positive in {c}", (s.get("percent_positive_by_compartment") or {}).get(c))
+                for c in ("tumour", "stroma")),
+              ("H-score (0–300, QuPath-style)", s.get("h_score"))]
     qc = [(k, v) for k, v in (s.get("qc") or {}).items() if k != "flags"]
-    run = [("tilscore", s.get("tilscore_version")), ("model version", model.get("version")),
-           ("model sha256", str(model.get("sha256", ""))[:12] or None),
+    run = [("tilscore", s.get("tilscore_version")),
+           *((("model version", model.get("version")),
+              ("model sha256", str(model.get("sha256", ""))[:12] or None)) if compartments
+             else (("model", _model_line(s)),)),
            ("config hash", s.get("config_hash")), ("device", s.get("device")),
            ("mode", s.get("mode")),
            ("region model", ((s.get("fast") or {}).get("region_model") or {}).get("name")),
@@ -353,7 +400,8 @@ def _slide_section(e: SlideEntry, maps: SlideMaps, anchor: str, links: list,
         meta.append((group_column, e.flat.get(group_column)))
     tables = [_kv_table("Scores and their parts", scores),
               _kv_table("Areas mm²", list((s.get("areas_mm2") or {}).items())),
-              _cells_table(s), _kv_table("Metadata", meta), _kv_table("QC", qc),
+              _cells_table(s), _intensity_table(s), _kv_table("Metadata", meta),
+              _kv_table("QC", qc),
               _kv_table("Run", run)]
     files = " ".join(f'<a href="{href}">{escape(n)}</a>' for n, href in links)
     return (f'<section class="slide" id="{anchor}"><h3>{escape(e.slide_id)} '

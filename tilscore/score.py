@@ -15,7 +15,9 @@ Definitions (constants in :class:`ScoreConfig`, sources in configs/score.yaml):
 - ``til_score_tiger``: 100 × N_lymphocytes_in_bulk_stroma × ``tiger_cell_area_um2`` ÷
   bulk stroma area (TIGER baseline, A_cell = 64 µm²), capped at 100.
 - Densities: count ÷ compartment area in mm²; intratumoral lymphocytes (inside tumour
-  epithelium) are the ``tumour`` entry of the lymphocyte class.
+  epithelium) are the ``tumour`` entry of the lymphocyte class. The density map
+  (``maps.zarr``): count in each ``density_grid_um`` grid cell ÷ the tissue area of that
+  cell (region-map pixels of any tissue class), NaN where the cell holds no tissue.
 """
 
 from __future__ import annotations
@@ -230,18 +232,21 @@ def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, mask_mpp: f
     return float((dist_um[i, j] <= distance_um).mean())
 
 
-def density_map(points_xy_um: np.ndarray, shape_um: tuple[float, float], grid_um: float
+def density_map(points_xy_um: np.ndarray, tissue_mm2: np.ndarray, grid_um: float
                 ) -> np.ndarray:
-    """float32 (rows, cols) points per mm² on a `grid_um` grid covering `shape_um` (w, h);
-    the last row and column divide by their area inside `shape_um` (they may be cut)."""
-    cols = max(1, int(math.ceil(shape_um[0] / grid_um)))
-    rows = max(1, int(math.ceil(shape_um[1] / grid_um)))
-    hist = np.zeros((rows, cols), np.float32)
+    """float32 (rows, cols) points per mm² of tissue on a `grid_um` grid: the points in each
+    grid cell ÷ that cell's tissue area, `tissue_mm2` (float (rows, cols) mm², e.g.
+    :func:`tilscore.aggregate.tissue_area_grid`); NaN where the cell holds no tissue (not
+    measured, not zero). Cell (i, j) covers [j·g, (j+1)·g) × [i·g, (i+1)·g) µm; points
+    beyond the grid count in its edge cells. Dividing by tissue rather than by the grid
+    cell's area makes a cell at the tissue's edge (or the slide's) as dense as the tissue
+    it holds, and the map's tissue-weighted mean the summary's ``tissue`` density."""
+    tissue = np.asarray(tissue_mm2, np.float64)
+    rows, cols = tissue.shape
+    hist = np.zeros((rows, cols), np.float64)
     if len(points_xy_um):
         j = np.clip((points_xy_um[:, 0] // grid_um).astype(int), 0, cols - 1)
         i = np.clip((points_xy_um[:, 1] // grid_um).astype(int), 0, rows - 1)
         np.add.at(hist, (i, j), 1.0)
-    w_um = np.minimum(grid_um, shape_um[0] - np.arange(cols) * grid_um)
-    h_um = np.minimum(grid_um, shape_um[1] - np.arange(rows) * grid_um)
-    area_mm2 = np.outer(np.maximum(h_um, 1e-9), np.maximum(w_um, 1e-9)) * 1e-6
-    return (hist / area_mm2).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(tissue > 0, hist / tissue, np.nan).astype(np.float32)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 N_SIDES = 12  # nucleus circle drawn as a regular 12-gon
 CHUNK_CELLS = 32_768
+BAND_ROWS = 1024  # region map rows traced at a time (the tracer's grid is 4× a band)
 
 
 def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
@@ -108,52 +109,108 @@ def _uuid4_field(rng: np.random.Generator, n: int) -> Field:
     return chars, np.ones_like(chars, bool)
 
 
-def write_regions_geojson(path: str | Path, labels: np.ndarray, scale_to_l0: float,
+def write_regions_geojson(path: str | Path, labels, scale_to_l0: float,
                           class_names: dict[int, str],
                           colors: dict[str, tuple[int, int, int]] | None = None, *,
-                          mpp_l0: float, simplify_px: float | None = None) -> None:
+                          mpp_l0: float, image_size_l0: tuple[float, float] | None = None,
+                          simplify_px: float | None = None,
+                          band_rows: int = BAND_ROWS) -> None:
     """Write one QuPath annotation (a MultiPolygon) per region class present.
 
-    `labels`: uint8 (H, W) region codes (0 = background) on a coarse grid; label pixel
-    (i, j) covers level-0 px [j·s, (j+1)·s) × [i·s, (i+1)·s) with s = `scale_to_l0`, and
-    the polygons follow those pixel edges exactly (before simplification). `mpp_l0`:
-    µm per level-0 px, for the ``area_um2``/``area_mm2`` measurements (pixel count × pixel
-    area, exact). `simplify_px`: Douglas–Peucker tolerance in label px with topology
-    preserved; off by default (None/0 = exact pixel edges) because on a detailed map it
-    costs ~3× the tracing time for ~20 % fewer vertices. Codes missing from
-    `class_names` are skipped.
+    `labels`: integer (H, W) region codes (0 = background), a numpy array or anything
+    read by row slices (a zarr array, :class:`~tilscore.stitch.CroppedRows`), traced
+    `band_rows` rows at a time so memory stays bounded; pass the region map the summary's
+    areas count, so the polygons' areas are those areas. Label pixel (i, j) covers level-0
+    px [j·s, (j+1)·s) × [i·s, (i+1)·s) with s = `scale_to_l0`, and the polygons follow
+    those pixel edges exactly (before simplification), clipped to the image, (w, h)
+    level-0 px `image_size_l0` (the region map's last row and column may reach past it).
+    Exterior rings are counter-clockwise and holes clockwise (RFC 7946; the same as the
+    cells' rings), in the coordinates as written (x right, y down). `mpp_l0`: µm per
+    level-0 px, for the ``area_um2``/``area_mm2`` measurements (the polygons' area).
+    `simplify_px`: Douglas–Peucker tolerance in label px with topology preserved; off by
+    default (None/0 = exact pixel edges) because on a detailed map it costs ~3× the
+    tracing time for ~20 % fewer vertices. Codes missing from `class_names` are skipped.
     """
     import shapely
 
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D (H, W); got shape {labels.shape}")
-    codes, counts = np.unique(labels, return_counts=True)
-    px_area_um2 = (float(scale_to_l0) * float(mpp_l0)) ** 2
+    shape = tuple(getattr(labels, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"labels must be 2-D (H, W); got shape {shape}")
+    s = float(scale_to_l0)
+    limit = (np.inf, np.inf) if image_size_l0 is None else \
+        (float(image_size_l0[0]) / s, float(image_size_l0[1]) / s)  # in label px
     features = []
-    for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
-        if code == 0:
-            continue
+    for code, geom in sorted(trace_regions(labels, band_rows).items()):
         if code not in class_names:
             log.warning("region code %d has no class name; left out of %s", code, path)
             continue
-        geom = mask_to_multipolygon(labels == code)
+        geom = shapely.transform(geom, lambda c: np.minimum(c, limit))  # clip to the image
         if simplify_px:
             simple = shapely.simplify(geom, float(simplify_px), preserve_topology=True)
             geom = simple if simple.is_valid else geom
-        geom = shapely.transform(geom, lambda c: np.round(c * float(scale_to_l0), 2))
+        geom = _counter_clockwise(shapely.transform(geom, lambda c: np.round(c * s, 2)))
         name = class_names[code]
+        area_um2 = float(geom.area) * float(mpp_l0) ** 2
         props = {"objectType": "annotation", "isLocked": False,
                  "classification": {"name": name, "color": list(color_of(name, colors))},
-                 "measurements": {"area_um2": round(count * px_area_um2, 3),
-                                  "area_mm2": round(count * px_area_um2 * 1e-6, 6)}}
-        fid = _stable_uuid(f"{name}:{count}:{geom.bounds}")
+                 "measurements": {"area_um2": round(area_um2, 3),
+                                  "area_mm2": round(area_um2 * 1e-6, 6)}}
+        fid = _stable_uuid(f"{name}:{area_um2:.3f}:{geom.bounds}")
         features.append('{"type":"Feature","id":"' + fid + '","geometry":'
                         + shapely.to_geojson(geom) + ',"properties":' + json.dumps(props) + "}")
     with atomic_path(path) as tmp:
         tmp.write_text('{"type":"FeatureCollection","features":[\n'
                        + ",\n".join(features) + "\n]}\n", encoding="utf-8")
     log.debug("wrote %d region annotations to %s", len(features), path)
+
+
+def trace_regions(labels, band_rows: int = BAND_ROWS) -> dict:
+    """{code: shapely MultiPolygon covering exactly its pixels} of integer (H, W)
+    `labels` (read by row slices), in label-pixel units (:func:`mask_to_multipolygon`),
+    for every code present but 0 (background).
+
+    Traced in bands of `band_rows` rows; the pieces that reach a band's top or bottom
+    edge are merged with their neighbours (a union along shared pixel edges), the rest are
+    kept as traced."""
+    import shapely
+
+    h = labels.shape[0]
+    done: dict[int, list] = {}
+    open_: dict[int, list] = {}
+    for r0 in range(0, h, band_rows):
+        band = np.asarray(labels[r0:r0 + band_rows])
+        r1 = r0 + len(band)
+        for code in np.unique(band).tolist():
+            if code == 0:
+                continue
+            geom = mask_to_multipolygon(band == code)
+            parts = shapely.get_parts(shapely.transform(geom, lambda c, dy=r0: c + (0.0, dy)))
+            if not len(parts):
+                continue
+            ys = shapely.bounds(parts)[:, [1, 3]]
+            at_seam = ((ys[:, 0] == r0) & (r0 > 0)) | ((ys[:, 1] == r1) & (r1 < h))
+            done.setdefault(code, []).extend(parts[~at_seam])
+            open_.setdefault(code, []).extend(parts[at_seam])
+    out = {}
+    for code in sorted(set(done) | set(open_)):
+        merged = (shapely.get_parts(shapely.union_all(open_[code]))
+                  if open_.get(code) else [])
+        polygons = [*done.get(code, []), *merged]
+        out[code] = shapely.MultiPolygon([p for p in polygons if p.geom_type == "Polygon"])
+    return out
+
+
+def _counter_clockwise(geom):
+    """The MultiPolygon with exterior rings counter-clockwise and holes clockwise (positive
+    shoelace area of the coordinates as given)."""
+    import shapely
+
+    parts = shapely.get_parts(geom)
+    if hasattr(shapely, "orient_polygons"):  # shapely ≥ 2.1: vectorised
+        return shapely.MultiPolygon(list(shapely.orient_polygons(parts, exterior_cw=False)))
+    from shapely.geometry.polygon import orient
+
+    return shapely.MultiPolygon([orient(p, 1.0) for p in parts])
 
 
 def _stable_uuid(text: str) -> str:
@@ -164,15 +221,17 @@ def _stable_uuid(text: str) -> str:
 
 # --- polygons from a label mask -------------------------------------------------------
 #
-# Each 4-connected component is traced on its own (so a polygon's interior is connected,
-# as OGC requires; pieces touching only at a corner become separate polygons). Its mask
-# is drawn on a doubled grid with one extra row/column: label pixel (i, j) becomes the
-# 3×3 block of rows 2i..2i+2, cols 2j..2j+2, so label pixel edges land on even indices
-# and OpenCV's contours, which pass through pixel centres of this grid, run exactly along
-# label pixel edges (coordinates / 2). OpenCV cuts hole corners diagonally; the missing
-# corner (the one with both coordinates even) is put back. A ring that passes a corner
-# twice (pixels touching only diagonally) is split there into simple loops; a loop
-# turning the other way round from its ring becomes a hole.
+# The mask is drawn on a doubled grid with one extra row/column: label pixel (i, j)
+# becomes the 3×3 block of rows 2i..2i+2, cols 2j..2j+2, so label pixel edges land on even
+# indices and OpenCV's contours, which pass through pixel centres of this grid, run
+# exactly along label pixel edges (coordinates / 2). OpenCV cuts concave corners
+# diagonally; the missing corner (the one with both coordinates even) is put back. The
+# rings (outer boundaries and holes, possibly passing a corner twice where pieces touch
+# only diagonally) are noded and polygonized: every face they bound is a polygon whose
+# pixels are all in the mask or all out of it, so one point inside each face tells which
+# to keep. Pieces touching at a corner become separate polygons (each polygon's interior
+# is 4-connected, as OGC requires). All of it runs on arrays and in GEOS, not per piece
+# in Python: a whole-slide map at a few µm/px has ~10^5 pieces.
 
 
 def mask_to_multipolygon(mask: np.ndarray):
@@ -181,104 +240,66 @@ def mask_to_multipolygon(mask: np.ndarray):
     import cv2
     import shapely
 
-    n, comp, stats, _ = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(mask, np.uint8), connectivity=4)
-    polygons = []
-    for k in range(1, n):
-        x0, y0, w, h = (int(v) for v in stats[k, :4])
-        sub = comp[y0:y0 + h, x0:x0 + w] == k
-        grid = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
-        grid[1::2, 1::2] = sub
-        grid = cv2.dilate(grid, np.ones((3, 3), np.uint8))
-        contours, hierarchy = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-        nxt, child, parent = hierarchy[0][:, 0], hierarchy[0][:, 2], hierarchy[0][:, 3]
-        offset = np.array([2 * x0, 2 * y0])
-        for i in np.flatnonzero(parent == -1):  # one per component
-            holes, j = [], child[i]
-            while j != -1:
-                holes.append(_ring(contours[j]) + offset)
-                j = nxt[j]
-            polygons += _assemble(_ring(contours[i]) + offset, holes)
-    # valid by construction (components share no edge); checked per polygon, cheaply
-    valid = shapely.is_valid(np.array(polygons, dtype=object)) if polygons else []
-    out = []
-    for poly, ok in zip(polygons, valid, strict=True):
-        if ok:
-            out.append(poly)
-            continue
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    grid = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
+    grid[1::2, 1::2] = mask
+    grid = cv2.dilate(grid, np.ones((3, 3), np.uint8))
+    contours, _ = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    del grid
+    if not contours:
+        return shapely.MultiPolygon([])
+    points, ring_of = _rings(contours)
+    first = np.r_[0, np.flatnonzero(np.diff(ring_of)) + 1]
+    ends = np.r_[first[1:], len(points)]
+    closed = np.insert(points, ends, points[first], axis=0) / 2.0  # rings end on their start
+    lines = shapely.linestrings(closed, indices=np.insert(ring_of, ends, ring_of[first]))
+    noded = shapely.get_parts(shapely.node(shapely.multilinestrings(lines)))
+    faces = shapely.get_parts(shapely.polygonize(noded))
+    xy = shapely.get_coordinates(shapely.point_on_surface(faces))
+    inside = mask[np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, h - 1),
+                  np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, w - 1)]
+    polygons = faces[inside]
+    # valid by construction; checked, cheaply, in case GEOS sees it otherwise
+    valid = shapely.is_valid(polygons)
+    if valid.all():
+        return shapely.MultiPolygon(list(polygons))
+    out = list(polygons[valid])
+    for poly in polygons[~valid]:
         log.warning("region polygon invalid (%s); repairing", shapely.is_valid_reason(poly))
         for part in shapely.get_parts(shapely.make_valid(poly)):
             out += [q for q in shapely.get_parts(part) if q.geom_type == "Polygon"]
     return shapely.MultiPolygon(out)
 
 
-def _ring(contour: np.ndarray) -> np.ndarray:
-    """int (N, 2) vertices (x, y) on the doubled grid, corners restored, collinear dropped."""
-    p = contour[:, 0, :].astype(np.int64)
-    nxt = np.roll(p, -1, axis=0)
-    diag = np.all(np.abs(nxt - p) == 1, axis=1)
+def _rings(contours) -> tuple[np.ndarray, np.ndarray]:
+    """All contours as rings on the doubled grid: int64 (N, 2) vertices (x, y), the cut
+    corners restored and collinear vertices dropped, and int64 (N,) each one's contour."""
+    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+    ring = np.repeat(np.arange(len(contours)), lens)
+    nxt = _next_in_ring(ring)
+    diag = np.all(np.abs(p[nxt] - p) == 1, axis=1)
     if diag.any():
-        corner = np.where(p[:, :1] % 2 == 0, np.stack([p[:, 0], nxt[:, 1]], 1),
-                          np.stack([nxt[:, 0], p[:, 1]], 1))
+        even_x = p[:, :1] % 2 == 0
+        corner = np.where(even_x, np.stack([p[:, 0], p[nxt, 1]], 1),
+                          np.stack([p[nxt, 0], p[:, 1]], 1))
         idx = np.repeat(np.arange(len(p)), 1 + diag)
         inserted = np.r_[False, idx[1:] == idx[:-1]]
-        p = p[idx]
+        p, ring = p[idx], ring[idx]
         p[inserted] = corner[idx[inserted]]
-    a = p - np.roll(p, 1, axis=0)
-    b = np.roll(p, -1, axis=0) - p
-    return p[a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0] != 0]
+    nxt = _next_in_ring(ring)
+    prev = np.empty_like(nxt)
+    prev[nxt] = np.arange(len(nxt))
+    a, b = p - p[prev], p[nxt] - p
+    keep = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0] != 0
+    return p[keep], ring[keep]
 
 
-def _signed_area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-
-
-def _loops(p: np.ndarray) -> list[np.ndarray]:
-    """Split a closed walk that revisits vertices into simple closed loops."""
-    keys = p[:, 0] * (1 << 32) + p[:, 1]
-    if len(np.unique(keys)) == len(keys):
-        return [p]
-    loops, stack, where = [], [], {}
-    for idx, key in enumerate(keys.tolist()):
-        if key in where:
-            k = where[key]
-            loops.append(np.array(stack[k:]))
-            for dropped in keys[np.array(stack[k + 1:], dtype=np.int64)].tolist():
-                where.pop(dropped, None)
-            del stack[k + 1:]
-        else:
-            where[key] = len(stack)
-            stack.append(idx)
-    loops.append(np.array(stack))
-    return [p[ix] for ix in loops if len(ix) >= 3]
-
-
-def _assemble(shell: np.ndarray, holes: list[np.ndarray]) -> list:
-    """Polygons (label px) from one outer contour and its hole contours (doubled grid)."""
-    import shapely
-
-    shells, inner = [], []
-    for ring, is_hole in [(shell, False)] + [(h, True) for h in holes]:
-        loops = _loops(ring)
-        areas = [_signed_area(loop) for loop in loops]
-        main = np.sign(areas[int(np.argmax(np.abs(areas)))])
-        for loop, area in zip(loops, areas, strict=True):
-            # a loop turning the other way round from its ring's main loop swaps role
-            hole = is_hole == (np.sign(area) == main)
-            (inner if hole else shells).append(loop / 2.0)
-    if len(shells) == 1:
-        return [shapely.Polygon(shells[0], inner)]
-    # several shells (pieces touching at a corner, islands in holes): each hole goes to
-    # the smallest shell that covers it
-    shell_polys = np.array([shapely.Polygon(s) for s in shells], dtype=object)
-    order = np.argsort(shapely.area(shell_polys))
-    shapely.prepare(shell_polys)
-    owned: list[list[np.ndarray]] = [[] for _ in shells]
-    for ring in inner:
-        hole = shapely.Polygon(ring)
-        for s in order:
-            if shell_polys[s].covers(hole):
-                owned[s].append(ring)
-                break
-    return [shapely.Polygon(s, h) for s, h in zip(shells, owned, strict=True)]
+def _next_in_ring(ring: np.ndarray) -> np.ndarray:
+    """Index of each vertex's successor in its closed ring (`ring`: sorted ring ids)."""
+    first = np.r_[0, np.flatnonzero(np.diff(ring)) + 1]
+    last = np.r_[first[1:] - 1, len(ring) - 1]
+    nxt = np.arange(1, len(ring) + 1)
+    nxt[last] = first
+    return nxt

@@ -1,24 +1,30 @@
-"""``maps.zarr``: the region label map and the TIL density map as OME-Zarr (NGFF 0.5).
+"""``maps.zarr``: the density map and the region label map as OME-Zarr (NGFF 0.5).
 
 NGFF 0.5 is Zarr v3 (what zarr-python 3 writes by default) with the OME metadata under
 the ``ome`` key of each group's ``attributes`` (https://ngff.openmicroscopy.org/0.5/).
-Layout::
+Laid out as the spec's image with labels, so OME-Zarr readers (the ``ome-zarr`` Reader,
+which napari's plugin uses) find both, and ``ome-zarr-models`` validates it::
 
-    maps.zarr/                 group   ome: {version: "0.5"}; tilscore: {images: [...]}
-      regions/                 label image: ome.multiscales + ome.image-label (colours)
-        0, 1, ...              uint8 (y, x), level k downsampled 2^k by 2×2 mode
-      til_density/             image: ome.multiscales
-        0, 1, ...              float32 (y, x) lymphocytes per mm², 2×2 mean (NaN-aware)
+    maps.zarr/                 image: ome.multiscales (name: til_density, or
+      0, 1, ... n-1              <marker>_positive_density); float32 (y, x) cells per mm²
+                                 of tissue, NaN where a grid cell holds no tissue; level k
+                                 is the 2×2 mean of the finite values of level k-1
+      labels/                  ome.labels: ["regions"]
+        regions/               label image: ome.multiscales + ome.image-label (colours and
+          0, 1, ... n-1          properties of codes 0-3, source ../../); uint8 (y, x)
+                                 region codes, level k the 2×2 mode of level k-1
 
-Each image is a self-contained NGFF multiscale group, opened as ``maps.zarr/regions`` or
-``maps.zarr/til_density`` (e.g. napari, ome-zarr-py). They are siblings rather than the
-spec's ``image/labels/regions`` nesting because the spec wants a label image to have the
-same number of levels as its parent image, and the two maps live on different grids.
+The root also holds ``tilscore`` attributes: the density's name, unit, grid and
+denominator, and the region codes. The label image has as many levels as the image (the
+spec's rule) but not its pixel grid: regions are mapped at the region map's few µm/px,
+the density on a ``density_grid_um`` grid (50× coarser by default), and repeating each
+density value 2,500 times would carry no information. Both sit in one physical
+coordinate system, which is how readers overlay them.
 
-Coordinates: axes ``y``, ``x`` in micrometres from the slide's top-left corner. Level k has
-scale mpp·2^k and translation mpp·2^k / 2: pixel i of level k covers
-[i·mpp·2^k, (i+1)·mpp·2^k) µm and its centre, the NGFF/napari sample point, sits at
-(i + ½)·mpp·2^k, so all levels and both maps line up exactly.
+Coordinates: axes ``y``, ``x`` in micrometres from the slide's top-left corner. Level k of
+a map at m µm/px has scale m·2^k and translation m·2^k / 2: pixel i of level k covers
+[i·m·2^k, (i+1)·m·2^k) µm and its centre, the NGFF/napari sample point, sits at
+(i + ½)·m·2^k, so all levels and both maps line up exactly.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ log = logging.getLogger(__name__)
 
 NGFF_VERSION = "0.5"
 BAND_ROWS = 2048  # rows read at a time (even, so 2×2 blocks never straddle two bands)
-MIN_SIDE_PX = 256  # stop downsampling once the smaller side is below this
+MIN_SIDE_PX = 256  # stop downsampling the labels once the smaller side is below this
 CHUNK_PX = 512
+LABELS_NAME = "regions"  # maps.zarr/labels/regions
+DENSITY_DENOMINATOR = ("the tissue area of each grid cell (region codes > 0 in the region "
+                       "map); NaN where a grid cell holds no tissue")
 
 
 def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
-                   density_map: np.ndarray | None, density_mpp: float | None,
+                   density_map: np.ndarray, density_mpp: float,
                    class_names: dict[int, str],
                    colors: dict[str, tuple[int, int, int]] | None = None,
                    band_rows: int = BAND_ROWS, density_name: str = "til_density",
@@ -53,11 +62,12 @@ def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
 
     `labels_source`: 2-D integer (H, W) region codes at `mpp_labels` µm/px, 0 = background:
     a zarr array (e.g. ``RegionCanvas.labels``) or numpy array, read `band_rows` rows at
-    a time so memory stays bounded. `density_map`: float32 (h, w) cells per mm² on a
-    `density_mpp` µm/px grid, or None to leave it out; written as group `density_name`
-    (``til_density`` on H&E, ``<marker>_positive_density`` on IHC) described by
-    `density_unit`. `class_names`: code → name; `colors`: name → RGB (default: the shared
-    table).
+    a time so memory stays bounded; written to ``labels/regions``. `density_map`: float32
+    (h, w) cells per mm² of tissue on a `density_mpp` µm/px grid (NaN where no tissue);
+    the root image, named `density_name` (``til_density`` on H&E,
+    ``<marker>_positive_density`` on IHC) and described by `density_unit`.
+    `class_names`: code → name of the tissue classes (0 is "background"); `colors`:
+    name → RGB (default: the shared table).
     """
     shape = tuple(getattr(labels_source, "shape", ()))
     dtype = np.dtype(getattr(labels_source, "dtype", np.float64))
@@ -65,42 +75,45 @@ def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
         raise ValueError(f"labels must be a 2-D integer array; got shape {shape}, {dtype}")
     if band_rows < 2 or band_rows % 2:
         raise ValueError(f"band_rows must be even and ≥ 2; got {band_rows}")
+    if density_map is None or density_mpp is None or not density_mpp > 0:
+        raise ValueError("a density map and its grid (µm/px) are needed: the root image")
+    dmap = np.asarray(density_map, np.float32)
+    if dmap.ndim != 2:
+        raise ValueError(f"density map must be 2-D; got shape {dmap.shape}")
     import zarr
 
     with atomic_dir(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        images = ["regions"]
-        group = root.create_group("regions")
-        levels = _write_pyramid(group, labels_source, np.dtype(dtype), _mode2x2, band_rows)
-        colors_md = [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
-            {"label-value": int(code), "rgba": [*color_of(name, colors), 255]}
-            for code, name in sorted(class_names.items()) if int(code) != 0]
-        props = [{"label-value": int(code), "class": name}
-                 for code, name in sorted(class_names.items())]
+        group = root.create_group("labels").create_group(LABELS_NAME)
+        n_levels = _write_pyramid(group, labels_source, np.dtype(dtype), _mode2x2, band_rows)
+        names = {0: "background", **{int(c): n for c, n in class_names.items() if int(c)}}
         group.attrs["ome"] = {
             "version": NGFF_VERSION,
-            "multiscales": [_multiscale("regions", levels, mpp_labels, "mode",
+            "multiscales": [_multiscale(LABELS_NAME, n_levels, mpp_labels, "mode",
                                         "2x2 mode (ties: top-left pixel)")],
-            "image-label": {"colors": colors_md, "properties": props},
-        }
-        if density_map is not None:
-            if density_mpp is None or density_mpp <= 0:
-                raise ValueError("density_mpp (µm/px) is needed with a density map")
-            dmap = np.asarray(density_map, np.float32)
-            if dmap.ndim != 2:
-                raise ValueError(f"density map must be 2-D; got shape {dmap.shape}")
-            group = root.create_group(density_name)
-            levels = _write_pyramid(group, dmap, np.dtype(np.float32), _mean2x2, band_rows)
-            group.attrs["ome"] = {
+            "image-label": {
                 "version": NGFF_VERSION,
-                "multiscales": [_multiscale(density_name, levels, density_mpp, "mean",
-                                            f"2x2 mean of finite values; {density_unit}")],
-            }
-            images.append(density_name)
-        root.attrs.update({"ome": {"version": NGFF_VERSION},
-                           "tilscore": {"images": images, "units": {
-                               "regions": "region code", density_name: "cells per mm²"}}})
-    log.debug("wrote %s (%s)", path, ", ".join(images))
+                "colors": [{"label-value": code, "rgba": [0, 0, 0, 0] if code == 0
+                            else [*color_of(name, colors), 255]}
+                           for code, name in sorted(names.items())],
+                "properties": [{"label-value": code, "class": name}
+                               for code, name in sorted(names.items())],
+                "source": {"image": "../../"},
+            },
+        }
+        root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": [LABELS_NAME]}
+        _write_pyramid(root, dmap, np.dtype(np.float32), _mean2x2, band_rows, n_levels)
+        root.attrs.update({
+            "ome": {"version": NGFF_VERSION, "multiscales": [_multiscale(
+                density_name, n_levels, density_mpp, "mean",
+                f"2x2 mean of finite values; {density_unit}")]},
+            "tilscore": {"density": {"name": density_name, "unit": density_unit,
+                                     "grid_um": float(density_mpp),
+                                     "denominator": DENSITY_DENOMINATOR},
+                         "labels": {LABELS_NAME: {str(c): n for c, n in sorted(names.items())}}},
+        })
+    log.debug("wrote %s (%s, labels/%s; %d levels)", path, density_name, LABELS_NAME,
+              n_levels)
 
 
 def _multiscale(name: str, n_levels: int, mpp: float, kind: str, method: str) -> dict:
@@ -115,9 +128,11 @@ def _multiscale(name: str, n_levels: int, mpp: float, kind: str, method: str) ->
             "datasets": datasets}
 
 
-def _write_pyramid(group, source, dtype: np.dtype, reduce2x2, band_rows: int) -> int:
+def _write_pyramid(group, source, dtype: np.dtype, reduce2x2, band_rows: int,
+                   n_levels: int | None = None) -> int:
     """Level 0 copied from `source`, level k+1 reduced from level k, `band_rows` at a time.
-    Returns the number of levels (the last one's smaller side is < MIN_SIDE_PX)."""
+    Returns the number of levels: `n_levels`, else until the last one's smaller side is
+    < MIN_SIDE_PX."""
     fill = np.nan if dtype.kind == "f" else 0
     h, w = source.shape
     prev, k = source, 0
@@ -134,7 +149,8 @@ def _write_pyramid(group, source, dtype: np.dtype, reduce2x2, band_rows: int) ->
             else:
                 band = reduce2x2(np.asarray(prev[2 * r:2 * (r + step)]))
             arr[r:r + len(band)] = band.astype(dtype, copy=False)
-        if min(h, w) < MIN_SIDE_PX:
+        done = k + 1 == n_levels if n_levels else min(h, w) < MIN_SIDE_PX
+        if done:
             return k + 1
         prev, h, w, k = arr, (h + 1) // 2, (w + 1) // 2, k + 1
 

@@ -1,5 +1,6 @@
-"""``overlay.png``: the slide thumbnail with regions tinted, highlighted cells as dots, and a
-legend box with the title (e.g. "sTIL 23.4 %")."""
+"""``overlay.png``: the slide thumbnail with regions tinted and highlighted cells as dots,
+and below it, outside the image (so it hides no tissue), a legend strip with the title
+(e.g. "sTIL 23.4 %")."""
 
 from __future__ import annotations
 
@@ -22,16 +23,20 @@ def write_overlay_png(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float,
                       labels: np.ndarray, labels_mpp: float, cells_xy_um: np.ndarray,
                       legend: dict[str, tuple[int, int, int]], title: str, *,
                       class_names: dict[int, str] | None = None,
-                      max_side_px: int = MAX_SIDE_PX, dot_px: int = 2) -> None:
+                      max_side_px: int = MAX_SIDE_PX, dot_px: int | None = None) -> None:
     """Write the overlay PNG atomically.
 
     `thumbnail`: uint8 (H, W, 3) RGB at `thumb_mpp` µm/px, top-left = slide origin.
     `labels`: integer (h, w) region codes at `labels_mpp` µm/px, placed by physical
     position (pixel centres sampled, nearest); codes named in `class_names` (default
-    1 tumour, 2 stroma, 3 other) are tinted with their `legend` colour. `cells_xy_um`:
-    float (N, 2) x, y µm of the highlighted cells, drawn as `dot_px`-wide squares in the
-    colour of the first `legend` entry that is not a region (else lymphocyte blue).
-    The long side is capped at `max_side_px`.
+    1 tumour, 2 stroma, 3 other; {} for none) are tinted with their `legend` colour.
+    `cells_xy_um`: float (N, 2) x, y µm of the highlighted cells, drawn as squares
+    `dot_px` wide (default: 1/300 of the long side, at least 3 px, so that they stay
+    visible in a thumbnail of the overlay) with a white rim (visible on stained tissue
+    too), in the colour of the first `legend` entry that is not a region (else lymphocyte
+    blue). The long side of the image is capped at `max_side_px`; the legend strip below
+    it lists the title and the entries of `legend` (regions only if present in `labels`).
+    The image's pixels keep their place: pixel (0, 0) is the slide's top-left corner.
     """
     from PIL import Image
 
@@ -69,10 +74,14 @@ def write_overlay_png(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float,
 
     cell_names = [n for n in legend if n not in set(names.values())]
     cell_rgb = color_of(cell_names[0], legend) if cell_names else CLASS_COLORS["lymphocyte"]
-    _draw_dots(out, cells / out_mpp, cell_rgb, dot_px)
+    dot = dot_px or max(3, round(max(h, w) / 300))
+    _draw_dots(out, cells / out_mpp, (255, 255, 255), dot + 2 * max(1, round(dot / 3)))  # rim
+    _draw_dots(out, cells / out_mpp, cell_rgb, dot)
 
-    img = Image.fromarray(out)
-    _draw_legend(img, legend, title)
+    present = {names[c] for c in np.unique(lab).tolist() if c in names}
+    shown = {n: rgb for n, rgb in legend.items()
+             if n in cell_names or n in present}  # no entry for a region not on the map
+    img = _with_legend(Image.fromarray(out), shown, title)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     log.debug("wrote overlay %s (%d×%d px, %d cells)", path, w, h, len(cells))
@@ -105,24 +114,34 @@ def _draw_dots(out: np.ndarray, xy_px: np.ndarray, rgb, size: int) -> None:
     out[rr[inside], cc[inside]] = rgb
 
 
-def _draw_legend(img, legend: dict[str, tuple[int, int, int]], title: str) -> None:
-    """A white box at the top-left with the title and one swatch + name per entry."""
-    from PIL import ImageDraw, ImageFont
+def _with_legend(img, legend: dict[str, tuple[int, int, int]], title: str):
+    """`img` with a white strip below it: the title, then one swatch + name per entry,
+    flowing left to right and wrapping to the image's width."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    size = max(10, min(img.size) // 40)
+    w, h = img.size
+    size = max(10, min(w, 2400) // 50)
     try:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         font = ImageFont.load_default()
-    draw = ImageDraw.Draw(img)
+    measure = ImageDraw.Draw(img)
     pad, line = size // 2, int(size * 1.4)
-    lines = [title, *legend]
-    width = max(draw.textlength(t, font=font) for t in lines) + 2 * pad + line
-    height = len(lines) * line + 2 * pad
-    draw.rectangle([0, 0, int(width), int(height)], fill=(255, 255, 255), outline=(0, 0, 0))
-    draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    for i, name in enumerate(legend, start=1):
-        y = pad + i * line
-        draw.rectangle([pad, y + 2, pad + size, y + 2 + size], fill=color_of(name, legend),
-                       outline=(0, 0, 0))
-        draw.text((pad + size + pad, y), name, fill=(0, 0, 0), font=font)
+    entries, x, y = [], pad, pad + line  # (x, y, name); the title takes the first line
+    for name in legend:
+        width = size + pad + measure.textlength(name, font=font) + 2 * pad
+        if x > pad and x + width > w:
+            x, y = pad, y + line
+        entries.append((x, y, name))
+        x += width
+    strip = y + line + pad if legend else line + 2 * pad
+    out = Image.new("RGB", (w, h + strip), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    draw.line([(0, h), (w, h)], fill=(160, 160, 160))
+    draw.text((pad, h + pad), title, fill=(0, 0, 0), font=font)
+    for x, y, name in entries:
+        draw.rectangle([x, h + y + 2, x + size, h + y + 2 + size],
+                       fill=color_of(name, legend), outline=(0, 0, 0))
+        draw.text((x + size + pad, h + y), name, fill=(0, 0, 0), font=font)
+    return out

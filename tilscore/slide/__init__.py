@@ -7,7 +7,8 @@ name       reads                                     module
 ========== ========================================= ===============================
 openslide  vendor formats OpenSlide detects          ``openslide_backend``
 tiff       generic / OME pyramidal TIFF, SVS forced  ``tiff_backend`` (tifffile+zarr)
-dicom      DICOM WSI OpenSlide cannot open           ``dicom_backend`` (wsidicom)
+dicom      DICOM WSI OpenSlide cannot open           ``dicom_backend`` (wsidicom, else
+                                                     pydicom frames: ``dicom_frames``)
 image      PNG, JPEG, BMP, other Pillow images       ``image_backend`` (in memory)
 array      a uint8 (H, W, 3) numpy array             ``array_backend``
 ========== ========================================= ===============================
@@ -15,7 +16,9 @@ array      a uint8 (H, W, 3) numpy array             ``array_backend``
 Auto dispatch (``backend=None``): OpenSlide's format detection first; "generic-tiff" goes
 to the tifffile backend (decodes only the touched tiles with imagecodecs and also sees
 SubIFD pyramids, which OpenSlide's generic-tiff reader ignores), other vendors to OpenSlide.
-If the tifffile backend cannot open a "generic-tiff", OpenSlide gets a try. Files OpenSlide
+If the tifffile backend cannot open a "generic-tiff", OpenSlide gets a try; a "dicom" file
+OpenSlide cannot open goes to the dicom backend (wsidicom, then a pydicom frame reader),
+whose error is the one reported. Files OpenSlide
 does not recognise go by content: TIFF -> tiff (incl. OME-TIFF, stripped single images),
 DICOM (``DICM`` magic or ``.dcm``) -> dicom, anything Pillow identifies -> image; the rest
 is a SlideOpenError.
@@ -112,7 +115,7 @@ def _make_backend(name: str, path: Path) -> Backend:
     elif name == "tiff":
         from tilscore.slide.tiff_backend import TiffBackend as cls
     elif name == "dicom":
-        from tilscore.slide.dicom_backend import DicomBackend as cls
+        from tilscore.slide.dicom_backend import open_dicom as cls
     else:
         from tilscore.slide.image_backend import ImageBackend as cls
     log.debug("opening %s with the %s backend", path, name)
@@ -124,6 +127,8 @@ def _auto_backend(path: Path) -> Backend:
     fmt = _openslide_format(path)
     if fmt == "generic-tiff":
         return _first_that_opens(path, ("tiff", "openslide"))
+    if fmt == "dicom":  # OpenSlide needs ImageType, wsidicom whole levels; frames need less
+        return _first_that_opens(path, ("openslide", "dicom"), report_last=True)
     if fmt is not None:
         return _make_backend("openslide", path)
     with open(path, "rb") as fh:
@@ -142,8 +147,10 @@ def _auto_backend(path: Path) -> Backend:
     )
 
 
-def _first_that_opens(path: Path, names: tuple[str, ...]) -> Backend:
-    """The first backend in `names` that opens `path`; else the first one's error.
+def _first_that_opens(path: Path, names: tuple[str, ...], report_last: bool = False
+                      ) -> Backend:
+    """The first backend in `names` that opens `path`; else the first one's error (the
+    last one's with `report_last`).
 
     NotBrightfieldError is final: another reader would not make the pixels RGB.
     """
@@ -155,7 +162,7 @@ def _first_that_opens(path: Path, names: tuple[str, ...]) -> Backend:
             raise
         except SlideOpenError as exc:
             log.debug("%s backend failed on %s: %s", name, path.name, exc)
-            first_error = first_error or exc
+            first_error = exc if report_last else first_error or exc
     assert first_error is not None
     raise first_error
 

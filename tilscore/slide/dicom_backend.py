@@ -1,10 +1,12 @@
-"""DICOM whole-slide backend (VL Whole Slide Microscopy) via wsidicom.
+"""DICOM whole-slide backend (VL Whole Slide Microscopy): wsidicom, else pydicom frames.
 
-Auto dispatch prefers OpenSlide for DICOM it can open; this backend covers the rest and
-``backend="dicom"``. Needs the ``dicom`` extra (``pip install 'tilscore[dicom]'``:
-wsidicom + pydicom). A DICOM WSI is one file per pyramid level: given one ``.dcm`` file,
-its siblings in the same folder with the same SeriesInstanceUID are opened with it (as
-OpenSlide does).
+Auto dispatch prefers OpenSlide for DICOM it can open; :func:`open_dicom` covers the rest
+and ``backend="dicom"``: wsidicom first (:class:`DicomBackend`), then, for files wsidicom
+refuses (e.g. a single-file sparse-tiled level without ``ImageType``), the plain pydicom
+frame reader :class:`~tilscore.slide.dicom_frames.DicomFrameBackend`. Needs the ``dicom``
+extra (``pip install 'tilscore[dicom]'``: wsidicom + pydicom). A DICOM WSI is one file per
+pyramid level: given one ``.dcm`` file, its siblings in the same folder with the same
+SeriesInstanceUID are opened with it (as OpenSlide does).
 """
 
 from __future__ import annotations
@@ -29,6 +31,52 @@ _PROPERTY_KEYWORDS = (
 )  # fmt: skip
 
 
+def open_dicom(path: str | Path):
+    """A backend for the DICOM WSI at `path`: :class:`DicomBackend` (wsidicom) when it opens
+    the series, else the pydicom frame reader; SlideOpenError (naming the DICOM attribute
+    that is missing, where that is the reason) when neither can read it."""
+    path = Path(path)
+    name = path.name
+    try:
+        import pydicom  # noqa: F401  (every reader below needs it)
+    except ImportError as exc:
+        raise SlideOpenError(f"{name}: reading DICOM WSI without OpenSlide needs pydicom: "
+                             "pip install 'tilscore[dicom]'") from exc
+    header = _wsi_header(path)
+    files = _series_files(path, header.get("SeriesInstanceUID"))
+    try:
+        return DicomBackend(path, header, files)
+    except (SlideOpenError, ImportError) as exc:
+        log.debug("%s: wsidicom did not open it (%s); reading its frames with pydicom",
+                  name, exc)
+    from tilscore.slide.dicom_frames import DicomFrameBackend
+
+    return DicomFrameBackend(path, files, _properties(header))
+
+
+def _wsi_header(path: Path):
+    """The header of a VL Whole Slide Microscopy file (SlideOpenError otherwise;
+    NotBrightfieldError unless 8-bit RGB)."""
+    import pydicom
+
+    name = path.name
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise SlideOpenError(f"{name}: not a readable DICOM file ({one_line(exc)})") from exc
+    sop_class = str(header.get("SOPClassUID", ""))
+    if sop_class != _WSI_SOP_CLASS:
+        raise SlideOpenError(
+            f"{name}: DICOM file is not a whole-slide image (SOP class {sop_class or 'none'})"
+        )
+    _check_brightfield(header, name)
+    return header
+
+
+def _properties(header) -> dict[str, str]:
+    return {f"dicom.{kw}": str(header.get(kw)) for kw in _PROPERTY_KEYWORDS if kw in header}
+
+
 class DicomBackend:
     """A DICOM WSI pyramid read with wsidicom (levels = the volume pyramid, finest first).
 
@@ -38,28 +86,13 @@ class DicomBackend:
 
     vendor = "dicom"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, header, files: list[Path]):
+        """`header`: the file's pydicom header (checked by :func:`_wsi_header`); `files`:
+        the series' files. ImportError when wsidicom is not installed."""
+        import wsidicom
+
         self._path = Path(path)
         name = self._path.name
-        try:
-            import pydicom
-            import wsidicom
-        except ImportError as exc:
-            raise SlideOpenError(
-                f"{name}: reading DICOM WSI without OpenSlide needs wsidicom: "
-                "pip install 'tilscore[dicom]'"
-            ) from exc
-        try:
-            header = pydicom.dcmread(self._path, stop_before_pixels=True)
-        except Exception as exc:
-            raise SlideOpenError(f"{name}: not a readable DICOM file ({one_line(exc)})") from exc
-        sop_class = str(header.get("SOPClassUID", ""))
-        if sop_class != _WSI_SOP_CLASS:
-            raise SlideOpenError(
-                f"{name}: DICOM file is not a whole-slide image (SOP class {sop_class or 'none'})"
-            )
-        _check_brightfield(header, name)
-        files = _series_files(self._path, header.get("SeriesInstanceUID"))
         try:
             self._wsi = wsidicom.WsiDicom.open(files)
             levels = [self._wsi.levels[k] for k in range(len(self._wsi.levels))]
@@ -71,9 +104,7 @@ class DicomBackend:
         self._pyramid_levels = [lv.level for lv in levels]
         self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
         self.metadata_mpp = _mpp(self._wsi)
-        self.properties = {
-            f"dicom.{kw}": str(header.get(kw)) for kw in _PROPERTY_KEYWORDS if kw in header
-        }
+        self.properties = _properties(header)
         associated = [
             n
             for n, attr in (("label", "labels"), ("macro", "overviews"))
