@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         return 2
     crops = []
     for item in validate_ihc.load_nuclick(folder):
-        xy, excess = validate_ihc.detector_candidates(item.rgb, item.mpp, "cd20")
+        xy, excess, _ = validate_ihc.detector_candidates(item.rgb, item.mpp, "cd20")
         xy, excess = xy[excess >= MIN_EXCESS_OD], excess[excess >= MIN_EXCESS_OD]
         r_px = validate_ihc.MATCH_RADIUS_UM / item.mpp
         label = match_points(xy, item.truth_xy, r_px) >= 0

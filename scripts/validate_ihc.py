@@ -1,33 +1,53 @@
 """Validate the classical IHC detector (tilscore.ihc_detect) against labelled data.
 
-Prints a markdown table: per dataset TP, FP, FN, precision, recall, F1 and positive calls
+Prints markdown tables: per dataset TP, FP, FN, precision, recall, F1 and positive calls
 per true (annotated) positive cell, for tilscore and for a naive baseline (Ruifrok
 deconvolution, DAB threshold, connected components; its threshold picked on the data
 itself, which flatters it); per synthetic marker the same plus the count ratio
-(positive calls / true positives); and the positives found on synthetic H&E.
+(positive calls / true positives); the positives found on synthetic H&E; the specificity
+on real IHC with no stained lymphocytes; and the lymphocyte gate on typed H&E nuclei.
 
-    .venv/bin/python scripts/validate_ihc.py [--data ../shared/data] [--device cpu] [--sweep]
+    .venv/bin/python scripts/validate_ihc.py [--data ../shared/data] [--device cpu]
+        [--sweep] [--per-image] [--overlays DIR]
 
 Datasets (under ``--data``; see its README):
 - ihc-ki67-deepliif: Ki67 (nuclear, "foxp3" rules), 0.25 µm/px; truth positives are the
-  connected components of the dominant-red mask. The masks leave many clearly brown
-  nuclei unlabelled (neither red nor blue), so besides the strict score a "judged" score
-  ignores unmatched calls farther than JUDGED_RADIUS_UM from any labelled pixel.
-- ihc-cd3cd8-nuclick: CD3/CD8 (membranous, "cd20" rules), 0.12 µm/px; truth cells are
-  the components of the mask thresholded at 128. Not every DAB+ cell is annotated, so
-  precision is a lower bound; the bar is recall and calls per annotated cell.
+  connected components of the dominant-red mask. Ki67 marks every proliferating cell
+  (mostly tumour cells), so its sensitivity figure runs the nuclear rule *without* the
+  lymphocyte gate; a second row says how many of its calls the gate keeps. The masks
+  leave many clearly brown nuclei unlabelled (neither red nor blue), so besides the
+  strict score a "judged" score ignores unmatched calls farther than JUDGED_RADIUS_UM
+  from any labelled pixel.
+- ihc-cd3cd8-nuclick: CD3/CD8 (membranous lymphocyte markers, "cd20" rules *with* the
+  gate), 0.12 µm/px; truth cells are the components of the mask thresholded at 128. Not
+  every DAB+ cell is annotated, so precision is a lower bound; the bar is recall and
+  calls per annotated cell.
 - synthetic: tilscore.synth_scene tiles at 0.5 µm/px (the pipeline's mpp) with exact
   truth; positives centred just outside a tile are ignore points (neither right nor wrong).
+- specificity: ``skimage.data.immunohistochemistry()`` (colon, DAB on epithelial
+  membranes and cytoplasm, no stained lymphocytes; ~0.5 µm/px) scored end to end by
+  ``tilscore score --model none`` as CD20 and as FOXP3: percent positive, and the rate
+  within 10 px of the image edge against the interior's.
+- he-consep (the gate alone): CoNSeP's typed nuclei (H&E, haematoxylin only), the share
+  of inflammatory, epithelial and spindle nuclei the lymphocyte gate lets through.
 
 Each real image plays its own slide: its stain vectors and glass colour come from
 :func:`tilscore.ihc.estimate_stain_vectors` on the image (``--no-calibrate``: Ruifrok
-defaults, glass 255). The loaders are reused by tests/test_ihc.py (imported by path).
+defaults, glass 255). ``--overlays DIR`` writes each real image with its calls drawn
+(red: positive; blue: negative; grey, orange, purple, green: rejected as a faint nucleus,
+by size, by shape, by marker location; green squares: truth) into DIR, which must not be
+in the repository (the images are not ours to publish). The loaders are reused by
+tests/test_ihc.py (imported by path).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,36 +149,49 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
     return items
 
 
-def detector_candidates(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
-                        calibrate: bool = True, params=None) -> tuple[np.ndarray, np.ndarray]:
-    """All of tilscore's cells in one image, positive or not: (float64 (n, 2) x, y px,
-    float64 (n,) DAB excess = compartment mean - local background, OD), so that any
-    ``dab_threshold_od`` can be applied afterwards without detecting again. `calibrate`:
-    stain vectors and glass colour estimated on the image itself (it plays its own slide
-    thumbnail), else the Ruifrok defaults with glass at 255."""
+def detector_cells(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
+                   calibrate: bool = True, params=None):
+    """tilscore's :class:`~tilscore.ihc_detect.CellsOnTile` of one image (on the CPU).
+    `calibrate`: stain vectors and glass colour estimated on the image itself (it plays
+    its own slide thumbnail), else the Ruifrok defaults with glass at 255."""
     batch = torch.from_numpy(np.array(rgb))[None].to(device)
     stains = estimate_stain_vectors(rgb) if calibrate else None
     cells = detect_cells(batch, mpp, marker, params, stains)[0]
-    xy = torch.stack([cells.x_px, cells.y_px], 1).cpu().numpy().astype(np.float64)
-    return xy, (cells.dab_od - cells.dab_background_od).cpu().numpy().astype(np.float64)
+    return type(cells)(**{k: getattr(cells, k).cpu() for k in cells.__dataclass_fields__})
+
+
+def detector_candidates(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
+                        calibrate: bool = True, params=None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All of tilscore's cells in one image, positive or not: (float64 (n, 2) x, y px,
+    float64 (n,) DAB excess = compartment mean - local background, OD, bool (n,) passed
+    every gate), so that any ``dab_threshold_od`` at or above the one in `params` can be
+    applied afterwards without detecting again (arguments as :func:`detector_cells`)."""
+    cells = detector_cells(rgb, mpp, marker, device, calibrate, params)
+    xy = torch.stack([cells.x_px, cells.y_px], 1).numpy().astype(np.float64)
+    excess = (cells.dab_od - cells.dab_background_od).numpy().astype(np.float64)
+    return xy, excess, (cells.gate == 0).numpy()
 
 
 def detector_positives(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
                        calibrate: bool = True, params=None) -> np.ndarray:
     """float64 (n, 2) x, y px of tilscore's positive cells in one image (arguments as
-    :func:`detector_candidates`)."""
-    params = params or ihc_params(marker)
-    xy, excess = detector_candidates(rgb, mpp, marker, device, calibrate, params)
-    return xy[excess >= params.dab_threshold_od]
+    :func:`detector_cells`)."""
+    cells = detector_cells(rgb, mpp, marker, device, calibrate, params)
+    return torch.stack([cells.x_px, cells.y_px], 1).numpy().astype(np.float64)[
+        cells.positive.numpy()]
 
 
-def threshold_cv(items, marker: str, grid=THRESHOLD_GRID, **kw):
+def threshold_cv(items, marker: str, grid=THRESHOLD_GRID, params=None, **kw):
     """Leave-one-image-out check of choosing ``dab_threshold_od`` on labelled data: for
     each image, the grid value with the best strict F1 on the *other* images is applied
     to it. Returns (pooled DetectionScore over the held-out images, [chosen threshold per
-    image]). Detection runs once per image (the threshold only splits its cells)."""
-    cands = [detector_candidates(it.rgb, it.mpp, marker, **kw) for it in items]
-    per = {t: [evaluate([it], lambda rgb, mpp, c=c, t=t: c[0][c[1] >= t])[0]
+    image]). Detection runs once per image, at the lowest threshold of the grid (the
+    threshold only splits its cells)."""
+    params = replace(params or ihc_params(marker), dab_threshold_od=min(grid))
+    cands = [detector_candidates(it.rgb, it.mpp, marker, params=params, **kw)
+             for it in items]
+    per = {t: [evaluate([it], lambda rgb, mpp, c=c, t=t: c[0][(c[1] >= t) & c[2]])[0]
                for it, c in zip(items, cands, strict=True)] for t in grid}
 
     def f1_without(i: int, t: float) -> float:
@@ -230,6 +263,144 @@ def _best_naive(items, judged_only=False, key="f1"):
     return best
 
 
+SKIMAGE_MPP = 0.5  # scikit-image's immunohistochemistry() sample, approximately
+BORDER_PX = 10
+CONSEP_IMAGES = 12  # the first N of the 27 CoNSeP images (the gate check; ~1,000 per class)
+
+
+def edge_rates(cells_csv: Path, width: int, height: int, border_px: int = BORDER_PX):
+    """(cells, positives, % positive, % positive within `border_px` of the image edge,
+    % positive further in) of a ``cells.csv`` of a `width` x `height` px image."""
+    import csv
+
+    with open(cells_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    x = np.array([float(r["x_px"]) for r in rows])
+    y = np.array([float(r["y_px"]) for r in rows])
+    pos = np.array([r["class"].endswith("_positive") for r in rows], bool)
+    edge = (x < border_px) | (y < border_px) | (x >= width - border_px) | (y >= height - border_px)
+
+    def pct(m):
+        return 100.0 * pos[m].mean() if m.any() else float("nan")
+
+    return len(pos), int(pos.sum()), pct(np.ones_like(pos)), pct(edge), pct(~edge)
+
+
+def specificity_skimage(work: Path, device: str = "cpu") -> list[tuple]:
+    """Score scikit-image's IHC sample (no stained lymphocytes) as CD20 and as FOXP3 with
+    ``tilscore score --model none`` into `work`; one :func:`edge_rates` row per stain."""
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    from tilscore.cli import main as cli
+
+    rgb = immunohistochemistry()
+    png = work / "skimage_ihc.png"
+    Image.fromarray(rgb).save(png)
+    rows = []
+    for stain in ("cd20", "foxp3"):
+        out = work / stain
+        with contextlib.redirect_stdout(io.StringIO()):  # the command's one-line summaries
+            code = cli(["score", str(png), "--stain", stain, "--mpp", str(SKIMAGE_MPP),
+                        "--model", "none", "--out", str(out), "--device", device, "-q",
+                        "--no-report"])
+        if code != 0:
+            raise RuntimeError(f"tilscore score failed ({code}) on {png}")
+        rows.append((stain, *edge_rates(out / "skimage_ihc" / "cells.csv", rgb.shape[1],
+                                        rgb.shape[0])))
+    return rows
+
+
+def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float = 3.0):
+    """{class: (nuclei matched by a candidate, share that passes the lymphocyte gate)} on
+    CoNSeP's typed H&E nuclei: the haematoxylin of an H&E deconvolution (eosin takes the
+    second stain's place and is left out of the nuclear stain)."""
+    import json
+
+    from PIL import Image
+
+    from tilscore.ihc import EOSIN_OD, HAEMATOXYLIN_OD, StainVectors, stain_matrix
+
+    he = StainVectors(stain_matrix(HAEMATOXYLIN_OD, EOSIN_OD), "default")
+    params = ihc_params("foxp3", dab_weight=0.0, segment_dab_weight=0.0)
+    passed: dict[str, list] = {}
+    for path in sorted((folder / "points").glob("*.json"))[:n_images]:
+        meta = json.loads(path.read_text())
+        rgb = np.array(Image.open(folder / "images" / f"{path.stem}.png").convert("RGB"))
+        cells = detect_cells(torch.from_numpy(rgb)[None], meta["mpp"], "foxp3", params, he)[0]
+        xy = torch.stack([cells.x_px, cells.y_px], 1).numpy().astype(np.float64)
+        ok = (cells.gate == 0).numpy()
+        for cls in ("inflammatory", "epithelial", "spindle"):
+            truth = np.array(meta["points"][cls], np.float64).reshape(-1, 2)
+            match = match_points(truth, xy, radius_um / meta["mpp"])
+            passed.setdefault(cls, []).append(ok[match[match >= 0]])
+    return {cls: (int(sum(len(p) for p in parts)),
+                  float(np.concatenate(parts).mean()) if parts else float("nan"))
+            for cls, parts in passed.items()}
+
+
+OVERLAY_COLOURS = {0: (0, 160, 255), 1: (150, 150, 150), 2: (255, 150, 0), 3: (200, 0, 200),
+                   4: (0, 200, 0)}  # by gate code; positives red
+
+
+def write_overlay(path: Path, rgb: np.ndarray, cells, truth_xy=None, scale: int = 1) -> None:
+    """PNG of `rgb` with `cells` drawn (see the module docstring for the colours)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.LANCZOS)
+    draw = ImageDraw.Draw(img)
+    for x, y, pos, gate in zip(cells.x_px.tolist(), cells.y_px.tolist(),
+                               cells.positive.tolist(), cells.gate.tolist(), strict=True):
+        x, y = x * scale, y * scale
+        r, colour, width = (5, (230, 0, 0), 3) if pos else (3, OVERLAY_COLOURS[gate], 2)
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
+    for x, y in (truth_xy if truth_xy is not None else []):
+        draw.rectangle([x * scale - 7, y * scale - 7, x * scale + 7, y * scale + 7],
+                       outline=(0, 255, 0), width=2)
+    img.save(path)
+
+
+def _csv_cells(path: Path):
+    """(x, y, positive, gate code) arrays of a cells.csv (gate "passed" when absent)."""
+    import csv
+
+    from tilscore.ihc_detect import GATES
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return (np.array([float(r["x_px"]) for r in rows]), np.array([float(r["y_px"]) for r in rows]),
+            np.array([r["class"].endswith("_positive") for r in rows], bool),
+            np.array([GATES.index(r.get("gate") or "passed") for r in rows], int))
+
+
+def docs_figure(png: Path, panels: list[tuple[str, Path]], crop=(0, 0, 256, 256),
+                scale: int = 2) -> None:
+    """The overlay in docs/ihc.md: a crop of scikit-image's IHC sample with the cells of
+    each ``cells.csv`` in `panels` ((title, path), side by side), drawn as in
+    :func:`write_overlay`; saved as a 256-colour PNG."""
+    from PIL import Image, ImageDraw
+    from skimage.data import immunohistochemistry
+
+    x0, y0, x1, y1 = crop
+    base = Image.fromarray(np.ascontiguousarray(immunohistochemistry()[y0:y1, x0:x1]))
+    base = base.resize(((x1 - x0) * scale, (y1 - y0) * scale), Image.LANCZOS)
+    sheet = Image.new("RGB", (base.width * len(panels), base.height + 18), "white")
+    for k, (title, path) in enumerate(panels):
+        img = base.copy()
+        draw = ImageDraw.Draw(img)
+        for x, y, pos, gate in zip(*_csv_cells(path), strict=True):
+            x, y = (x - x0) * scale, (y - y0) * scale
+            if not (0 <= x < img.width and 0 <= y < img.height):
+                continue
+            r, colour, width = (5, (230, 0, 0), 3) if pos else (3, OVERLAY_COLOURS[gate], 2)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
+        sheet.paste(img, (k * base.width, 18))
+        ImageDraw.Draw(sheet).text((k * base.width + 4, 3), title, fill=(0, 0, 0))
+    sheet.quantize(256).save(png, optimize=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -237,8 +408,25 @@ def main(argv=None) -> int:
     ap.add_argument("--no-calibrate", action="store_true", help="Ruifrok defaults, glass 255")
     ap.add_argument("--per-image", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also sweep dab_threshold_od")
+    ap.add_argument("--overlays", type=Path, help="write overlays of the real images here")
+    ap.add_argument("--docs-figure", type=Path, metavar="PNG",
+                    help="only write the docs/ihc.md overlay of scikit-image's IHC sample "
+                         "(CD20), with --before-cells CSV drawn beside it")
+    ap.add_argument("--before-cells", type=Path, metavar="CSV")
     args = ap.parse_args(argv)
+    if args.docs_figure is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            specificity_skimage(Path(tmp), args.device)
+            panels = ([("before (commit 07797af)", args.before_cells)]
+                      if args.before_cells else [])
+            panels.append(("after", Path(tmp) / "cd20" / "skimage_ihc" / "cells.csv"))
+            docs_figure(args.docs_figure, panels)
+        return 0
     calibrate = not args.no_calibrate
+    if args.overlays is not None:
+        if args.overlays.resolve().is_relative_to(REPO):
+            ap.error("--overlays must be outside the repository (shared data stay out of it)")
+        args.overlays.mkdir(parents=True, exist_ok=True)
 
     def ours(marker, **overrides):
         params = ihc_params(marker, **overrides)
@@ -248,37 +436,50 @@ def main(argv=None) -> int:
     print("| dataset: method | TP | FP | FN | precision | recall | F1 | calls per true cell |")
     print("|---|---|---|---|---|---|---|---|")
     per_image, sweeps = [], []
-    real = [("Ki67 DeepLIIF", "ihc-ki67-deepliif", load_ki67, "foxp3"),
-            ("CD3/CD8 NuClick", "ihc-cd3cd8-nuclick", load_nuclick, "cd20")]
-    for label, sub, loader, marker in real:
+    # Ki67 marks tumour cells too: its sensitivity runs the nuclear rule without the gate
+    real = [("Ki67 DeepLIIF", "ihc-ki67-deepliif", load_ki67, "foxp3",
+             {"lymphocyte_gate": False}, "foxp3 rules without the lymphocyte gate"),
+            ("CD3/CD8 NuClick", "ihc-cd3cd8-nuclick", load_nuclick, "cd20", {},
+             "cd20 rules with the lymphocyte gate")]
+    for label, sub, loader, marker, rule, words in real:
         if not (args.data / sub).exists():
             print(f"| {label}: missing {args.data / sub} | | | | | | | |")
             continue
         items = loader(args.data / sub)
-        score, calls, detail = evaluate(items, ours(marker))
+        score, calls, detail = evaluate(items, ours(marker, **rule))
         per_image += detail
-        print(_row(f"{label}: tilscore, {marker} rules", score, calls))
+        print(_row(f"{label}: tilscore, {words}", score, calls))
+        if rule:
+            score, calls, _ = evaluate(items, ours(marker))
+            print(_row(f"{label}: tilscore, {marker} rules with the gate", score, calls))
         for key in ("f1", "recall"):
             naive = _best_naive(items, key=key)
             print(_row(f"{label}: {naive[0]}", *naive[1:]))
         if marker == "foxp3":  # the nuclear threshold was chosen on this set: how well
             # does choosing it generalise to an image it was not chosen on?
-            score, chosen = threshold_cv(items, marker, device=args.device,
-                                         calibrate=calibrate)
+            score, chosen = threshold_cv(items, marker, params=ihc_params(marker, **rule),
+                                         device=args.device, calibrate=calibrate)
             print(_row(f"{label}: leave-one-image-out threshold (chosen "
                        f"{'/'.join(f'{t:g}' for t in chosen)} OD)", score,
                        score.tp + score.fp))
         if items[0].annotated is not None:
-            score, calls, _ = evaluate(items, ours(marker), judged_only=True)
+            score, calls, _ = evaluate(items, ours(marker, **rule), judged_only=True)
             print(_row(f"{label}, judged calls only: tilscore", score, calls))
             naive = _best_naive(items, judged_only=True)
             print(_row(f"{label}, judged calls only: {naive[0]}", *naive[1:]))
         if args.sweep:
             for thr in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0):
-                score, calls, _ = evaluate(items, ours(marker, dab_threshold_od=thr))
-                judged = (evaluate(items, ours(marker, dab_threshold_od=thr), judged_only=True)[0]
+                find = ours(marker, dab_threshold_od=thr, **rule)
+                score, calls, _ = evaluate(items, find)
+                judged = (evaluate(items, find, judged_only=True)[0]
                           if items[0].annotated is not None else None)
                 sweeps.append((label, thr, score, calls, judged))
+        if args.overlays is not None:
+            params = ihc_params(marker, **rule)
+            for it in items:
+                cells = detector_cells(it.rgb, it.mpp, marker, args.device, calibrate, params)
+                write_overlay(args.overlays / f"{sub}_{it.name}.png", it.rgb, cells,
+                              it.truth_xy)
     for stain in ("foxp3", "cd20"):
         items = load_synthetic(stain)
         score, calls, detail = evaluate(items, ours(stain))
@@ -293,6 +494,33 @@ def main(argv=None) -> int:
         n = sum(len(ours(marker)(it.rgb, it.mpp)) for it in he)
         print(f"| synthetic H&E scored as {marker}: {n} positives in {area_mm2:.3f} mm² "
               f"({n / area_mm2:.1f} per mm²) | | | | | | | |")
+
+    print("\n| real IHC without stained lymphocytes | cells | positive | % positive | "
+          f"% within {BORDER_PX} px of the edge | % further in |\n|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for stain, n, pos, pct, edge, inner in specificity_skimage(Path(tmp), args.device):
+            print(f"| skimage immunohistochemistry(), tilscore score --stain {stain} --model "
+                  f"none | {n} | {pos} | {pct:.1f} | {edge:.1f} | {inner:.1f} |")
+    if (args.data / "ihc-ki67-deepliif").exists():
+        items = load_ki67(args.data / "ihc-ki67-deepliif")
+        n_true = sum(len(it.truth_xy) for it in items)
+        for words, rule in (("without", {"lymphocyte_gate": False}), ("with", {})):
+            n = sum(len(ours("foxp3", **rule)(it.rgb, it.mpp)) for it in items)
+            print(f"| Ki67 DeepLIIF tiles scored as FOXP3 {words} the gate ({n_true} Ki67+ "
+                  f"nuclei, mostly tumour) | | {n} | | | |")
+    if args.overlays is not None:
+        from skimage.data import immunohistochemistry
+
+        rgb = immunohistochemistry()
+        for stain in ("cd20", "foxp3"):
+            cells = detector_cells(rgb, SKIMAGE_MPP, stain, args.device, calibrate)
+            write_overlay(args.overlays / f"skimage_{stain}.png", rgb, cells)
+
+    if (args.data / "he-consep").exists():
+        print("\n| CoNSeP H&E nuclei (haematoxylin only) | matched by a candidate | "
+              "pass the lymphocyte gate |\n|---|---|---|")
+        for cls, (n, share) in gate_on_consep(args.data / "he-consep").items():
+            print(f"| {cls} | {n} | {100 * share:.1f} % |")
     if args.per_image:
         print("\n| image | TP | FP | FN | calls | truth |\n|---|---|---|---|---|---|")
         for name, s, calls, n_true in per_image:

@@ -54,9 +54,18 @@ def test_positive_densities_within_15_percent_of_truth(scored, stain):
         summary["counts"]["negative"]["tissue"]
     assert "stromal_til_percent" not in summary
     assert summary["qc"]["flags"] == []
-    assert summary["positive_rule"] == {
-        "compartment": ("nucleus" if stain == "foxp3" else "membrane")}
+    rule = summary["positive_rule"]
+    assert rule["compartment"] == ("nucleus" if stain == "foxp3" else "membrane")
+    assert set(rule["marker_location"]) == ({"dab_blob_closed_within_um"} if stain == "foxp3"
+                                            else {"min_haematoxylin_fraction",
+                                                  "max_diameter_um"})
+    from tilscore.ihc_detect import GATES
+
+    gates = summary["gate_counts"]
+    assert set(gates) == set(GATES) and gates["passed"] >= summary["counts"][marker]["tissue"]
+    assert sum(gates.values()) == sum(summary["intensity_bins"].values())
     used = summary["score_config"]  # the values the rule used, resolved (issue 19, item 15)
+    assert used["lymphocyte_max_diameter_um"] == 10.0  # the gate's limits, resolved
     assert used[f"{stain}_dab_threshold_od"] == (1.2 if stain == "foxp3" else 0.3)
     assert [used[f"dab_bin_{b}_od"] for b in ("weak", "moderate", "strong")] == [
         0.461, 0.921, 1.382]  # QuPath's, natural-log OD
@@ -94,6 +103,28 @@ def test_ihc_outputs_carry_dab_measurements(scored):
     with open(folder / "cells.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["class"] for r in rows} == {"cd20_positive", "negative"}
+    from tilscore.ihc_detect import GATES
+
+    assert {r["gate"] for r in rows} <= set(GATES)
+    assert {r["gate"] for r in rows if r["class"] == "cd20_positive"} == {"passed"}
+    assert {r["compartment"] for r in rows} <= {"tumour", "stroma", "other"}
+    # QuPath conventions in cells.geojson: Positive / Negative, the marker and the gate as
+    # properties, measurements under QuPath's names (DAB in log10 OD)
+    features = json.loads((folder / "cells.geojson").read_text())["features"]
+    assert len(features) == len(rows)
+    names = {f["properties"]["classification"]["name"] for f in features}
+    assert names == {"Positive", "Negative"}
+    first = features[0]["properties"]
+    assert first["marker"] == "cd20" and first["gate"] in GATES
+    m = first["measurements"]
+    for key in ("DAB: Nucleus: Mean", "DAB: Membrane: Mean", "Nucleus: Area µm^2",
+                "Intensity bin"):
+        assert key in m, key
+    row = rows[0]
+    assert m["DAB: Membrane: Mean"] == pytest.approx(float(row["dab_membrane_od"]) / 2.302585,
+                                                     abs=2e-3)
+    positives = sum(f["properties"]["classification"]["name"] == "Positive" for f in features)
+    assert positives == sum(r["class"] == "cd20_positive" for r in rows)
     pos = [float(r["dab_od"]) - float(r["dab_background_od"]) for r in rows
            if r["class"] == "cd20_positive"]
     assert min(pos) >= 0.3 - 1e-3  # the CD20 threshold (OD above local background)
@@ -162,6 +193,9 @@ def test_without_a_compartment_model_densities_are_over_tissue_only(scored, tmp_
 
     assert not any(swatch(name) for name in ("tumour", "stroma", "other"))
     assert swatch("foxp3_positive")
+    # compartments are unknown, as the summary's nulls say: empty, not "other"
+    with open(out / "foxp3" / "cells.csv", newline="") as f:
+        assert {r["compartment"] for r in csv.DictReader(f)} == {""}
     # H&E needs the network for its lymphocytes: a one-line usage error, exit 2
     capsys.readouterr()
     assert main(["score", str(scored["slides"]["foxp3"]), "--stain", "he", "--model", "none",
@@ -212,8 +246,46 @@ def test_real_ihc_tiles_score_end_to_end(tmp_path):
         assert summary["qc"]["stain_vectors"]["source"] == "estimated"
         results[name] = _positives_vs_truth(out, items, marker)
     ki67, _ = results["ki67"]
-    # Measured 2026-11-23: P 0.797, R 0.944, F1 0.864 (the detector alone: 0.887)
-    assert ki67.f1 >= 0.84 and ki67.recall >= 0.9
     nuclick, calls = results["nuclick"]
-    # Measured: recall 0.865 at 2.31 positive calls per annotated cell
-    assert nuclick.recall >= 0.84 and calls / (nuclick.tp + nuclick.fn) <= 2.5
+    print(f"ki67 P {ki67.precision:.3f} R {ki67.recall:.3f} F1 {ki67.f1:.3f}; nuclick R "
+          f"{nuclick.recall:.3f} at {calls / (nuclick.tp + nuclick.fn):.2f} calls per cell")
+    # The engine runs the lymphocyte gate, which also stops some of Ki67's tumour nuclei
+    # (the detector's figure without the gate: F1 0.86).
+    assert ki67.f1 >= 0.8 and ki67.recall >= 0.77
+    # Measured: recall 0.82 at 2.70 calls per annotated cell (the crops are 61 µm: a
+    # quarter of their area lies within 7.5 µm of an edge)
+    assert nuclick.recall >= 0.78 and calls / (nuclick.tp + nuclick.fn) <= 2.9
+
+
+def _cells(folder):
+    import numpy as np
+
+    with open(folder / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    xy = np.array([[float(r["x_px"]), float(r["y_px"])] for r in rows]).reshape(-1, 2)
+    return rows, xy
+
+
+def test_real_ihc_without_stained_lymphocytes(tmp_path):
+    """scikit-image's IHC sample (colon, DAB on epithelial membranes and cytoplasm, no
+    stained lymphocytes) scored end to end as CD20 and as FOXP3: few positives, not piled
+    up at the image's edge, the same cells for both markers, compartments empty."""
+    from tests.test_ihc import _validate_module
+
+    v = _validate_module()
+    rows = {r[0]: r[1:] for r in v.specificity_skimage(tmp_path)}
+    # Measured: CD20 0.5 % (4 of 786), FOXP3 0.6 % (5); before the gate: 57 % and 15 %.
+    n, pos, pct, edge, inner = rows["cd20"]
+    assert n > 500 and pct <= 5.0
+    n_f, pos_f, pct_f, edge_f, inner_f = rows["foxp3"]
+    assert n_f == n and pct_f <= 2.0
+    for stain, (cells, _, _, edge_pct, inner_pct) in rows.items():
+        # within 10 px of the edge at most 1.5 x the interior rate, give or take one cell
+        n_edge = 4 * 10 * 512 / 512**2 * cells  # ~ cells in the band
+        assert edge_pct <= 1.5 * inner_pct + 100.0 / n_edge, stain
+    (a_rows, a_xy), (b_rows, b_xy) = (_cells(tmp_path / s / "skimage_ihc")
+                                      for s in ("cd20", "foxp3"))
+    assert (a_xy == b_xy).all()  # one detection for every marker
+    assert {r["compartment"] for r in a_rows} == {""}
+    same = ("score", "dab_nucleus_od", "dab_membrane_od", "nucleus_area_um2")
+    assert all(ra[k] == rb[k] for ra, rb in zip(a_rows, b_rows, strict=True) for k in same)

@@ -153,14 +153,16 @@ class Predictor:
         # NHWC memory permuted to NCHW is exactly channels_last: no copy.
         return images.permute(0, 3, 1, 2)
 
-    def launch(self, images: torch.Tensor, cell_rule=None) -> PendingBatch:
+    def launch(self, images: torch.Tensor, cell_rule=None,
+               origins_px: np.ndarray | None = None) -> PendingBatch:
         """Queue a batch on the device and start copying its results to the host;
         :meth:`collect` turns it into :class:`TilePredictions`.
 
         `images`: torch.uint8 (B, tile, tile, 3). `cell_rule` (e.g.
         :class:`tilscore.ihc_cells.IhcCellRule`) replaces the heatmap peaks as the source
         of cells: called with the uint8 NHWC batch on the device and the core (start,
-        stop), it returns float32 (N, 5 + k) rows like ``cells``.
+        stop), and the tiles' top-left `origins_px` (int (B, 2) grid px, None: unknown) so
+        it can tell the slide's edge, it returns float32 (N, 5 + k) rows like ``cells``.
 
         On CUDA nothing here waits for the GPU (no host synchronisation: peaks are
         compacted to a fixed size by top-k, copies are non-blocking into pinned memory
@@ -186,7 +188,8 @@ class Predictor:
                 heat = heat.clone()  # kept for the exact fallback after the next replay
             if cell_rule is not None:  # NCHW channels_last permuted back: the NHWC batch
                 ov = self.card.overlap_px
-                out["cells"] = cell_rule(x[:n].permute(0, 2, 3, 1), (ov, ov + self.core))
+                out["cells"] = cell_rule(x[:n].permute(0, 2, 3, 1), (ov, ov + self.core),
+                                         origins_px)
             return PendingBatch(self._to_host(out), heat, _record_event(self.device))
 
     def _compute_eager(self, x: torch.Tensor, peaks: bool) -> tuple[dict, torch.Tensor | None]:
@@ -438,7 +441,7 @@ def _run_batches(batches, predictor: Predictor, cell_rule, finish, timings: dict
     for batch in batches:
         t_model = time.perf_counter()
         timings["read"] += t_model - t_wait
-        pending = predictor.launch(batch.images, cell_rule)
+        pending = predictor.launch(batch.images, cell_rule, batch.origins_px)
         timings["model"] += time.perf_counter() - t_model
         if in_flight is not None:
             finish(*in_flight)

@@ -258,13 +258,15 @@ def _start_locked(item: InputSlide, out_dir: Path, engine: Engine, stain: str,
 
     def finish() -> dict:
         from tilscore.aggregate import region_summary
+        from tilscore.tissue_only import NO_MODEL
 
         try:
             t_agg = time.perf_counter()
             t_start = t0 + (t_agg - t_pass_end)  # runtime_s leaves out any wait in a queue
             regions = region_summary(pred.canvas, cfg)
             names = rule.class_names if rule else tuple(card.cell_classes)
-            cells = _cell_table(pred.cells, names, slide_mpp, regions)
+            cells = _cell_table(pred.cells, names, slide_mpp, regions,
+                                with_compartments=card.name != NO_MODEL)
             summary = _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions,
                                cells, cfg, rule, plan)
             summary["timings_s"].update(tissue=round(t_tissue, 3),
@@ -288,9 +290,12 @@ def _ihc_rule(stain: str, card, slide, thumb: np.ndarray, mask, cfg: ScoreConfig
     from tilscore.ihc import estimate_stain_vectors
     from tilscore.ihc_cells import IhcCellRule
 
+    downsample = card.input_mpp / slide.mpp  # level-0 px per tile px
     return IhcCellRule(stain, card.input_mpp,
                        estimate_stain_vectors(*_stain_estimation_image(slide, thumb, mask)),
-                       ihc_rule_params(stain, cfg))
+                       ihc_rule_params(stain, cfg),
+                       extent_px=(slide.dimensions[0] / downsample,
+                                  slide.dimensions[1] / downsample))
 
 
 STAIN_ESTIMATION_MIN_PX = 256 * 256  # pixels the stain-vector estimate is made on, at least
@@ -326,15 +331,18 @@ def score_settings_used(stain: str, cfg: ScoreConfig) -> dict:
     """The score settings a slide of `stain` is scored with, every value resolved: the
     summary's ``score_config`` (the one record of them). On IHC the marker's positive
     threshold and the intensity bins are the values the cell rule used (the marker's
-    defaults where the configuration leaves them null); settings of other stains are left
-    out (H&E has no DAB settings, a FOXP3 slide no CD20 threshold)."""
-    from tilscore.score import OPTIONAL_SETTINGS
+    defaults where the configuration leaves them null), and so are the lymphocyte gate's
+    limits; settings of other stains are left out (H&E has no DAB settings or gate, a
+    FOXP3 slide no CD20 threshold)."""
+    from tilscore.score import LYMPHOCYTE_GATE_KEYS, OPTIONAL_SETTINGS
 
     used = {k: v for k, v in cfg.__dict__.items() if k not in OPTIONAL_SETTINGS}
     if stain != "he":
         params = ihc_rule_params(stain, cfg)
         used[f"{stain}_dab_threshold_od"] = params.dab_threshold_od
         used.update(zip(DAB_BIN_SETTINGS, params.bins_od, strict=True))
+        used.update({key: getattr(params.nuclei, name)
+                     for key, name in LYMPHOCYTE_GATE_KEYS.items()})
     return used
 
 
@@ -354,9 +362,13 @@ def _overlay_mpp(slide) -> float:
     return float(min(THUMBNAIL_MPP, max(slide.mpp, long_um / OVERLAY_LONG_SIDE_PX)))
 
 
-def _cell_table(raw: dict, class_names, slide_mpp: float, regions) -> dict:
+def _cell_table(raw: dict, class_names, slide_mpp: float, regions,
+                with_compartments: bool = True) -> dict:
     """Cells on tissue with class names, µm coordinates, compartment, tumour-bulk flag
-    (and any extra columns of `raw`, e.g. DAB optical density on IHC)."""
+    (and any extra columns of `raw`, e.g. DAB optical density on IHC; the IHC gate code
+    becomes its name). Without compartments (no compartment model) the compartment is ""
+    (unknown, as the summary's nulls say), not "other"."""
+
     region = regions.compartment_at(raw["x_px"] * slide_mpp, raw["y_px"] * slide_mpp)
     on_tissue = region > 0
     t = {k: v[on_tissue] for k, v in raw.items()}
@@ -366,9 +378,14 @@ def _cell_table(raw: dict, class_names, slide_mpp: float, regions) -> dict:
     x_um, y_um = t["x_px"] * slide_mpp, t["y_px"] * slide_mpp
     bi = np.clip((y_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[0] - 1)
     bj = np.clip((x_um / regions.coarse_mpp).astype(int), 0, regions.bulk.shape[1] - 1)
+    if "gate" in t:
+        from tilscore.ihc_detect import GATES
+
+        t["gate"] = np.array(GATES)[t["gate"].astype(np.int64)]
+    compartment = comp_names[t["region"]] if with_compartments else np.full(len(x_um), "")
     return {
         **t, "x_um": x_um, "y_um": y_um, "class": names[t["cls"]],
-        "compartment": comp_names[t["region"]], "in_bulk": regions.bulk[bi, bj]
+        "compartment": compartment, "in_bulk": regions.bulk[bi, bj]
         if regions.bulk.size else np.zeros(len(x_um), bool),
     }
 
@@ -462,7 +479,7 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
     """Percent positive (of detected cells, per compartment), DAB intensity bins and the
     rule that called a cell positive."""
     from tilscore.ihc_cells import INTENSITY_BINS
-    from tilscore.ihc_detect import ihc_params
+    from tilscore.ihc_detect import GATES, ihc_params
 
     params = rule.params or ihc_params(stain)
 
@@ -478,9 +495,22 @@ def _ihc_scores(cells, counts: dict, stain: str, rule) -> dict:
         "intensity_bins": dict(zip(INTENSITY_BINS, map(int, bins), strict=True)),
         # QuPath-style H-score (0–300) over every detected cell, from the DAB bins
         "h_score": float((bins * np.arange(4)).sum() * 100 / n) if n else None,
-        # the threshold and bins it used are in score_config (score_settings_used)
-        "positive_rule": {"compartment": params.compartment},
+        # the threshold, bins and gate limits it used are in score_config
+        # (score_settings_used); where the marker's DAB must lie:
+        "positive_rule": {"compartment": params.compartment,
+                          "marker_location": _marker_location(params)},
+        # why cells are negative besides their DAB (cells.csv `gate`), over all tissue
+        "gate_counts": {name: int((cells["gate"] == name).sum()) for name in GATES}
+        if "gate" in cells else None,
     }
+
+
+def _marker_location(params) -> dict:
+    """The marker-location rule of IHC `params` (docs/ihc.md)."""
+    if params.compartment == "nucleus":
+        return {"dab_blob_closed_within_um": params.blob_window_um}
+    return {"min_haematoxylin_fraction": params.min_haematoxylin_fraction,
+            "max_diameter_um": params.nuclei.max_diameter_um + 2 * params.stained_rim_um}
 
 
 def _qc(stain, slide, thumb, mask, pred, grid, rule=None, scores=None, cells=None) -> dict:
@@ -569,11 +599,12 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     # without a compartment model (--model none) all tissue is "other": nothing to tint
     tinted = {} if summary["areas_mm2"]["tumour"] is None else dict(region_names)
     image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
-    extra = tuple(k for k in ("dab_od", "dab_background_od", "intensity_bin") if k in cells)
+    extra = _ihc_columns(cells)
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     counted = counted_class(stain)
     mine = cells["class"] == counted
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
+    geo_cells, geo_measurements, geo_properties = _geojson_cells(cells, stain)
 
     def maps() -> None:
         dmap = _density(pred.canvas, pts[mine], extent_um, cfg.density_grid_um)
@@ -590,7 +621,8 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     # most of their work (on a GPU node's spare cores this is ~ the slowest writer).
     jobs = [
         lambda: write_cells_csv(work / "cells.csv", cells, extra=extra),
-        lambda: write_cells_geojson(work / "cells.geojson", cells, radius_px, CLASS_COLORS),
+        lambda: write_cells_geojson(work / "cells.geojson", geo_cells, radius_px, CLASS_COLORS,
+                                    geo_measurements, geo_properties),
         # the region map the summary's areas count, clipped to the image
         lambda: write_regions_geojson(work / "regions.geojson",
                                       pred.canvas.labels_within(extent_um),
@@ -624,6 +656,46 @@ def _density(canvas, points_xy_um: np.ndarray, extent_um, grid_um: float) -> np.
 
     tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um, extent_um)
     return density_map(points_xy_um, tissue, grid_um)
+
+
+def _ihc_columns(cells: dict) -> tuple[str, ...]:
+    """The IHC measurement columns present in `cells` (none on H&E), in cells.csv order."""
+    from tilscore.ihc_cells import MEASUREMENTS
+
+    return tuple(k for k in MEASUREMENTS if k in cells)
+
+
+# cells.geojson on IHC: QuPath's measurement names ("{channel}: {compartment}: {stat}",
+# as QuPath's ObjectMeasurements writes them) for the cells.csv columns. DAB values are in
+# QuPath's log10 optical density (cells.csv and the summary keep natural-log OD).
+QUPATH_MEASUREMENTS = {"DAB: Nucleus: Mean": "dab_nucleus_od",
+                       "DAB: Membrane: Mean": "dab_membrane_od",
+                       "DAB: Background: Mean": "dab_background_od",
+                       "DAB: Marker: Mean": "dab_od"}
+QUPATH_PLAIN = {"Nucleus: Area µm^2": "nucleus_area_um2",
+                "Nucleus: Axis ratio": "nucleus_axis_ratio",
+                "Nucleus: Hematoxylin fraction": "haematoxylin_fraction",
+                "Intensity bin": "intensity_bin"}
+
+
+def _geojson_cells(cells: dict, stain: str) -> tuple[dict, dict | None, dict | None]:
+    """(cells, measurements, properties) for :func:`~tilscore.io.geojson.write_cells_geojson`:
+    on H&E the table as it is; on IHC QuPath's conventions: classes ``Positive`` /
+    ``Negative``, the marker and the gate as properties, the per-cell measurements under
+    QuPath's names (:data:`QUPATH_MEASUREMENTS`, log10 OD; :data:`QUPATH_PLAIN`)."""
+    if stain == "he" or "dab_od" not in cells:
+        return cells, None, None
+    positive = cells["class"] == counted_class(stain)
+    table = {**cells, "class": np.where(positive, "Positive", "Negative")}
+    log10 = 1.0 / math.log(10.0)
+    measurements = {name: np.asarray(cells[k], np.float64) * log10
+                    for name, k in QUPATH_MEASUREMENTS.items() if k in cells}
+    measurements.update({name: np.asarray(cells[k], np.float64)
+                         for name, k in QUPATH_PLAIN.items() if k in cells})
+    properties = {"marker": np.full(len(positive), stain)}
+    if "gate" in cells:
+        properties["gate"] = cells["gate"]
+    return table, measurements, properties
 
 
 def _overlay_title(summary: dict) -> str:

@@ -54,9 +54,20 @@ SCORE_RANGES = {
     "dab_bin_weak_od": (0.01, 6.0, "OD"),
     "dab_bin_moderate_od": (0.01, 6.0, "OD"),
     "dab_bin_strong_od": (0.01, 6.0, "OD"),
+    # the IHC lymphocyte gate (configs/score.yaml)
+    "lymphocyte_min_contrast_od": (0.0, 6.0, "OD"),
+    "lymphocyte_min_diameter_um": (0.5, 30.0, "µm"),
+    "lymphocyte_max_diameter_um": (1.0, 50.0, "µm"),
+    "lymphocyte_min_axis_ratio": (0.0, 1.0, ""),
 }
+# Score-configuration keys of the lymphocyte gate -> tilscore.ihc_detect.NucleusParams
+LYMPHOCYTE_GATE_KEYS = {"lymphocyte_min_contrast_od": "min_contrast_od",
+                        "lymphocyte_min_diameter_um": "min_diameter_um",
+                        "lymphocyte_max_diameter_um": "max_diameter_um",
+                        "lymphocyte_min_axis_ratio": "min_axis_ratio"}
 OPTIONAL_SETTINGS = ("foxp3_dab_threshold_od", "cd20_dab_threshold_od", "dab_bin_weak_od",
-                     "dab_bin_moderate_od", "dab_bin_strong_od")  # None: the marker's default
+                     "dab_bin_moderate_od", "dab_bin_strong_od",
+                     *LYMPHOCYTE_GATE_KEYS)  # None: the marker's (the gate's) default
 
 
 def _in_range(value, low: float, high: float) -> bool:
@@ -72,7 +83,7 @@ class ScoreConfig:
     detector's per-marker defaults (:func:`tilscore.ihc_detect.ihc_params`, docs/ihc.md);
     None keeps the default: ``<marker>_dab_threshold_od`` is the DAB excess (OD) a cell
     needs to be positive, ``dab_bin_*_od`` the lower limits of QuPath-style intensity
-    bins."""
+    bins; ``lymphocyte_*`` the lymphocyte gate's limits (the same for every marker)."""
 
     bulk_closing_radius_um: float = 250.0
     lymphocyte_nucleus_diameter_um: float = 7.0
@@ -85,6 +96,10 @@ class ScoreConfig:
     dab_bin_weak_od: float | None = None
     dab_bin_moderate_od: float | None = None
     dab_bin_strong_od: float | None = None
+    lymphocyte_min_contrast_od: float | None = None
+    lymphocyte_min_diameter_um: float | None = None
+    lymphocyte_max_diameter_um: float | None = None
+    lymphocyte_min_axis_ratio: float | None = None
 
     def __post_init__(self):
         for name, (low, high, unit) in SCORE_RANGES.items():
@@ -94,6 +109,10 @@ class ScoreConfig:
             if not _in_range(value, low, high):
                 raise UsageError(f"{name} must be a number from {low:g} to {high:g} {unit}, "
                                  f"got {value!r}")
+        lo, hi = self.lymphocyte_min_diameter_um, self.lymphocyte_max_diameter_um
+        if lo is not None and hi is not None and not lo < hi:
+            raise UsageError(f"lymphocyte_min_diameter_um ({lo}) must be below "
+                             f"lymphocyte_max_diameter_um ({hi})")
         self.dab_bins()  # bad bins are an error whatever the stain of the run
 
     def dab_bins(self, default_bins_od: tuple[float, float, float] = DAB_BINS_OD
@@ -120,6 +139,9 @@ class ScoreConfig:
         bins = self.dab_bins(default_bins_od)
         if bins is not None:
             out["bins_od"] = bins
+        for key, param in LYMPHOCYTE_GATE_KEYS.items():
+            if getattr(self, key) is not None:
+                out[param] = getattr(self, key)
         return out
 
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("x_px", "y_px", "x_um", "y_um", "class", "compartment", "score")
 DECIMALS = {"x_px": 2, "y_px": 2, "x_um": 2, "y_um": 2, "score": 3,
-            "intensity_bin": 0}  # an integer 0-3
+            "intensity_bin": 0,  # an integer 0-3
+            "nucleus_area_um2": 1}
 CHUNK_ROWS = 262_144
 
 Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
@@ -30,8 +31,9 @@ Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
 def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
                     chunk_rows: int = CHUNK_ROWS, extra: tuple[str, ...] = ()) -> None:
     """Write ``cells.csv`` atomically with columns ``x_px,y_px,x_um,y_um,class,compartment,score``
-    and then the numeric columns named in `extra` (3 decimals, e.g. ``dab_od`` on IHC;
-    ``intensity_bin`` as an integer).
+    and then the columns named in `extra`: numbers with 3 decimals (e.g. ``dab_od`` on IHC;
+    ``intensity_bin`` as an integer), or strings when the array holds text (e.g. the IHC
+    ``gate``).
 
     `cells`: equal-length 1-D arrays under those keys (extra keys are ignored): ``x_px``,
     ``y_px`` level-0 pixels and ``x_um``, ``y_um`` micrometres (written with 2 decimals),
@@ -49,7 +51,8 @@ def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
     bad = {c: v.shape for c, v in cols.items() if v.ndim != 1 or len(v) != n}
     if bad:
         raise ValueError(f"cells columns must be 1-D of length {n}; got shapes {bad}")
-    for c in ("class", "compartment"):
+    text = [c for c in columns if c in ("class", "compartment") or cols[c].dtype.kind in "US"]
+    for c in text:
         _check_names(cols[c], c)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write((",".join(columns) + "\n").encode())
@@ -59,7 +62,7 @@ def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
             pieces: list[Field] = []
             for i, c in enumerate(columns):
                 v = cols[c][sl]
-                pieces.append(format_strings(v) if c in ("class", "compartment")
+                pieces.append(format_strings(v) if c in text
                               else format_fixed(v, DECIMALS.get(c, 3)))
                 pieces.append(literal("\n" if i == len(columns) - 1 else ",", m))
             fh.write(join_fields(pieces))

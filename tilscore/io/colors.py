@@ -22,6 +22,10 @@ CLASS_COLORS: dict[str, RGB] = {
     "cd20_positive": (165, 42, 42),
     "foxp3_positive": (139, 69, 19),
     "negative": (100, 149, 237),
+    # IHC cells in cells.geojson: QuPath's own classes and their default colours
+    # (qupath-core PathClassFactory: Positive 200,50,50; Negative 112,112,225)
+    "Positive": (200, 50, 50),
+    "Negative": (112, 112, 225),
 }
 
 FALLBACK_COLOR: RGB = (160, 160, 160)

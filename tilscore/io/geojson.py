@@ -34,15 +34,20 @@ BAND_ROWS = 1024  # region map rows traced at a time (the tracer's grid is 4× a
 
 def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
                         radius_px: float | dict[str, float],
-                        colors: dict[str, tuple[int, int, int]] | None = None) -> None:
+                        colors: dict[str, tuple[int, int, int]] | None = None,
+                        measurements: dict[str, np.ndarray] | None = None,
+                        properties: dict[str, np.ndarray] | None = None) -> None:
     """Write cells as QuPath detections: a closed 12-gon of the nucleus radius per cell.
 
-    `cells`: 1-D arrays ``x_px``, ``y_px`` (level-0 px, centres), ``class`` (str),
-    ``score`` (float) and optionally ``compartment`` (str). `radius_px`: nucleus radius in
-    level-0 px, one for all or per class name (classes not listed use the largest).
-    Vertices are written with 2 decimals, so a polygon's centroid is within 0.005 px of
-    the centre. Ids are UUIDs derived from the coordinates: the same input gives the same
-    file. A non-finite score is left out of ``measurements``.
+    `cells`: 1-D arrays ``x_px``, ``y_px`` (level-0 px, centres), ``class`` (str, the
+    classification name), ``score`` (float) and optionally ``compartment`` (str).
+    `radius_px`: nucleus radius in level-0 px, one for all or per class name (classes not
+    listed use the largest). `measurements`: more ``{name: float (n,)}`` written after
+    ``score`` (4 decimals; a non-finite value is left out, as a non-finite score is);
+    `properties`: more ``{name: str (n,)}`` properties after ``compartment`` (kept by
+    GeoJSON readers, ignored by QuPath). Vertices are written with 2 decimals, so a
+    polygon's centroid is within 0.005 px of the centre. Ids are UUIDs derived from the
+    coordinates: the same input gives the same file.
     """
     x = np.asarray(cells["x_px"], np.float64)
     y = np.asarray(cells["y_px"], np.float64)
@@ -50,7 +55,10 @@ def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
     score = np.asarray(cells["score"], np.float64)
     comp = np.asarray(cells["compartment"]).astype(str) if "compartment" in cells else None
     n = len(x)
-    if not (len(y) == len(cls) == len(score) == n) or (comp is not None and len(comp) != n):
+    extra = {k: np.asarray(v, np.float64) for k, v in (measurements or {}).items()}
+    props = {k: np.asarray(v).astype(str) for k, v in (properties or {}).items()}
+    if not (len(y) == len(cls) == len(score) == n) or (comp is not None and len(comp) != n) \
+            or any(len(v) != n for v in [*extra.values(), *props.values()]):
         raise ValueError("cells columns must all have the same length")
     if isinstance(radius_px, dict):
         default = max(radius_px.values()) if radius_px else 1.0
@@ -87,9 +95,22 @@ def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
                                '"classification":', m),
                        format_strings(cls[sl], classification),
                        literal(',"measurements":{', m), literal('"score":', m, ok),
-                       (s_chars, s_valid & ok[:, None]), literal("}", m)]
+                       (s_chars, s_valid & ok[:, None])]
+            first = ~ok  # no score written: the next measurement needs no comma
+            for name, values in extra.items():
+                v = values[sl]
+                fine = np.isfinite(v)
+                chars, valid = format_fixed(np.where(fine, v, 0.0), 4)
+                key = json.dumps(name) + ":"
+                pieces += [literal("," + key, m, fine & ~first), literal(key, m, fine & first),
+                           (chars, valid & fine[:, None])]
+                first = first & ~fine
+            pieces.append(literal("}", m))
             if comp is not None:
                 pieces += [literal(',"compartment":', m), format_strings(comp[sl], json.dumps)]
+            for name, values in props.items():
+                pieces += [literal("," + json.dumps(name) + ":", m),
+                           format_strings(values[sl], json.dumps)]
             pieces.append(literal("}}", m))
             fh.write(join_fields(pieces))
         fh.write(b"\n]}\n")
