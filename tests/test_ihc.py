@@ -392,6 +392,24 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     assert same_call.mean() >= 0.98
 
 
+def test_gate_limits_come_from_the_score_config():
+    from tilscore.score import ScoreConfig
+
+    cfg = ScoreConfig(lymphocyte_max_diameter_um=5.0, lymphocyte_min_contrast_od=0.0)
+    for marker in ("cd20", "foxp3"):
+        params = ihc_params(marker, **cfg.ihc_overrides(marker))
+        assert params.nuclei.max_diameter_um == 5.0 and params.nuclei.min_contrast_od == 0.0
+        assert params.nuclei.min_diameter_um == ihc_params(marker).nuclei.min_diameter_um
+    # a 7 µm lymphocyte (with its CD20 rim: 9.5 µm) is too large for a 5 µm limit
+    cells = detect_cells(torch.from_numpy(_nucleus_image(0.5, 3.5, 3.5, 0.4, 2.0))[None],
+                         0.5, "foxp3", ihc_params("foxp3", **cfg.ihc_overrides("foxp3")))[0]
+    assert GATES[int(cells.gate)] == "nucleus_size" and not bool(cells.positive)
+    with pytest.raises(UsageError, match="must be below"):
+        ScoreConfig(lymphocyte_min_diameter_um=8.0, lymphocyte_max_diameter_um=6.0)
+    with pytest.raises(UsageError, match=">= 0"):
+        ScoreConfig(lymphocyte_min_axis_ratio=-0.1)
+
+
 def test_finer_input_is_resampled_and_reported_in_input_pixels():
     cells = _detect(_cell_image(0.25, "nucleus", centre_um=(16.0, 22.0)), 0.25, "foxp3")
     assert len(cells) == 1

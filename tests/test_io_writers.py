@@ -121,6 +121,32 @@ def test_cells_geojson_detections(tmp_path):
     assert path.read_bytes() == first  # same input, same file (stable ids)
 
 
+def test_cells_geojson_extra_measurements_and_properties(tmp_path):
+    """IHC detections: more measurements (non-finite ones left out, commas right when the
+    score itself is missing) and string properties, all valid JSON; text columns in the
+    CSV (the IHC gate)."""
+    cells = _cells(5)
+    cells["score"][1] = np.nan
+    area = np.array([30.0, np.nan, 12.5, 40.0, 8.25])
+    dab = np.array([0.1, 0.2, np.inf, 0.4, 0.5])
+    gate = np.array(["passed", "shape", "passed", "faint_nucleus", "marker_location"])
+    path = tmp_path / "cells.geojson"
+    write_cells_geojson(path, cells, 3.0, measurements={"Nucleus: Area µm^2": area,
+                                                        "DAB: Nucleus: Mean": dab},
+                        properties={"marker": np.full(5, "cd20"), "gate": gate})
+    feats = json.loads(path.read_text(encoding="utf-8"))["features"]
+    m = [f["properties"]["measurements"] for f in feats]
+    assert m[0] == {"score": pytest.approx(cells["score"][0], abs=1e-3),
+                    "Nucleus: Area µm^2": 30.0, "DAB: Nucleus: Mean": 0.1}
+    assert m[1] == {"DAB: Nucleus: Mean": 0.2}  # no score, no area: no leading comma
+    assert "DAB: Nucleus: Mean" not in m[2] and m[4]["Nucleus: Area µm^2"] == 8.25
+    assert [f["properties"]["gate"] for f in feats] == gate.tolist()
+    assert {f["properties"]["marker"] for f in feats} == {"cd20"}
+    write_cells_csv(tmp_path / "cells.csv", {**cells, "gate": gate}, extra=("gate",))
+    rows = (tmp_path / "cells.csv").read_text().splitlines()
+    assert rows[0].endswith(",gate") and rows[4].endswith(",faint_nucleus")
+
+
 def test_cells_geojson_empty(tmp_path):
     path = tmp_path / "cells.geojson"
     write_cells_geojson(path, {k: v[:0] for k, v in _cells(3).items()}, 10.0, CLASS_COLORS)
