@@ -406,7 +406,7 @@ def test_gate_limits_come_from_the_score_config():
     assert GATES[int(cells.gate)] == "nucleus_size" and not bool(cells.positive)
     with pytest.raises(UsageError, match="must be below"):
         ScoreConfig(lymphocyte_min_diameter_um=8.0, lymphocyte_max_diameter_um=6.0)
-    with pytest.raises(UsageError, match=">= 0"):
+    with pytest.raises(UsageError, match="from 0 to 1"):
         ScoreConfig(lymphocyte_min_axis_ratio=-0.1)
 
 

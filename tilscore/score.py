@@ -58,7 +58,7 @@ SCORE_RANGES = {
     "lymphocyte_min_contrast_od": (0.0, 6.0, "OD"),
     "lymphocyte_min_diameter_um": (0.5, 30.0, "µm"),
     "lymphocyte_max_diameter_um": (1.0, 50.0, "µm"),
-    "lymphocyte_min_axis_ratio": (0.0, 1.0, ""),
+    "lymphocyte_min_axis_ratio": (0.0, 1.0, "(minor / major)"),
 }
 # Score-configuration keys of the lymphocyte gate -> tilscore.ihc_detect.NucleusParams
 LYMPHOCYTE_GATE_KEYS = {"lymphocyte_min_contrast_od": "min_contrast_od",
