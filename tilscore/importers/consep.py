@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError
-from tilscore.importers.crchp import read_typed_points, typed_point_tile
+from tilscore.importers.crchp import typed_point_tiles
 from tilscore.importers.labelled import CELL_CODES, LabelledTile
-from tilscore.importers.native import LoadStats, begin, list_images, require_tiles
+from tilscore.importers.native import LoadStats, begin, require_tiles
 
 DEFAULT_MPP = 0.2441
 CLASS_LISTS = {
@@ -71,20 +71,14 @@ def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None 
 
     folder, stats = begin(folder, mpp, stats)
     tiles = []
-    for path in list_images(folder / "images"):
-        labelled = read_typed_points(path, folder, stats)
-        if labelled is None:
-            continue
-        image, data, json_path = labelled
-        tile = typed_point_tile(image, data, json_path, mpp, DEFAULT_MPP, CLASS_LISTS,
-                                TUMOUR_LISTS, STROMA_LISTS, stats)
+    for path, _, tile in typed_point_tiles(folder, mpp, DEFAULT_MPP, CLASS_LISTS,
+                                           TUMOUR_LISTS, STROMA_LISTS, stats):
         mask_path = folder / "masks" / f"{path.stem}.png"
         if not mask_path.exists():
             raise InputError(f"{path}: no instance mask; expected {mask_path}")
-        instances = read_mask(mask_path, image.shape[:2])
+        instances = read_mask(mask_path, tile.image.shape[:2])
         tile.nucleus_mask = lymphocyte_nuclei(
             instances, tile.points_xy[tile.point_cls == CELL_CODES["lymphocyte"]])
-        tile.source = str(path)
         tile.split = consep_split(path.stem)
         tiles.append(tile)
     return require_tiles(tiles, folder, stats)

@@ -128,17 +128,28 @@ def load_crchp(folder: Path, mpp: float | None = None, stats: LoadStats | None =
     """
     folder, stats = begin(folder, mpp, stats)
     tiles = []
+    for _, data, tile in typed_point_tiles(folder, mpp, DEFAULT_MPP, CLASS_LISTS,
+                                           TUMOUR_LISTS, STROMA_LISTS, stats):
+        tile.split = normalise_split(data.get("split_of_original_authors"))
+        tiles.append(tile)
+    return require_tiles(tiles, folder, stats)
+
+
+def typed_point_tiles(folder: Path, mpp: float | None, default_mpp: float,
+                      class_lists: dict[str, int], tumour_lists: tuple[str, ...],
+                      stroma_lists: tuple[str, ...], stats: LoadStats):
+    """Yield (image path, points JSON, LabelledTile) for every readable image of a
+    typed-point folder (``images/<name>`` + ``points/<name>.json``; :func:`typed_point_tile`),
+    the tile's ``source`` set; unreadable images are skipped (recorded in `stats`)."""
     for path in list_images(folder / "images"):
         labelled = read_typed_points(path, folder, stats)
         if labelled is None:
             continue
         image, data, json_path = labelled
-        tile = typed_point_tile(image, data, json_path, mpp, DEFAULT_MPP, CLASS_LISTS,
-                                TUMOUR_LISTS, STROMA_LISTS, stats)
+        tile = typed_point_tile(image, data, json_path, mpp, default_mpp, class_lists,
+                                tumour_lists, stroma_lists, stats)
         tile.source = str(path)
-        tile.split = normalise_split(data.get("split_of_original_authors"))
-        tiles.append(tile)
-    return require_tiles(tiles, folder, stats)
+        yield path, data, tile
 
 
 def read_typed_points(path: Path, folder: Path, stats: LoadStats):
