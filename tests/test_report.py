@@ -432,8 +432,10 @@ def test_ihc_section_without_a_compartment_model(cohort, tmp_path):
                                                "strong": 4},
                  percent_positive_by_compartment={"tumour": None, "stroma": None,
                                                   "other": None, "tissue": 12.5},
-                 positive_rule={"compartment": "ring", "dab_threshold_od": 0.3,
-                                "intensity_bins_od": [0.461, 0.921, 1.382]})
+                 positive_rule={"compartment": "ring"})
+        # where the pipeline records the bins used (score_settings_used)
+        s["score_config"].update(dab_bin_weak_od=0.461, dab_bin_moderate_od=0.921,
+                                 dab_bin_strong_od=1.382)
         for cls in s["counts"]:
             for comp in ("tumour", "stroma", "other"):
                 s["counts"][cls][comp] = s["densities_per_mm2"][cls][comp] = None

@@ -316,7 +316,9 @@ def _intensity_table(summary: dict) -> str:
     bins = summary.get("intensity_bins")
     if not isinstance(bins, dict) or len(bins) != 4:
         return ""
-    limits = (summary.get("positive_rule") or {}).get("intensity_bins_od") or []
+    used = summary.get("score_config") or {}  # the bins the slide was scored with
+    limits = [used.get(k) for k in ("dab_bin_weak_od", "dab_bin_moderate_od",
+                                    "dab_bin_strong_od")]
     names = list(bins)
     labels = [f"{names[0]} (negative)", f"{names[1]} (positive)", names[2], names[3]]
     if len(limits) == 3 and all(isinstance(v, (int, float)) for v in limits):
