@@ -103,3 +103,24 @@ def test_region_at_typed_nuclei_is_the_balanced_accuracy():
     assert region_at_nuclei([region], [LabelledTile(
         image=tile.image, mpp=0.5, region=None, points_xy=pts[:3], point_cls=cls[:3])],
         card) == {}  # no stromal nuclei: nothing to balance
+
+
+def test_ema_weights_are_validated_and_saved(tmp_path, native_folder):
+    """With ``ema_decay`` the saved weights are the moving average, not the last step's:
+    at decay 0.999 six steps move them ~0.6 % as far from the start as plain training."""
+    from tilscore.models import load_model
+    from tilscore.train import train
+
+    def run(name, **extra):
+        cfg = load_train_config(_config(tmp_path, native_folder, weights_storage="float32",
+                                        val_every=6, checkpoint_every=6, seed=3, **extra))
+        train(cfg, tmp_path / name, progress=False)
+        return {k: v.float() for k, v in load_model(tmp_path / name)[0].state_dict().items()
+                if v.is_floating_point()}
+
+    start = run("start", max_steps=4)
+    plain = run("plain", max_steps=6, init_from=str(tmp_path / "start"))
+    ema = run("ema", max_steps=6, init_from=str(tmp_path / "start"), ema_decay=0.999)
+    moved = sum(float((plain[k] - start[k]).norm()) for k in start)
+    ema_moved = sum(float((ema[k] - start[k]).norm()) for k in start)
+    assert moved > 0 and 0 < ema_moved < 0.05 * moved

@@ -94,7 +94,8 @@ def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
     return result
 
 
-def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict,
+                     ema=None) -> None:
     import json
 
     from tilscore.io.atomic import atomic_path
@@ -103,7 +104,8 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> No
     best = json.loads(json.dumps(best, default=float))
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "step": step, "best": best}, tmp)
+                    "sched": sched.state_dict(), "step": step, "best": best,
+                    **({"ema": ema.state_dict()} if ema is not None else {})}, tmp)
 
 
 def _selection_score(val: dict, val_f1: float, select_by: str) -> float:
@@ -166,6 +168,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, steps))
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+        use_buffers=True) if cfg.ema_decay else None)
+    if ema is not None:  # the average starts at the initial weights (as timm's ModelEmaV2)
+        ema.update_parameters(model)
+    judged = ema.module if ema is not None else model  # what is validated and saved
     step, best = 0, {"f1": -1.0, "step": 0, "metrics": {}}
     ckpt = out_dir / "checkpoint.pt"
     if resume:
@@ -175,11 +183,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
+        if ema is not None:
+            if "ema" not in state:
+                raise UsageError(f"--resume: {ckpt} has no EMA weights (ema_decay was off)")
+            ema.load_state_dict(state["ema"])
         step, best = int(state["step"]), state["best"]
         if best.get("metrics"):  # the selection rule may differ from the first run's
             best["score"] = _selection_score(best["metrics"], best["f1"], cfg.select_by)
         log.info("resumed from step %d", step)
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
     metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
     from tilscore.infer import bf16_is_native
 
@@ -200,12 +212,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         row = {"step": step, "lr": sched.get_last_lr()[0],
                **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
                "elapsed_s": round(time.perf_counter() - t0, 1)}
         if val_tiles and (step % cfg.val_every == 0 or step == steps):
-            val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
+            val = evaluate_detection(judged, card, val_tiles, dev, cfg.match_radius_um)
             _append_metrics(out_dir / "validation.csv", {
                 "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
                 **{f"{name}.{k}": v for name, m in val["sets"].items() for k, v in m.items()
@@ -215,7 +229,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             score = _selection_score(val, val_f1, cfg.select_by)
             if score > best.get("score", best["f1"]):
                 best = {"f1": val_f1, "score": score, "step": step, "metrics": val}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
                 stale = 0
             else:
                 stale += 1
@@ -227,14 +241,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total'].item():.3f}", best_f1=f"{best['f1']:.3f}")
         if step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model, opt, sched, step, best)
+            _save_checkpoint(ckpt, model, opt, sched, step, best, ema)
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stopping at step %d (no F1 gain in %d validations)", step, stale)
             break
     if bar is not None:
         bar.close()
     if not val_tiles:
-        best_state = model.state_dict()
+        best_state = judged.state_dict()
     model.load_state_dict(best_state)
     if val_tiles and card.cell_classes:  # the peak threshold is calibrated, not guessed
         best_thr = best["metrics"].get("best_threshold", card.heatmap.threshold)

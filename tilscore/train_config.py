@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
     weights_storage: Literal["float32", "float16", "int8"] = "float16"
     lymphocyte_radius_um: float = 3.5  # weak nucleus masks: ~7 µm lymphocyte nucleus
     init_from: str | None = None  # model name/folder to fine-tune (same architecture)
+    # Exponential moving average of the weights (and BatchNorm statistics), validated and
+    # saved instead of the raw weights, as torchvision's references' --model-ema; None = off.
+    # Smooths the step-to-step noise of small-batch CPU training (docs/accuracy.md).
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     # best weights: lymphocyte F1, tumour/stroma Dice, or the mean of lymphocyte F1 and
     # the region's balanced accuracy at typed nuclei (tilscore.train._selection_score)
     select_by: Literal["lymphocyte_f1", "region_dice", "f1_and_regions"] = "lymphocyte_f1"
