@@ -124,3 +124,14 @@ def test_ema_weights_are_validated_and_saved(tmp_path, native_folder):
     moved = sum(float((plain[k] - start[k]).norm()) for k in start)
     ema_moved = sum(float((ema[k] - start[k]).norm()) for k in start)
     assert moved > 0 and 0 < ema_moved < 0.05 * moved
+
+
+def test_region_model_selection_weighs_real_nuclei_and_synthetic_masks():
+    from tilscore.train import _selection_score
+
+    val = {"region_balanced_accuracy": 0.8, "dice_tumour": 0.1, "dice_stroma": 0.1,
+           "sets": {"synthetic": {"dice_tumour": 0.9, "dice_stroma": 0.7}}}
+    assert _selection_score(val, 0.0, "regions") == pytest.approx((0.8 + 0.8) / 2)
+    assert _selection_score(val, 0.0, "region_dice") == pytest.approx(0.1)
+    only_real = {"region_balanced_accuracy": 0.6, "sets": {}}
+    assert _selection_score(only_real, 0.0, "regions") == pytest.approx(0.6)

@@ -110,10 +110,18 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict,
 
 def _selection_score(val: dict, val_f1: float, select_by: str) -> float:
     """What "best weights" means: lymphocyte F1 (at the best threshold), the mean Dice of
-    tumour and stroma (a compartment model such as ihc-default), or the mean of the
-    lymphocyte F1 and the region's balanced accuracy at typed nuclei (both heads)."""
+    tumour and stroma (a compartment model such as ihc-default), the mean of the
+    lymphocyte F1 and the region's balanced accuracy at typed nuclei (both heads), or for
+    a region model the mean of that balanced accuracy (real sets) and the synthetic
+    tumour/stroma Dice (``regions``)."""
     if select_by == "region_dice":
         return (val.get("dice_tumour", 0.0) + val.get("dice_stroma", 0.0)) / 2
+    if select_by == "regions":  # real typed nuclei and exact synthetic masks, equally
+        synth = val.get("sets", {}).get("synthetic", {})
+        parts = [val["region_balanced_accuracy"]] if "region_balanced_accuracy" in val else []
+        if "dice_tumour" in synth:
+            parts.append((synth["dice_tumour"] + synth.get("dice_stroma", 0.0)) / 2)
+        return float(np.mean(parts)) if parts else 0.0
     if select_by == "f1_and_regions":
         return (val_f1 + val.get("region_balanced_accuracy", 0.0)) / 2
     return val_f1

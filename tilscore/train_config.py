@@ -76,12 +76,15 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     # best weights: lymphocyte F1, tumour/stroma Dice, or the mean of lymphocyte F1 and
     # the region's balanced accuracy at typed nuclei (tilscore.train._selection_score)
-    select_by: Literal["lymphocyte_f1", "region_dice", "f1_and_regions"] = "lymphocyte_f1"
+    select_by: Literal["lymphocyte_f1", "region_dice", "f1_and_regions", "regions"] = (
+        "lymphocyte_f1")
 
     @model_validator(mode="after")
     def _region_only_selects_by_dice(self):
-        if "lymphocyte" not in self.cell_classes and self.select_by != "region_dice":
-            raise ValueError("a model without a lymphocyte class needs select_by: region_dice")
+        if "lymphocyte" not in self.cell_classes and self.select_by not in ("region_dice",
+                                                                            "regions"):
+            raise ValueError("a model without a lymphocyte class needs select_by: region_dice "
+                             "or regions")
         return self
 
     def model_card(self) -> ModelCard:
