@@ -32,3 +32,9 @@ def synthetic_he_slides(root: Path, prefix: str, n: int, side_px: int, seed: int
     return [write_synthetic_slide(root / f"{prefix}{k}.tiff", stain="he", seed=seed + k,
                                   size_px=(side_px, side_px), mpp=0.25).slide_path
             for k in range(n)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/outputs.json from this run "
+                          "(tests/test_golden_outputs.py); only on a commit known to be right")
