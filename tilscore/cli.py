@@ -317,8 +317,8 @@ def report(
 ):
     """Write a self-contained HTML report of a scored folder (table, plots, maps) and
     rebuild its scores.csv from the slide summaries."""
-    from tilscore.batch import write_scores
     from tilscore.report import write_report
+    from tilscore.results import write_scores
 
     path = write_report(out_dir, group_by=group_by, path=out)
     write_scores(out_dir)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tilscore.batch import flatten
 from tilscore.errors import UsageError
 from tilscore.io import atomic
+from tilscore.results import flatten
 from tilscore.summary import OUTPUT_FILES, SummaryProblem, read_summary
 
 log = logging.getLogger(__name__)
