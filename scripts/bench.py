@@ -61,7 +61,7 @@ if cuda or engine_only:
     from tilscore.slide import open_slide
     from tilscore.tiles import SlideRef, TileSpec, iter_tile_batches, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
-    engine = Engine.load(None, stain, device, compile_model=compile_model)
+    engine = Engine.load(None, stain, device=device, compile_model=compile_model)
     card = engine.card
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     threads = threads or default_read_threads(engine.device, engine.cores)

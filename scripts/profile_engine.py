@@ -46,7 +46,8 @@ def main() -> None:
     from tilscore.tiles import TileSpec, tile_grid
     from tilscore.tissue import tissue_mask_from_thumbnail
 
-    engine = Engine.load(None, args.stain, args.device, compile_model=args.compile or False)
+    engine = Engine.load(None, args.stain, device=args.device,
+                         compile_model=args.compile or False)
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     card = engine.card

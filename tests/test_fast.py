@@ -169,8 +169,8 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
 def test_region_model_must_have_the_region_map_codes(tmp_path):
+    from tilscore.engine_load import fast_region_model
     from tilscore.errors import UsageError
-    from tilscore.pipeline import fast_region_model
 
     assert fast_region_model("full", "cd20", None) is None
     assert fast_region_model("fast", "he", None) == "he-regions"

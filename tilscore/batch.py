@@ -16,9 +16,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tilscore.engine_load import Engine, config_hash, fast_region_model, model_card
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
 from tilscore.interrupt import deferred_signals
+from tilscore.io.publish import remove_stale_work_dirs
+from tilscore.pipeline import score_slide, start_slide
 from tilscore.results import completed_summary, flatten, write_tables
 from tilscore.score import ScoreConfig
 
@@ -51,6 +54,7 @@ class BatchOptions:
     workers: int = 1
     cluster_config: Path | None = None
     report: bool = True  # write or refresh OUT/report.html at the end
+    command: str | None = None  # the command line recorded in each summary (None: none)
     # Finish (aggregate, write) slide N-1 on a thread while slide N uses the device. None:
     # on CUDA only (a CPU's cores are all busy with the model: measured no gain on 2 cores)
     overlap_writes: bool | None = None
@@ -101,8 +105,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     expanded = expand_inputs(inputs)
     items = [replace(i, stain=i.stain or opts.stain) for i in expanded if not i.problem]
     _ensure_writable(out_dir)
-    from tilscore.pipeline import remove_stale_work_dirs
-
     for path in remove_stale_work_dirs(out_dir):
         log.info("removed %s, left by a killed run", path.name)
     result = RunResult()
@@ -220,7 +222,7 @@ def _run_here(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
             item = job.item
             try:
                 if item.stain not in engines:  # UsageError (no model for the stain) raises
-                    engines[item.stain] = load_engine(opts, item.stain, opts.device)
+                    engines[item.stain] = load_engine(opts, item.stain, device=opts.device)
             except BaseException:
                 lock.release()
                 raise
@@ -246,35 +248,31 @@ def _overlaps(opts: BatchOptions, engine) -> bool:
     return engine.device.type == "cuda"
 
 
-def load_engine(opts: BatchOptions, stain: str, device: str, cpu_threads: int | None = None):
-    """The :class:`~tilscore.pipeline.Engine` `opts` asks for, for `stain` on `device`."""
-    from tilscore.pipeline import Engine
-
-    return Engine.load(opts.model, stain, device, cpu_threads=cpu_threads,
+def load_engine(opts: BatchOptions, stain: str, *, device: str,
+                cpu_threads: int | None = None) -> Engine:
+    """The :class:`~tilscore.engine_load.Engine` `opts` asks for, for `stain` on `device`."""
+    return Engine.load(opts.model, stain, device=device, cpu_threads=cpu_threads,
                        compile_model=opts.compile, mode=opts.mode,
                        region_model=opts.region_model)
 
 
 def _slide_kwargs(item: InputSlide, opts: BatchOptions) -> dict:
     return dict(stain=item.stain, mpp=opts.mpp, cfg=opts.cfg, read_threads=opts.read_threads,
-                batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode)
+                batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode,
+                command=opts.command)
 
 
 def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock) -> dict:
     """Score one slide (its held `lock` is taken over); a slide's failure is returned as
     data, never raised."""
-    from tilscore.pipeline import score_slide
-
-    return _finish_one(item, lambda: score_slide(item, out_dir, engine, lock=lock,
+    return _finish_one(item, lambda: score_slide(item, out_dir, engine=engine, lock=lock,
                                                  **_slide_kwargs(item, opts)))
 
 
 def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock):
     """The slide's device pass: its ``finish`` callable, or its failure as data."""
-    from tilscore.pipeline import start_slide
-
     try:
-        return start_slide(item, out_dir, engine, lock=lock, **_slide_kwargs(item, opts))
+        return start_slide(item, out_dir, engine=engine, lock=lock, **_slide_kwargs(item, opts))
     except UsageError:
         raise
     except Exception as exc:  # one bad slide never stops the others
@@ -410,7 +408,7 @@ def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[
     device = _worker_device(devices)
     key = (opts.model, opts.mode, opts.region_model, item.stain, device)
     if key not in _WORKER_ENGINES:
-        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device, cpu_threads)
+        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device=device, cpu_threads=cpu_threads)
     kind, got = _claim(job, Path(out_dir), wait)
     if kind == "busy":
         return {"slide_id": item.slide_id, "busy": True}
@@ -435,12 +433,10 @@ def _worker_device(devices: list[str]) -> str:
 
 def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
     """(model sha256, config hash) a complete earlier result must match to be reused."""
-    from tilscore.pipeline import config_hash, fast_region_model, model_card
-
     region = fast_region_model(opts.mode, stain, opts.region_model)  # bad mode: fails here
     card = model_card(opts.model, stain)
     region_card = None if region is None else model_card(region, stain)
-    return card.sha256, config_hash(card, stain, opts.cfg, region_card)
+    return card.sha256, config_hash(card, stain, cfg=opts.cfg, region_card=region_card)
 
 
 def _ensure_writable(out_dir: Path) -> None:

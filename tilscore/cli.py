@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Score tumour-infiltrating lymphocytes on whole-slide images.",
 )
-_state = {"debug": False}
+_state = {"debug": False, "command": None}  # command: the command line main() was given
 log = logging.getLogger("tilscore")
 
 
@@ -144,7 +144,7 @@ def score(
         batch_size=batch_size, compile=compile_model, decode=decode, mode=mode,
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
-        report=report)
+        report=report, command=_state.get("command") or " ".join(sys.argv))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
         result = score_inputs(inputs, out, opts)
     for row in result.rows:
@@ -298,7 +298,7 @@ def demo(
     slide_path = out / "demo_slide.tiff"
     if not slide_path.exists():
         write_synthetic_slide(slide_path, stain="he", seed=0, size_px=(size, size), mpp=0.25)
-    result = score_inputs([str(slide_path)], out, stain="he")
+    result = score_inputs([str(slide_path)], out, stain="he", command=_state["command"])
     for row in result.rows:
         typer.echo(f"{row['slide']}: {_headline(row)}")
     typer.echo(f"outputs in {(out / 'demo_slide').resolve()}")
@@ -355,6 +355,7 @@ def _interrupted_line(exc: Interrupted) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
+    _state["command"] = " ".join(sys.argv if argv is None else [sys.argv[0], *argv])
     try:
         # With standalone_mode=False, click returns typer.Exit's code instead of raising.
         rc = app(args=argv, standalone_mode=False)
