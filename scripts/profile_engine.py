@@ -40,11 +40,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from tilscore.engine_load import Engine
     from tilscore.infer import default_batch_size, default_read_threads, predict_slide
-    from tilscore.pipeline import THUMBNAIL_MPP, Engine
     from tilscore.slide import open_slide
-    from tilscore.tiles import TileSpec, tile_grid
-    from tilscore.tissue import tissue_mask_from_thumbnail
+    from tilscore.tiles import prepare_slide
 
     engine = Engine.load(None, args.stain, device=args.device,
                          compile_model=args.compile or False)
@@ -56,10 +55,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with open_slide(args.slide) as slide, tempfile.TemporaryDirectory() as tmp:
-        mask = tissue_mask_from_thumbnail(slide.thumbnail(THUMBNAIL_MPP),
-                                          slide.thumbnail_mpp(THUMBNAIL_MPP))
-        grid = tile_grid(slide.dimensions, slide.mpp,
-                         TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
+        prepared = prepare_slide(slide, card)
+        mask, grid = prepared.mask, prepared.grid
 
         def run(k: int):
             return predict_slide(slide, grid, engine.predictor, Path(tmp) / f"{k}.zarr",

@@ -571,3 +571,27 @@ def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypa
     assert "No space left on device" in failure["error"] and "\n" not in failure["error"]
     assert not (out / slides[0].stem).exists() and not list(out.glob(".*.tmp-*"))
     assert (out / slides[1].stem / "overlay.png").exists()
+
+
+def test_worker_engine_cache_keys_on_weights_device_compile_and_card(tmp_path):
+    """A long-lived worker reuses its engine only while nothing it was loaded from
+    changed: the weights' sha256 (in the card), the card, the device, the compile mode."""
+    import shutil
+
+    from tilscore.batch import BatchOptions, engine_key
+    from tilscore.models.registry import MODELS_DIR
+
+    if not (MODELS_DIR / "he-default" / "card.json").exists():
+        pytest.skip("shipped model he-default missing")
+    model = tmp_path / "m"
+    shutil.copytree(MODELS_DIR / "he-default", model)
+    opts = BatchOptions(model=str(model))
+    key = engine_key(opts, "he", device="cpu")
+    assert engine_key(opts, "he", device="cpu") == key
+    assert engine_key(opts, "he", device="cuda:1") != key
+    assert engine_key(BatchOptions(model=str(model), compile="reduce-overhead"), "he",
+                      device="cpu") != key
+    card = json.loads((model / "card.json").read_text())
+    card["sha256"] = "0" * 64  # new weights (model-hash --force)
+    (model / "card.json").write_text(json.dumps(card))
+    assert engine_key(opts, "he", device="cpu") != key

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tilscore.engine_defaults import DECODE_MODES, DEFAULT_DECODE
 from tilscore.engine_load import Engine, config_hash, fast_region_model, model_card
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
@@ -47,7 +48,7 @@ class BatchOptions:
     read_threads: int | None = None  # None: the device's default (infer.default_read_threads)
     batch_size: int | None = None  # None: the device's default (infer.default_batch_size)
     compile: bool | str = False  # torch.compile the network (a str: its mode)
-    decode: str = "auto"  # JPEG tiles decoded on the device (auto: on CUDA) or the host
+    decode: str = DEFAULT_DECODE  # JPEG tiles decoded on the device (auto: on CUDA) or the host
     mode: str = "full"  # "fast" (H&E): regions at 2 µm/px everywhere, cells in bulk stroma
     region_model: str | None = None  # the fast mode's region model (None: he-regions)
     cluster: str | None = None
@@ -92,8 +93,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     skipped (``overwrite`` redoes them). Keyword `overrides` replace fields of `opts`.
     """
     opts = replace(opts or BatchOptions(), **overrides)
-    from tilscore.infer import DECODE_MODES
-
     if opts.decode not in DECODE_MODES:  # before any slide is touched
         raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
     if opts.mpp is not None:  # before any slide: the option is wrong for all of them
@@ -406,9 +405,12 @@ def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[
     the node's cores; None = all)."""
     item = job.item
     device = _worker_device(devices)
-    key = (opts.model, opts.mode, opts.region_model, item.stain, device)
+    key = engine_key(opts, item.stain, device=device, cpu_threads=cpu_threads)
     if key not in _WORKER_ENGINES:
-        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device=device, cpu_threads=cpu_threads)
+        for old in [k for k in _WORKER_ENGINES if k[:2] == key[:2]]:
+            del _WORKER_ENGINES[old]  # this stain's engine on this device is stale: free it
+        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device=device,
+                                           cpu_threads=cpu_threads)
     kind, got = _claim(job, Path(out_dir), wait)
     if kind == "busy":
         return {"slide_id": item.slide_id, "busy": True}
@@ -416,6 +418,21 @@ def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[
         return {"slide_id": item.slide_id, "done": got}
     return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True),
                       got)
+
+
+def engine_key(opts: BatchOptions, stain: str, *, device: str,
+               cpu_threads: int | None = None) -> tuple:
+    """Everything a loaded engine depends on, so a long-lived worker (a ``tcp://``
+    cluster) reloads when any of it changes: the stain and device first, then the compile
+    mode, the mode, the CPU threads and the model's (and the fast mode's region model's)
+    card as JSON: its weights' sha256 (which loading checks against the weights file) and
+    the model's configuration (tiles, classes, peak threshold). Reads only cards."""
+    region = fast_region_model(opts.mode, stain, opts.region_model)
+    cards = [model_card(opts.model, stain)]
+    if region is not None:
+        cards.append(model_card(region, stain))
+    return (stain, device, opts.compile, opts.mode, cpu_threads,
+            *(card.model_dump_json() for card in cards))
 
 
 def _worker_device(devices: list[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from tilscore.engine_defaults import BATCH_SIZE, DEFAULT_DECODE
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
 from tilscore.interrupt import Interrupted
@@ -111,10 +112,12 @@ def score(
         min=1, max=1024, help="Tile decoding threads per slide [default: 2 on CPU, the "
                                "cores minus 2 on CUDA].")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, max=4096, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+        min=1, max=4096, help="Tiles per model batch [default: "
+                              f"{BATCH_SIZE['cpu']} on CPU, {BATCH_SIZE['cuda']} on CUDA].")
+    ] = None,
     decode: Annotated[str, typer.Option(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
-             "allows it), host or device.")] = "auto",
+             "allows it), host or device.")] = DEFAULT_DECODE,
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the network and its decoding (tens of seconds "
                           "of compilation; no gain measured yet: docs/benchmarks.md).")] = False,

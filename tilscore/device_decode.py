@@ -25,6 +25,8 @@ from dataclasses import InitVar, dataclass
 
 import numpy as np
 
+from tilscore.engine_defaults import BATCH_SIZE
+
 log = logging.getLogger(__name__)
 
 JPEG = 7  # TIFF compression tag value
@@ -136,8 +138,9 @@ def device_tile_reader(slide, grid) -> DeviceTileReader | None:
     return reader
 
 
-def iter_device_batches(reader: DeviceTileReader, slide, grid, device, batch_size: int = 32,
-                        block_tiles: int = 4, stats=None) -> Iterator:
+def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *,
+                        batch_size: int = BATCH_SIZE["cuda"], block_tiles: int = 4,
+                        stats=None) -> Iterator:
     """Like :func:`tilscore.tiles.iter_tile_batches`, with the images already on `device`
     (uint8 NHWC, channels_last once permuted): blocks of ≤ block_tiles² neighbouring model
     tiles are decoded and assembled at once. A block whose JPEG data fails to decode is

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tilscore.engine_defaults import DEFAULT_DECODE
+
 DEFAULT_REGION_MODEL = "he-regions"
 # Bulk stroma is dilated by this before choosing cell tiles: a cell's compartment is the
 # majority over a 24 µm window around it (aggregate.RegionSummary.compartment_at), so a
@@ -70,8 +72,8 @@ def cell_search_mask(canvas, cfg):
     return TissueMask(near_stroma & bulk, coarse_mpp)
 
 
-def predict_fast(slide, mask, regions, cells, work: Path, cfg, workers: int,
-                 batch_size: int, progress=None, decode: str = "host"):
+def predict_fast(slide, mask, *, regions, cells, work: Path, cfg, workers: int,
+                 batch_size: int | None = None, progress=None, decode: str = DEFAULT_DECODE):
     """Both passes on an open `slide` with tissue mask `mask`: `regions` and `cells` are
     :class:`~tilscore.infer.Predictor` s of the region and cell models. Returns
     (SlidePrediction, FastPlan): the prediction's canvas is pass 1's regions with pass 2's
@@ -81,8 +83,7 @@ def predict_fast(slide, mask, regions, cells, work: Path, cfg, workers: int,
     from tilscore.tiles import TileSpec, select_tiles, tile_grid
 
     def grid_for(card):
-        spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
-        return tile_grid(slide.dimensions, slide.mpp, spec, mask)
+        return tile_grid(slide.dimensions, slide.mpp, TileSpec.from_card(card), mask)
 
     t0 = time.perf_counter()
     region_grid = grid_for(regions.card)

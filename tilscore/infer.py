@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tilscore.engine_defaults import BATCH_SIZE, DECODE_MODES, DEFAULT_DECODE
 from tilscore.errors import UsageError
 from tilscore.qc import focus_measure, region_uncertainty
 
@@ -68,8 +69,9 @@ def default_read_threads(device: torch.device, cores: int) -> int:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Tiles per model batch: 8 on CPU; 32 on CUDA (docs/benchmarks.md)."""
-    return 32 if device.type == "cuda" else 8
+    """Tiles per model batch on `device` (:data:`~tilscore.engine_defaults.BATCH_SIZE`:
+    8 on CPU, 32 on CUDA; docs/benchmarks.md)."""
+    return BATCH_SIZE["cuda" if device.type == "cuda" else "cpu"]
 
 
 @dataclass
@@ -361,18 +363,16 @@ class SlidePrediction:
     region_uncertain_fraction: float | None = None
 
 
-DECODE_MODES = ("auto", "host", "device")
-
-
-def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 2,
-                  batch_size: int = 8, progress=None, tissue=None,
+def predict_slide(slide, grid, predictor: Predictor, store_path, *, workers: int = 2,
+                  batch_size: int | None = None, progress=None, tissue=None,
                   cell_rule=None, use_processes: bool = False,
-                  decode: str = "host") -> SlidePrediction:
+                  decode: str = DEFAULT_DECODE) -> SlidePrediction:
     """Stream the grid's tiles through `predictor`, stitching cores into a RegionCanvas at
     `store_path` and collecting cells. `progress(n_tiles_done)` is called per batch;
     `tissue` (a TissueMask) makes the tissue detector the authority on tissue vs glass;
     `cell_rule` replaces the heatmap cells (see :meth:`Predictor.launch`); its
-    ``extra_columns`` become extra cell-table columns. `use_processes`: decode in worker
+    ``extra_columns`` become extra cell-table columns. `batch_size` None: the device's
+    (:func:`default_batch_size`). `use_processes`: decode in worker
     processes (`slide` must then be a :class:`~tilscore.tiles.SlideRef`). `decode`:
     ``host`` (the CPU loader), ``device`` (JPEG file tiles decoded on the predictor's
     device where the slide allows it, :mod:`tilscore.device_decode`) or ``auto``
@@ -407,11 +407,12 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, workers: int = 
 
     if decode not in DECODE_MODES:
         raise UsageError(f"unknown decode {decode!r}; valid: {', '.join(DECODE_MODES)}")
+    batch_size = batch_size or default_batch_size(predictor.device)
     on_device = decode == "device" or (decode == "auto" and predictor.device.type == "cuda")
     reader = (device_tile_reader(slide, grid)
               if on_device and not isinstance(slide, SlideRef) and len(grid) else None)
     batches = (prefetch(iter_device_batches(reader, slide, grid, predictor.device,
-                                            batch_size, stats=stats))
+                                            batch_size=batch_size, stats=stats))
                if reader is not None else
                iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,
                                  stats=stats, use_processes=use_processes))

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tilscore.aggregate import region_summary
+from tilscore.engine_defaults import DEFAULT_DECODE
 from tilscore.engine_load import Engine, config_hash
 from tilscore.errors import InputError
 from tilscore.fast import COUNTED_COMPARTMENT, predict_fast
@@ -35,19 +36,18 @@ from tilscore.score import ScoreConfig
 from tilscore.slide import open_slide
 from tilscore.slide.base import mpp_problem
 from tilscore.slide_score import QcInputs, cell_table, ihc_rule_params, slide_score
-from tilscore.tiles import TileSpec, tile_grid
-from tilscore.tissue import tissue_mask_from_thumbnail
+from tilscore.tiles import TileSpec, prepare_slide
+from tilscore.tissue import COARSE_MPP
 from tilscore.tissue_only import NO_MODEL
 
-THUMBNAIL_MPP = 8.0  # µm/px: tissue detection (and the overlay of large slides)
 OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 
 
 def score_slide(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto", lock: SlideLock | None = None,
-                command: str | None = None) -> dict:
+                quiet: bool = False, decode: str = DEFAULT_DECODE,
+                lock: SlideLock | None = None, command: str | None = None) -> dict:
     """Score one slide into ``out_dir/<slide_id>/`` and return its summary dict.
 
     `read_threads`/`batch_size` None: the device's defaults
@@ -67,8 +67,9 @@ def score_slide(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str =
 def start_slide(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str = "he",
                 mpp: float | None = None, cfg: ScoreConfig | None = None,
                 read_threads: int | None = None, batch_size: int | None = None,
-                quiet: bool = False, decode: str = "auto", lock: SlideLock | None = None,
-                command: str | None = None) -> Callable[[], dict]:
+                quiet: bool = False, decode: str = DEFAULT_DECODE,
+                lock: SlideLock | None = None, command: str | None = None
+                ) -> Callable[[], dict]:
     """The slide's pass over the device now (tissue, tiles, model, stitching; arguments
     as :func:`score_slide`); returns ``finish()``, which aggregates, writes every output,
     publishes the slide folder and returns the summary. ``finish`` reads no pixels (the
@@ -133,28 +134,26 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
     try:
         with open_slide(item.path, mpp=item.mpp if item.mpp is not None else mpp) as slide:
             slide_mpp = slide.mpp  # MissingMppError here names --mpp
-            thumb = slide.thumbnail(THUMBNAIL_MPP)
-            mask = tissue_mask_from_thumbnail(thumb, slide.thumbnail_mpp(THUMBNAIL_MPP))
+            prepared = prepare_slide(slide, card)
+            thumb, mask, grid = prepared.thumbnail, prepared.mask, prepared.grid
             t_tissue = time.perf_counter() - t0
             rule = _ihc_rule(stain, card, slide, thumb, mask, cfg)
             plan = None
             with _tile_bar(item.slide_id, quiet) as bar:
                 if engine.regions is None:
-                    spec = TileSpec(mpp=card.input_mpp, tile_px=card.tile_px,
-                                    overlap_px=card.overlap_px)
-                    grid = tile_grid(slide.dimensions, slide_mpp, spec, mask)
                     bar.total = len(grid)
                     pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
                                          workers=read_threads, batch_size=batch_size,
                                          tissue=mask, progress=bar.update, cell_rule=rule,
                                          decode=decode)
                 else:
-                    pred, plan = predict_fast(slide, mask, engine.regions, engine.predictor,
-                                              work, cfg, read_threads, batch_size, bar.update,
-                                              decode)
+                    pred, plan = predict_fast(slide, mask, regions=engine.regions,
+                                              cells=engine.predictor, work=work, cfg=cfg,
+                                              workers=read_threads, batch_size=batch_size,
+                                              progress=bar.update, decode=decode)
                     grid = plan.cell_grid
             overlay_mpp = _overlay_mpp(slide)
-            overlay = thumb if overlay_mpp >= THUMBNAIL_MPP else slide.thumbnail(overlay_mpp)
+            overlay = thumb if overlay_mpp >= COARSE_MPP else slide.thumbnail(overlay_mpp)
             extent_um = (slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp)
             measured = QcInputs(mask=mask, thumbnail=thumb, mpp_source=slide.mpp_source,
                                 tiles=pred.tiles, failed_tiles=pred.failed_tiles,
@@ -204,7 +203,7 @@ def _ihc_rule(stain: str, card, slide, thumb: np.ndarray, mask, cfg: ScoreConfig
     thumbnail (None on H&E: cells come from the model's heatmaps)."""
     if stain == "he":
         return None
-    downsample = card.input_mpp / slide.mpp  # level-0 px per tile px
+    downsample = TileSpec.from_card(card).downsample(slide.mpp)  # level-0 px per tile px
     return IhcCellRule(stain, card.input_mpp,
                        estimate_stain_vectors(*_stain_estimation_image(slide, thumb, mask)),
                        ihc_rule_params(stain, cfg),
@@ -226,7 +225,7 @@ def _stain_estimation_image(slide, thumb: np.ndarray, mask) -> tuple[np.ndarray,
     h, w = thumb.shape[:2]
     if h * w >= STAIN_ESTIMATION_MIN_PX:
         return thumb, mask.mask
-    mpp = max(slide.mpp, THUMBNAIL_MPP * math.sqrt(h * w / STAIN_ESTIMATION_MIN_PX))
+    mpp = max(slide.mpp, COARSE_MPP * math.sqrt(h * w / STAIN_ESTIMATION_MIN_PX))
     return slide.thumbnail(mpp), None
 
 
@@ -241,7 +240,7 @@ def _overlay_mpp(slide) -> float:
     """µm/px giving the overlay a long side of ~OVERLAY_LONG_SIDE_PX (never finer than the
     slide, never coarser than the tissue thumbnail)."""
     long_um = max(slide.dimensions) * slide.mpp
-    return float(min(THUMBNAIL_MPP, max(slide.mpp, long_um / OVERLAY_LONG_SIDE_PX)))
+    return float(min(COARSE_MPP, max(slide.mpp, long_um / OVERLAY_LONG_SIDE_PX)))
 
 
 def _mpp_warnings(slide) -> list[str]:

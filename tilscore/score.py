@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilscore.errors import UsageError
+from tilscore.tissue import COARSE_MPP
 
 COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
 REGION_CLASSES = ("background", *COMPARTMENT_OF_REGION.values())  # a region model's, in order
@@ -90,7 +91,7 @@ class ScoreConfig:
     tiger_cell_area_um2: float = 64.0
     near_tumour_um: float = 50.0
     density_grid_um: float = 100.0
-    coarse_mpp: float = 8.0
+    coarse_mpp: float = COARSE_MPP
     foxp3_dab_threshold_od: float | None = None
     cd20_dab_threshold_od: float | None = None
     dab_bin_weak_od: float | None = None

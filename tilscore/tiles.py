@@ -21,11 +21,12 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
+from tilscore.engine_defaults import BATCH_SIZE
 from tilscore.errors import SlideReadError, UsageError
+from tilscore.tissue import COARSE_MPP, TissueMask, tissue_mask_from_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,18 @@ class TileSpec:
         if self.mpp <= 0:
             raise UsageError(f"tile mpp must be positive, got {self.mpp}")
 
+    @classmethod
+    def from_card(cls, card) -> TileSpec:
+        """The tiles a model takes (its card's ``input_mpp``, ``tile_px``, ``overlap_px``)."""
+        return cls(mpp=card.input_mpp, tile_px=card.tile_px, overlap_px=card.overlap_px)
+
     @property
     def core_px(self) -> int:
         return self.tile_px - 2 * self.overlap_px
+
+    def downsample(self, slide_mpp: float) -> float:
+        """Level-0 px per tile px on a slide of `slide_mpp` µm/px."""
+        return self.mpp / slide_mpp
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class TileGrid:
 
     @property
     def downsample(self) -> float:
-        return self.spec.mpp / self.slide_mpp
+        return self.spec.downsample(self.slide_mpp)
 
     def __len__(self) -> int:
         return int(self.cols.size)
@@ -91,12 +101,6 @@ class TileGrid:
     def origins_l0(self) -> np.ndarray:
         """float64 (N, 2) tile top-left (x, y) in level-0 px."""
         return self.origins_px * self.downsample
-
-    @property
-    def tissue_area_mm2(self) -> float:
-        """Area of the tile cores processed (upper bound of the tissue area covered)."""
-        core_um = self.spec.core_px * self.spec.mpp
-        return len(self) * (core_um * 1e-3) ** 2
 
 
 def tile_grid(
@@ -113,7 +117,7 @@ def tile_grid(
     (0 keeps any tile touching tissue).
     """
     w0, h0 = slide_dimensions
-    ds = spec.mpp / slide_mpp
+    ds = spec.downsample(slide_mpp)
     core = spec.core_px
     n_cols = max(1, int(np.ceil(w0 / ds / core)))
     n_rows = max(1, int(np.ceil(h0 / ds / core)))
@@ -136,6 +140,26 @@ def select_tiles(grid: TileGrid, mask) -> TileGrid:
     keep = touched[grid.rows, grid.cols]
     frac = None if grid.tissue_fraction is None else grid.tissue_fraction[keep]
     return replace(grid, cols=grid.cols[keep], rows=grid.rows[keep], tissue_fraction=frac)
+
+
+@dataclass(frozen=True)
+class PreparedSlide:
+    """A slide made ready for a model: its tissue `thumbnail` (uint8 RGB at ~COARSE_MPP
+    µm/px), the tissue `mask` on it, and the `grid` of the model's tiles whose core
+    touches tissue."""
+
+    thumbnail: np.ndarray
+    mask: TissueMask
+    grid: TileGrid
+
+
+def prepare_slide(slide, card) -> PreparedSlide:
+    """Tissue thumbnail, tissue mask and tile grid of an open `slide` (a
+    :class:`~tilscore.slide.Slide`) for the model of `card` (:meth:`TileSpec.from_card`)."""
+    thumbnail = slide.thumbnail(COARSE_MPP)
+    mask = tissue_mask_from_thumbnail(thumbnail, slide.thumbnail_mpp(COARSE_MPP))
+    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec.from_card(card), mask)
+    return PreparedSlide(thumbnail, mask, grid)
 
 
 def _core_tissue_fraction(mask, spec: TileSpec, n_cols: int, n_rows: int) -> np.ndarray:
@@ -269,7 +293,8 @@ def check_failures(stats: LoaderStats, idx: np.ndarray, failed: np.ndarray,
 def iter_tile_batches(
     slide,
     grid: TileGrid,
-    batch_size: int = 16,
+    *,
+    batch_size: int = BATCH_SIZE["cpu"],
     workers: int = 2,
     block_tiles: int = 4,
     use_processes: bool = False,
@@ -398,6 +423,3 @@ def _make_executor(slide, grid: TileGrid, workers: int, use_processes: bool):
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilscore-read")
     return executor, lambda o: executor.submit(_read_block, target, o, spec, ds), owned
 
-
-def slide_ref(path: str | Path, mpp: float | None = None, backend: str | None = None) -> SlideRef:
-    return SlideRef(str(path), mpp, backend)

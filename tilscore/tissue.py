@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TISSUE_MASK_MPP = 8.0  # µm/px of the thumbnail the mask is computed on
+# µm/px of the coarse grid: the thumbnail the tissue mask is computed on (and the overlay
+# of large slides), and the default grid of the tumour bulk (ScoreConfig.coarse_mpp)
+COARSE_MPP = 8.0
 # OD is summed over RGB (natural log). Glass scans at OD ~0.03–0.25; the glass level is
 # the 2nd percentile of the thumbnail's OD unless that is implausibly dark (no glass in
 # view), in which case GLASS_OD_DEFAULT is assumed.
@@ -146,7 +148,7 @@ def tissue_mask_from_thumbnail(rgb: np.ndarray, mpp: float) -> TissueMask:
     return TissueMask(mask=tissue, mpp=float(mpp), pen_fraction=min(1.0, pen_fraction))
 
 
-def tissue_mask(slide, mpp: float = TISSUE_MASK_MPP) -> TissueMask:
+def tissue_mask(slide, mpp: float = COARSE_MPP) -> TissueMask:
     """Tissue mask of a :class:`~tilscore.slide.Slide` from its thumbnail at `mpp` µm/px.
 
     The mask's pixel grid starts at level-0 (0, 0); its size is the slide size / (mpp /
