@@ -55,11 +55,11 @@ if cuda:
 if cuda or engine_only:
     # The engine alone (read + model + stitch), warm, with the GPU's busy fraction
     # sampled from NVML (percent of time a kernel ran) every 50 ms; and the loader alone.
-    from tilscore.device_decode import device_tile_reader, iter_device_batches
-    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
-    from tilscore.engine_load import Engine
+    from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
+    from tilscore.engine.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.engine.load import Engine
     from tilscore.slide import open_slide
-    from tilscore.tiles import SlideRef, iter_tile_batches, prepare_slide
+    from tilscore.prepare.tiles import SlideRef, iter_tile_batches, prepare_slide
     engine = Engine.load(None, stain, device=device, compile_model=compile_model)
     card = engine.card
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -121,10 +121,10 @@ print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 
 def ensure_slide(size: int, cache: Path, stain: str) -> Path:
     path = cache / f"tilscore-bench-{stain}-{size}.tiff"
     if not path.exists():
-        from tilscore.synth import write_synthetic_slide
+        from tilscore.synth.writer import write_synthetic_slide
 
         t0 = time.perf_counter()
-        from tilscore.infer import usable_cores
+        from tilscore.engine.infer import usable_cores
 
         write_synthetic_slide(path, stain=stain, seed=7, size_px=(size, size), mpp=0.25,
                               workers=usable_cores())

@@ -38,9 +38,9 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import validate_ihc  # noqa: E402
 
-from tilscore.evaluate import detection_score, match_points  # noqa: E402
-from tilscore.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
-from tilscore.ihc_detect import annulus_kernel, sector_kernels  # noqa: E402
+from tilscore.scoring.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
+from tilscore.scoring.ihc_detect import annulus_kernel, sector_kernels  # noqa: E402
+from tilscore.training.metrics import detection_score, match_points  # noqa: E402
 
 FEATURE_MPP = 0.25
 MIN_EXCESS_OD = 0.1

@@ -27,9 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import validate_ihc  # noqa: E402
 
-from tilscore.evaluate import detection_score  # noqa: E402
-from tilscore.infer import find_peaks  # noqa: E402
+from tilscore.engine.infer import find_peaks  # noqa: E402
 from tilscore.models import load_model  # noqa: E402
+from tilscore.training.metrics import detection_score  # noqa: E402
 
 MPP = 0.5  # the network's
 PAD_PX = 128  # a 512 px crop at 0.12 µm/px is 123 px at 0.5 µm/px

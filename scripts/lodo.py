@@ -29,11 +29,11 @@ def run(config: Path, leave_out: str, out: Path, max_steps: int | None, resume: 
     import torch
 
     from tilscore.errors import UsageError
-    from tilscore.eval_data import eval_tiles
-    from tilscore.eval_model import evaluate_model
     from tilscore.models import load_model
-    from tilscore.train import train
-    from tilscore.train_config import load_train_config
+    from tilscore.training.eval_data import eval_tiles
+    from tilscore.training.eval_model import evaluate_model
+    from tilscore.training.train import train
+    from tilscore.training.train_config import load_train_config
 
     cfg = load_train_config(config)
     kept = tuple(d for d in cfg.data if not (d.path and Path(d.path).name == leave_out))

@@ -40,10 +40,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tilscore.engine_load import Engine
-    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.engine.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.engine.load import Engine
+    from tilscore.prepare.tiles import prepare_slide
     from tilscore.slide import open_slide
-    from tilscore.tiles import prepare_slide
 
     engine = Engine.load(None, args.stain, device=args.device,
                          compile_model=args.compile or False)

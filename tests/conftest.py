@@ -27,7 +27,7 @@ def slides_dir() -> Path:
 def synthetic_he_slides(root: Path, prefix: str, n: int, side_px: int, seed: int) -> list[Path]:
     """`n` small synthetic H&E slides ``root/<prefix><k>.tiff`` (0.25 µm/px, seeds from
     `seed`), for batch tests."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     return [write_synthetic_slide(root / f"{prefix}{k}.tiff", stain="he", seed=seed + k,
                                   size_px=(side_px, side_px), mpp=0.25).slide_path

@@ -1,4 +1,4 @@
-"""JPEG file tiles decoded on the model's device (tilscore.device_decode): the same tiles
+"""JPEG file tiles decoded on the model's device (tilscore.engine.device_decode): the same tiles
 as the CPU loader, on CPU here (libjpeg-turbo through torchvision) and on CUDA (nvJPEG)
 under the gpu marker; ineligible slides fall back; corrupt tiles follow the loader's rule."""
 
@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from tests.conftest import shared_path
-from tilscore.device_decode import device_tile_reader, iter_device_batches
+from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
 from tilscore.errors import SlideReadError
 from tilscore.models.registry import MODELS_DIR
+from tilscore.prepare.tiles import TileSpec, iter_tile_batches, tile_grid
 from tilscore.slide import open_slide
-from tilscore.tiles import TileSpec, iter_tile_batches, tile_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("dd") / "s.tiff"
     return write_synthetic_slide(path, stain="he", seed=3, size_px=(2304, 1792),
@@ -77,7 +77,7 @@ def test_ineligible_slides_use_the_cpu_loader(synthetic, tmp_path):
 
 
 def test_corrupt_jpeg_tile_is_retried_on_the_host_and_counted_as_failed():
-    from tilscore.infer import Predictor, predict_slide
+    from tilscore.engine.infer import Predictor, predict_slide
     from tilscore.models.card import ModelCard
     from tilscore.models.registry import create_model
 
@@ -114,7 +114,7 @@ def test_too_many_corrupt_tiles_fail_the_slide(synthetic, tmp_path):
         grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(0.5, 256, 16))
         reader = device_tile_reader(slide, grid)
         with pytest.raises(SlideReadError, match="tiles failed to decode"):
-            list(iter_device_batches(reader, slide, grid, torch.device("cpu")))
+            list(iter_device_batches(reader, slide, grid, torch.device("cpu"), batch_size=32))
         reader.close()
 
 
@@ -133,7 +133,7 @@ def test_nvjpeg_tiles_equal_the_cpu_loader(synthetic):
 def test_engine_with_device_decoding_matches_host_decoding(synthetic, tmp_path):
     """predict_slide end to end (prefetch thread, background band writes) with the shipped
     model: the same cells and regions whichever side decodes."""
-    from tilscore.infer import Predictor, predict_slide
+    from tilscore.engine.infer import Predictor, predict_slide
     from tilscore.models import load_model
 
     net, card = load_model("he-default")

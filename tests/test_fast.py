@@ -1,4 +1,4 @@
-"""The fast mode (tilscore.fast): which tiles the cell pass runs on, a region-only model
+"""The fast mode (tilscore.engine.fast): which tiles the cell pass runs on, a region-only model
 through the engine and the trainer, and `score --mode fast` end to end on a synthetic
 slide with exact truth (the shipped he-regions + he-default models)."""
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from tilscore.fast import covered, mask_unsearched
+from tilscore.engine.fast import covered, mask_unsearched
 from tilscore.models.card import ModelCard
 from tilscore.models.registry import MODELS_DIR
-from tilscore.tiles import TileSpec, select_tiles, tile_grid
-from tilscore.tissue import TissueMask
+from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
+from tilscore.prepare.tissue import TissueMask
 
 CLI = [sys.executable, "-m", "tilscore.cli"]
 SHIPPED = all((MODELS_DIR / m / "card.json").exists() for m in ("he-default", "he-regions"))
@@ -45,7 +45,7 @@ def test_density_map_is_nan_where_no_cells_were_searched():
 
 
 def test_region_only_model_predicts_regions_at_the_map_mpp_and_no_cells(tmp_path):
-    from tilscore.infer import Predictor, predict_slide
+    from tilscore.engine.infer import Predictor, predict_slide
     from tilscore.models import create_model
     from tilscore.slide import open_slide
 
@@ -69,8 +69,8 @@ def test_region_only_training_and_partial_init(tmp_path):
     """A region-only config trains, selects by Dice, and starts from a multi-task model
     with its head re-initialised (everything else copied)."""
     from tilscore.models import load_model
-    from tilscore.train import train
-    from tilscore.train_config import TrainConfig
+    from tilscore.training.train import train
+    from tilscore.training.train_config import TrainConfig
 
     base = dict(architecture="unet-resnet18", crop_px=64, tile_px=128, overlap_px=16,
                 architecture_kwargs={"decoder_channels": [32, 16, 16, 8, 8]},
@@ -116,7 +116,7 @@ def test_fast_mode_is_for_he_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def fast_scored(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("fast")
     res = write_synthetic_slide(root / "golden.tiff", stain="he", seed=11,
@@ -149,7 +149,7 @@ def test_fast_mode_regions_and_stromal_tils_match_truth(fast_scored):
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
 def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
-    from tilscore.evaluate import detection_score
+    from tilscore.training.metrics import detection_score
 
     res, out, summary = fast_scored
     with open(res.cells_path) as fh:
@@ -169,7 +169,7 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
 def test_region_model_must_have_the_region_map_codes(tmp_path):
-    from tilscore.engine_load import fast_region_model
+    from tilscore.engine.load import fast_region_model
     from tilscore.errors import UsageError
 
     assert fast_region_model("full", "cd20", None) is None

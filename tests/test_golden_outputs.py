@@ -69,7 +69,7 @@ def _one_core() -> None:
 
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory) -> Path:
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("golden-outputs")
     rows = []

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO, shared_path
 from tilscore.errors import UsageError
-from tilscore.ihc import (
+from tilscore.scoring.ihc import (
     DAB_OD,
     DEFAULT_STAIN_MATRIX,
     EOSIN_OD,
@@ -24,7 +24,7 @@ from tilscore.ihc import (
     optical_density,
     stain_matrix,
 )
-from tilscore.ihc_detect import (
+from tilscore.scoring.ihc_detect import (
     GATES,
     annulus_kernel,
     detect_cells,
@@ -364,8 +364,8 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     """A crop's cells near its edge, measured on mirrored context, get the calls they get
     in the larger image the crop was cut from: the positive rate does not climb at the
     edge (scikit-image's IHC sample end to end: tests/test_ihc_pipeline.py)."""
-    from tilscore.evaluate import match_points
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.metrics import match_points
 
     scene = SyntheticScene(3072, 3072, mpp=0.25, stain=marker, seed=11)
     big = scene.render(512, 512, 1024, 1024, downsample=2, supersample_um=0.5)
@@ -393,7 +393,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
 
 
 def test_gate_limits_come_from_the_score_config():
-    from tilscore.score import ScoreConfig
+    from tilscore.scoring.score import ScoreConfig
 
     cfg = ScoreConfig(lymphocyte_max_diameter_um=5.0, lymphocyte_min_contrast_od=0.0)
     for marker in ("cd20", "foxp3"):
@@ -431,8 +431,8 @@ def test_batch_blank_image_and_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
-    from tilscore.evaluate import match_points
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.metrics import match_points
 
     rgb = SyntheticScene(2048, 2048, mpp=0.25, stain="cd20", seed=5).render(
         512, 512, 256, 256, downsample=2)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import shared_path
 from tilscore.errors import InputError, MissingMppError, UsageError
-from tilscore.importers import (
+from tilscore.training.importers import (
     IGNORE,
     UNCLASSIFIED,
     LabelledTile,
@@ -27,7 +27,7 @@ from tilscore.importers import (
     weak_regions,
     write_native,
 )
-from tilscore.importers.bcss import BCSS_LUT
+from tilscore.training.importers.bcss import BCSS_LUT
 
 LYM, OTH, TUMC, STRC = 0, 1, 2, 3  # CELL_CODES: lymphocyte, other, tumour, stromal
 BG, TUM, STR, OTHER_REGION = 0, 1, 2, 3
@@ -161,7 +161,7 @@ def write_consep(root: Path, name="consep_train_5") -> Path:
 
 
 def test_consep_classes_nucleus_mask_and_held_out_split(tmp_path):
-    from tilscore.importers.consep import consep_split
+    from tilscore.training.importers.consep import consep_split
 
     write_consep(tmp_path)
     write_consep(tmp_path, "consep_train_7")
@@ -184,7 +184,7 @@ def test_consep_classes_nucleus_mask_and_held_out_split(tmp_path):
 
 
 def test_card_cell_index_maps_label_classes_onto_any_card():
-    from tilscore.importers.labelled import card_cell_index
+    from tilscore.training.importers.labelled import card_cell_index
 
     codes = np.array([LYM, OTH, TUMC, STRC, UNCLASSIFIED])
     assert card_cell_index(codes, ("lymphocyte", "tumour", "stromal", "other")).tolist() == [
@@ -458,7 +458,7 @@ def test_real_consep():
     # the README's counts: 3,941 inflammatory, 5,537 epithelial, 5,706 spindle, 371 other
     assert [(cls == c).sum() for c in (LYM, TUMC, STRC, OTH)] == [3941, 5537, 5706, 371]
     # every inflammatory instance, and nothing else, is in the nucleus target
-    from tilscore.importers.native import read_mask
+    from tilscore.training.importers.native import read_mask
 
     tile = tiles[0]
     instances = read_mask(folder / "masks" / f"{Path(tile.source).stem}.png",

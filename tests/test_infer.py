@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tilscore.errors import UsageError
-from tilscore.infer import (
+from tilscore.engine.infer import (
     Predictor,
     _decode_peaks,
     find_peaks,
@@ -16,9 +15,10 @@ from tilscore.infer import (
     select_device,
     top_peaks,
 )
+from tilscore.errors import UsageError
 from tilscore.models import ModelCard
+from tilscore.prepare.tiles import TileSpec, tile_grid
 from tilscore.slide import open_slide
-from tilscore.tiles import TileSpec, tile_grid
 
 
 def test_select_device():
@@ -180,7 +180,7 @@ def test_failed_slide_leaves_no_canvas_write_running(tmp_path):
 def test_bf16_only_where_native_and_float32_on_request(monkeypatch):
     """bf16 autocast on a CPU only when it has AVX512-BF16 or AMX (else oneDNN emulates
     it, slower than float32); TILSCORE_FLOAT32=1 turns it off everywhere."""
-    from tilscore.infer import bf16_is_native
+    from tilscore.engine.infer import bf16_is_native
 
     cpu = torch.device("cpu")
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

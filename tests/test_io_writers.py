@@ -440,8 +440,8 @@ def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
 
     from PIL import Image
 
-    from tilscore.report import OVERLAY_LONG_SIDE_PX
-    from tilscore.report_plots import image_data_uri
+    from tilscore.report.cohort import OVERLAY_LONG_SIDE_PX
+    from tilscore.report.plots import image_data_uri
 
     rng = np.random.default_rng(2)
     thumb = np.clip(rng.normal((170, 120, 90), 25, (1536, 1536, 3)), 0, 255).astype(np.uint8)

@@ -128,7 +128,7 @@ def test_a_card_without_sha256_is_refused_naming_the_command_that_fixes_it(saved
         load_model(folder)
     assert f"has no sha256 of its weights, so they cannot be checked; add it with: " \
         f"tilscore model-hash {folder}" in str(err.value)
-    from tilscore.engine_load import model_card
+    from tilscore.engine.load import model_card
 
     with pytest.raises(UsageError, match="tilscore model-hash"):  # what batches read first
         model_card(str(folder), "he")

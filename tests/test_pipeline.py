@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_path
-from tilscore.evaluate import detection_score
 from tilscore.models.registry import MODELS_DIR
+from tilscore.training.metrics import detection_score
 
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / "he-default" / "card.json").exists(),
                                 reason="shipped model models/he-default missing")
@@ -28,7 +28,7 @@ def run(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("golden")
     res = write_synthetic_slide(root / "golden.tiff", stain="he", seed=11,
@@ -139,7 +139,7 @@ def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
     map adds up to the summary's count."""
     import zarr
 
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     _, out, summary = scored
     root = zarr.open_group(str(out / "maps.zarr"), mode="r")

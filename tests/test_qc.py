@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tilscore.cli import main
-from tilscore.qc import QcConfig, focus_measure, out_of_focus_fraction, qc_flags
+from tilscore.scoring.qc import QcConfig, focus_measure, out_of_focus_fraction, qc_flags
 
 
 def _tiles(blur_sigma_px: float, n: int = 4) -> torch.Tensor:
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
 
     scene = SyntheticScene(4096, 4096, mpp=0.25, stain="he", seed=3,
                            blur_sigma_px=blur_sigma_px)
@@ -66,7 +66,7 @@ def test_flags_have_codes_and_plain_messages():
 
 @pytest.fixture(scope="module")
 def qc_batch(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("qc")
     kinds = {"clean": {}, "blurred": {"blur_sigma_px": 3.0}, "pen": {"pen_marks": True}}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tilscore.score import (
+from tilscore.scoring.score import (
     RegionAreas,
     ScoreConfig,
     counts_by_compartment,
@@ -92,7 +92,7 @@ def test_density_map_per_mm2_of_tissue_and_nan_without_tissue():
 
 
 def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     rng = np.random.default_rng(0)
     pts = rng.uniform(0, 1050.0, (200_000, 2))  # uniform on a 1050 µm square: 181,406 /mm²
@@ -105,7 +105,7 @@ def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
 
 
 def test_tissue_area_grid_counts_region_pixels_by_their_centre():
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     rng = np.random.default_rng(1)
     labels = (rng.random((203, 311)) < 0.4).astype(np.uint8) * rng.integers(1, 4, (203, 311))
@@ -129,7 +129,7 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     from pathlib import Path
 
     from tilscore.errors import UsageError
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     shipped = load_score_config(Path(__file__).parents[1] / "configs" / "score.yaml")
     assert shipped == ScoreConfig()  # the file states the defaults, nothing else
@@ -179,7 +179,7 @@ def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message)
     model pass (a 233 PiB array): every key has a finite accepted range, named in the
     one-line error with the file."""
     from tilscore.errors import UsageError
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     path = tmp_path / "cfg.yaml"
     path.write_text("score:\n  " + text + "\n", encoding="utf-8")
@@ -193,7 +193,7 @@ def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message)
 def test_score_ranges_hold_the_shipped_defaults():
     import dataclasses
 
-    from tilscore.score import SCORE_RANGES
+    from tilscore.scoring.score import SCORE_RANGES
 
     assert set(SCORE_RANGES) == {f.name for f in dataclasses.fields(ScoreConfig)}
     for name, (low, high, _) in SCORE_RANGES.items():

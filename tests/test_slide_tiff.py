@@ -217,7 +217,7 @@ def test_one_corrupt_svs_tile_does_not_poison_the_slide(tmp_path):
     """OpenSlide leaves a handle in error state after a decode error; the backend reopens
     it, so the loader loses only the tiles that touch the corrupt file tile."""
     from tilscore.errors import SlideReadError
-    from tilscore.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
+    from tilscore.prepare.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
 
     h, w = 1024, 1024
     image = gradient_rgb(h, w)

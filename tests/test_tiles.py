@@ -7,15 +7,15 @@ import pytest
 import tifffile
 
 from tilscore.errors import SlideReadError, UsageError
-from tilscore.slide import open_slide
-from tilscore.tiles import (
+from tilscore.prepare.tiles import (
     LoaderStats,
     SlideRef,
     TileSpec,
     iter_tile_batches,
     tile_grid,
 )
-from tilscore.tissue import TissueMask
+from tilscore.prepare.tissue import TissueMask
+from tilscore.slide import open_slide
 
 
 def _noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -144,11 +144,11 @@ def test_mostly_corrupt_slide_fails(tmp_path):
         _corrupt_tile(path, k)
     grid = tile_grid((256, 256), 0.5, TileSpec(mpp=0.5, tile_px=64, overlap_px=0))
     with pytest.raises(SlideReadError, match="tiles failed to decode"):
-        list(iter_tile_batches(SlideRef(str(path)), grid, workers=1))
+        list(iter_tile_batches(SlideRef(str(path)), grid, batch_size=16, workers=1))
 
 
 def test_prefetch_keeps_order_reraises_and_stops_its_source():
-    from tilscore.tiles import prefetch
+    from tilscore.prepare.tiles import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
     closed = []

@@ -9,15 +9,15 @@ import pytest
 import yaml
 
 from tilscore.errors import UsageError
-from tilscore.train_config import load_train_config
+from tilscore.training.train_config import load_train_config
 
 
 @pytest.fixture
 def native_folder(tmp_path):
     """A small labelled set in tilscore's native format, written from synthetic tiles."""
-    from tilscore.data import synthetic_tile
-    from tilscore.importers.native import write_native
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.data import synthetic_tile
+    from tilscore.training.importers.native import write_native
 
     scene = SyntheticScene(2048, 2048, mpp=0.25, seed=5)
     tiles = [synthetic_tile(scene, x, y, 160, 2.0) for x, y in ((0, 0), (900, 700), (1500, 300))]
@@ -45,7 +45,7 @@ def _config(tmp_path, native_folder, **extra):
 
 def test_twenty_step_training_and_resume(tmp_path, native_folder):
     from tilscore.models import load_model
-    from tilscore.train import train
+    from tilscore.training.train import train
 
     cfg = load_train_config(_config(tmp_path, native_folder))
     out = tmp_path / "model"
@@ -73,7 +73,7 @@ def test_config_errors_name_file_and_key(tmp_path):
         load_train_config(bad)
     bad.write_text("data: [{kind: auto}]\n")
     cfg = load_train_config(bad)
-    from tilscore.data import build_datasets
+    from tilscore.training.data import build_datasets
 
     with pytest.raises(UsageError, match="needs a path"):
         build_datasets(cfg)
@@ -82,9 +82,9 @@ def test_config_errors_name_file_and_key(tmp_path):
 
 
 def test_region_at_typed_nuclei_is_the_balanced_accuracy():
-    from tilscore.eval_model import region_at_nuclei
-    from tilscore.importers.labelled import CELL_CODES, LabelledTile
     from tilscore.models import ModelCard
+    from tilscore.training.eval_model import region_at_nuclei
+    from tilscore.training.importers.labelled import CELL_CODES, LabelledTile
 
     card = ModelCard(name="x", architecture="unet-resnet18")
     region = np.full((32, 32), 2, np.uint8)  # all stroma ...

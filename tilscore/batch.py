@@ -16,15 +16,15 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tilscore.engine_defaults import DECODE_MODES, DEFAULT_DECODE
-from tilscore.engine_load import Engine, config_hash, fast_region_model, model_card
+from tilscore.engine.defaults import DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.load import Engine, config_hash, fast_region_model, model_card
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
 from tilscore.interrupt import deferred_signals
 from tilscore.io.publish import remove_stale_work_dirs
 from tilscore.pipeline import score_slide, start_slide
 from tilscore.results import completed_summary, flatten, write_tables
-from tilscore.score import ScoreConfig
+from tilscore.scoring.score import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
 
 def _refresh_report(out_dir: Path) -> None:
     """The cohort report is a convenience: its failure never fails the batch."""
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     try:
         write_report(out_dir)
@@ -345,7 +345,7 @@ def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
     kind = opts.cluster or "local"
     n_workers = len(devices) if len(devices) > 1 else opts.workers
     # Local workers share this node's cores; remote workers use all of theirs.
-    from tilscore.infer import usable_cores
+    from tilscore.engine.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
     with open_client(kind, n_workers, opts.cluster_config) as client, \

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from tilscore.engine_defaults import BATCH_SIZE, DEFAULT_DECODE
+from tilscore.engine.defaults import BATCH_SIZE, DEFAULT_DECODE
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
 from tilscore.interrupt import Interrupted
@@ -47,7 +47,7 @@ def info(
     mpp: Annotated[float | None, typer.Option(help="Override µm/px at level 0.")] = None,
 ):
     """Show a slide's format, size, pyramid levels and pixel size."""
-    from tilscore.slide_info import slide_info
+    from tilscore.slide.info import slide_info
 
     data = slide_info(slide, mpp=mpp)
     if as_json:
@@ -72,7 +72,7 @@ def synth(
     blur: Annotated[float, typer.Option(help="Gaussian blur sigma in px (QC tests).")] = 0.0,
 ):
     """Write a synthetic pyramidal TIFF slide with exact ground truth beside it."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     check_stain(stain)
     res = write_synthetic_slide(
@@ -135,7 +135,7 @@ def score(
     DIR/report.html."""
     from tilscore.batch import BatchOptions, score_inputs
     from tilscore.interrupt import stop_on_signals
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     check_stain(stain)
     if log_file is not None:
@@ -197,8 +197,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint.")] = False,
 ):
     """Train a model on labelled tiles; writes weights.safetensors + card.json into --out."""
-    from tilscore.train import train as run_training
-    from tilscore.train_config import load_train_config
+    from tilscore.training.train import train as run_training
+    from tilscore.training.train_config import load_train_config
 
     overrides = {}
     if data:
@@ -226,11 +226,11 @@ def evaluate(
 ):
     """Lymphocyte detection P/R/F1, threshold sweep, FROC, region Dice and the region at
     typed nuclei (balanced accuracy) on labelled tiles."""
-    from tilscore.eval_data import eval_tiles
-    from tilscore.eval_model import evaluate_model
-    from tilscore.infer import select_device
+    from tilscore.engine.infer import select_device
     from tilscore.models import load_model
     from tilscore.models.registry import resolve_model_dir
+    from tilscore.training.eval_data import eval_tiles
+    from tilscore.training.eval_model import evaluate_model
 
     net, card = load_model(model)
     dev = select_device(device)
@@ -295,7 +295,7 @@ def demo(
 ):
     """Generate a synthetic H&E slide and score it (the quick-start job)."""
     from tilscore.batch import score_inputs
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "demo_slide.tiff"
@@ -320,7 +320,7 @@ def report(
 ):
     """Write a self-contained HTML report of a scored folder (table, plots, maps) and
     rebuild its scores.csv from the slide summaries."""
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
     from tilscore.results import write_scores
 
     path = write_report(out_dir, group_by=group_by, path=out)

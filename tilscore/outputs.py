@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from tilscore import __version__
-from tilscore.aggregate import RegionSummary, tissue_area_grid
-from tilscore.engine_load import Engine, config_hash
-from tilscore.fast import FastPlan, mask_unsearched
-from tilscore.ihc_cells import MEASUREMENTS
-from tilscore.infer import SlidePrediction, usable_cores
+from tilscore.engine.fast import FastPlan, mask_unsearched
+from tilscore.engine.infer import SlidePrediction, usable_cores
+from tilscore.engine.load import Engine, config_hash
+from tilscore.engine.stitch import RegionCanvas
 from tilscore.inputs import InputSlide
 from tilscore.io import atomic
 from tilscore.io.cells import write_cells_csv
@@ -26,9 +25,10 @@ from tilscore.io.colors import CLASS_COLORS
 from tilscore.io.geojson import write_cells_geojson, write_regions_geojson
 from tilscore.io.ome_zarr import write_ome_zarr
 from tilscore.io.overlay import write_overlay_png
-from tilscore.score import COMPARTMENT_OF_REGION, ScoreConfig, density_map
-from tilscore.slide_score import CellTable, SlideScore, counted_class, score_settings_used
-from tilscore.stitch import RegionCanvas
+from tilscore.scoring.aggregate import RegionSummary, tissue_area_grid
+from tilscore.scoring.ihc_cells import MEASUREMENTS
+from tilscore.scoring.score import COMPARTMENT_OF_REGION, ScoreConfig, density_map
+from tilscore.scoring.slide_score import CellTable, SlideScore, counted_class, score_settings_used
 from tilscore.summary import check_summary
 
 WRITE_THREADS: int | None = None  # output files written at once (None: one per usable core)

@@ -20,25 +20,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tilscore.aggregate import region_summary
-from tilscore.engine_defaults import DEFAULT_DECODE
-from tilscore.engine_load import Engine, config_hash
+from tilscore.engine.defaults import DEFAULT_DECODE
+from tilscore.engine.fast import COUNTED_COMPARTMENT, predict_fast
+from tilscore.engine.infer import default_batch_size, default_read_threads, predict_slide
+from tilscore.engine.load import Engine, config_hash
 from tilscore.errors import InputError
-from tilscore.fast import COUNTED_COMPARTMENT, predict_fast
-from tilscore.ihc import estimate_stain_vectors
-from tilscore.ihc_cells import IhcCellRule
-from tilscore.infer import default_batch_size, default_read_threads, predict_slide
 from tilscore.inputs import InputSlide, slide_id_problem
 from tilscore.io.locks import SlideLock
 from tilscore.io.publish import make_work_dir, publish, remove_stale_work_dirs
 from tilscore.outputs import summary_record, write_outputs
-from tilscore.score import ScoreConfig
+from tilscore.prepare.tiles import TileSpec, prepare_slide
+from tilscore.prepare.tissue import COARSE_MPP
+from tilscore.scoring.aggregate import region_summary
+from tilscore.scoring.ihc import estimate_stain_vectors
+from tilscore.scoring.ihc_cells import IhcCellRule
+from tilscore.scoring.score import ScoreConfig
+from tilscore.scoring.slide_score import QcInputs, cell_table, ihc_rule_params, slide_score
+from tilscore.scoring.tissue_only import NO_MODEL
 from tilscore.slide import open_slide
 from tilscore.slide.base import mpp_problem
-from tilscore.slide_score import QcInputs, cell_table, ihc_rule_params, slide_score
-from tilscore.tiles import TileSpec, prepare_slide
-from tilscore.tissue import COARSE_MPP
-from tilscore.tissue_only import NO_MODEL
 
 OVERLAY_LONG_SIDE_PX = 1536  # overlay.png is rendered at about this size
 

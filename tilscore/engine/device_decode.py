@@ -25,8 +25,6 @@ from dataclasses import InitVar, dataclass
 
 import numpy as np
 
-from tilscore.engine_defaults import BATCH_SIZE
-
 log = logging.getLogger(__name__)
 
 JPEG = 7  # TIFF compression tag value
@@ -138,9 +136,8 @@ def device_tile_reader(slide, grid) -> DeviceTileReader | None:
     return reader
 
 
-def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *,
-                        batch_size: int = BATCH_SIZE["cuda"], block_tiles: int = 4,
-                        stats=None) -> Iterator:
+def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *, batch_size: int,
+                        block_tiles: int = 4, stats=None) -> Iterator:
     """Like :func:`tilscore.tiles.iter_tile_batches`, with the images already on `device`
     (uint8 NHWC, channels_last once permuted): blocks of ≤ block_tiles² neighbouring model
     tiles are decoded and assembled at once. A block whose JPEG data fails to decode is
@@ -148,7 +145,13 @@ def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *,
     model tiles that touch it (the CPU loader's rule, with its failure limit)."""
     import torch
 
-    from tilscore.tiles import LoaderStats, TileBatch, _block_plan, _read_block, check_failures
+    from tilscore.prepare.tiles import (
+        LoaderStats,
+        TileBatch,
+        _block_plan,
+        _read_block,
+        check_failures,
+    )
 
     stats = stats if stats is not None else LoaderStats()
     origins = grid.origins_px

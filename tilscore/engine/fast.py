@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tilscore.engine_defaults import DEFAULT_DECODE
+from tilscore.engine.defaults import DEFAULT_DECODE
 
 DEFAULT_REGION_MODEL = "he-regions"
 # Bulk stroma is dilated by this before choosing cell tiles: a cell's compartment is the
@@ -61,9 +61,9 @@ def cell_search_mask(canvas, cfg):
     towards the stromal TIL score: stroma dilated by CELL_MARGIN_UM, inside the bulk."""
     from scipy import ndimage as ndi
 
-    from tilscore.aggregate import coarse_fractions
-    from tilscore.score import tumour_bulk
-    from tilscore.tissue import TissueMask
+    from tilscore.prepare.tissue import TissueMask
+    from tilscore.scoring.aggregate import coarse_fractions
+    from tilscore.scoring.score import tumour_bulk
 
     fractions, coarse_mpp = coarse_fractions(canvas, cfg)
     bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
@@ -79,8 +79,8 @@ def predict_fast(slide, mask, *, regions, cells, work: Path, cfg, workers: int,
     (SlidePrediction, FastPlan): the prediction's canvas is pass 1's regions with pass 2's
     nucleus coverage, its cells and focus are pass 2's (focus in ``plan.cell_grid``
     order); `decode` as in :func:`~tilscore.infer.predict_slide`."""
-    from tilscore.infer import SlidePrediction, predict_slide
-    from tilscore.tiles import TileSpec, select_tiles, tile_grid
+    from tilscore.engine.infer import SlidePrediction, predict_slide
+    from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
 
     def grid_for(card):
         return tile_grid(slide.dimensions, slide.mpp, TileSpec.from_card(card), mask)

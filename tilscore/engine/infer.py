@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tilscore.engine_defaults import BATCH_SIZE, DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.defaults import BATCH_SIZE, DECODE_MODES, DEFAULT_DECODE
 from tilscore.errors import UsageError
-from tilscore.qc import focus_measure, region_uncertainty
+from tilscore.scoring.qc import focus_measure, region_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -379,9 +379,9 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, *, workers: int
     (device on CUDA, host on CPU)."""
     import time
 
-    from tilscore.device_decode import device_tile_reader, iter_device_batches
-    from tilscore.stitch import CellCollector, RegionCanvas
-    from tilscore.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
+    from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
+    from tilscore.engine.stitch import CellCollector, RegionCanvas
+    from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
 
     canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
     collector = CellCollector(grid.downsample, getattr(cell_rule, "extra_columns", ()))
@@ -426,7 +426,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, *, workers: int
         canvas.flush()
     finally:  # on failure too: no band write may outlive the slide's work folder
         canvas.close()
-    from tilscore.qc import tissue_weighted_mean
+    from tilscore.scoring.qc import tissue_weighted_mean
 
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
                            timings, focus,

@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tilscore import __version__
+from tilscore.engine.fast import DEFAULT_REGION_MODEL
+from tilscore.engine.infer import Predictor, configure_cpu_threads, select_device, usable_cores
 from tilscore.errors import UsageError
-from tilscore.fast import DEFAULT_REGION_MODEL
-from tilscore.infer import Predictor, configure_cpu_threads, select_device, usable_cores
 from tilscore.models import ModelCard, load_model
 from tilscore.models.registry import MODELS_DIR, read_card, resolve_model_dir
-from tilscore.score import REGION_CLASSES, ScoreConfig
-from tilscore.slide_score import ihc_rule_params
-from tilscore.tissue_only import NO_MODEL, TissueOnlyNet, tissue_only_card
+from tilscore.scoring.score import REGION_CLASSES, ScoreConfig
+from tilscore.scoring.slide_score import ihc_rule_params
+from tilscore.scoring.tissue_only import NO_MODEL, TissueOnlyNet, tissue_only_card
 
 DEFAULT_MODELS = {"he": "he-default", "cd20": "ihc-default", "foxp3": "ihc-default"}
 MODES = ("full", "fast")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tilscore.tiles import TileGrid
+from tilscore.prepare.tiles import TileGrid
 
 BAND_TILE_ROWS = 4  # tile rows per buffered band (the loader reads blocks of 4 x 4 tiles)
 MAX_PENDING_BANDS = 2  # complete bands waiting for the background writer

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from tilscore.engine_defaults import BATCH_SIZE
 from tilscore.errors import SlideReadError, UsageError
-from tilscore.tissue import COARSE_MPP, TissueMask, tissue_mask_from_thumbnail
+from tilscore.prepare.tissue import COARSE_MPP, TissueMask, tissue_mask_from_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,7 @@ def iter_tile_batches(
     slide,
     grid: TileGrid,
     *,
-    batch_size: int = BATCH_SIZE["cpu"],
+    batch_size: int,
     workers: int = 2,
     block_tiles: int = 4,
     use_processes: bool = False,

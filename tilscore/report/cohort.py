@@ -149,7 +149,7 @@ class SlideMaps:
 
 def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMaps:
     """Overlay, region map and density heatmap of a slide folder as embedded images."""
-    from tilscore.report_plots import image_data_uri
+    from tilscore.report.plots import image_data_uri
 
     maps = SlideMaps()
     overlay = folder / "overlay.png"
@@ -182,7 +182,7 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     import zarr
 
     from tilscore.io.ome_zarr import LABELS_NAME
-    from tilscore.report_plots import density_rgba, image_data_uri, labels_rgba
+    from tilscore.report.plots import density_rgba, image_data_uri, labels_rgba
 
     root = zarr.open_group(str(path), mode="r")
     regions = root[f"labels/{LABELS_NAME}"]
@@ -260,7 +260,7 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
                  report_dir: Path | None = None) -> str:
     """The report HTML for `out_dir`; links are relative to `report_dir` (default
     `out_dir`). UsageError when no slide is scored or `group_by` is unknown."""
-    from tilscore.report_html import render_report
+    from tilscore.report.html import render_report
 
     cohort = load_cohort(out_dir)
     if not cohort.scored:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tilscore.score import RegionAreas, ScoreConfig, tumour_bulk
+from tilscore.scoring.score import RegionAreas, ScoreConfig, tumour_bulk
 
 _BAND_CHUNKS = 2  # canvas chunk rows per band (a chunk row is 4 tile rows)
 STROMA = 2  # region code (score.COMPARTMENT_OF_REGION)

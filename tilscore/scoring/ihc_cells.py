@@ -63,7 +63,7 @@ class IhcCellRule:
                  origins_px: np.ndarray | None = None) -> torch.Tensor:
         """`images_nhwc`: uint8 (B, H, W, 3) on the device; `core`: (start, stop) px;
         `origins_px`: int (B, 2) tile top-left in tile (grid) px, for the slide's edge."""
-        from tilscore.ihc_detect import detect_cells
+        from tilscore.scoring.ihc_detect import detect_cells
 
         valid = self.valid_boxes(origins_px, images_nhwc.shape[2])
         rows = []

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from tilscore.errors import UsageError
-from tilscore.ihc import deconvolve
-from tilscore.score import DAB_BINS_OD
+from tilscore.scoring.ihc import deconvolve
+from tilscore.scoring.score import DAB_BINS_OD
 
 MARKERS = ("foxp3", "cd20")
 # Why a cell is not positive besides its DAB (cells.csv ``gate``); index = code.
@@ -347,7 +347,7 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusPara
     """Nuclei of (N, 1, H, W) haematoxylin and DAB concentrations at `wmpp` µm/px, the
     same for every marker: (peaks float (n, 4) rows (image, x, y, response) in working
     px, pixel centres at +0.5, :class:`~tilscore.ihc_nuclei.NucleusShape`)."""
-    from tilscore.ihc_nuclei import merge_without_saddle, nucleus_shape, segment_nuclei
+    from tilscore.scoring.ihc_nuclei import merge_without_saddle, nucleus_shape, segment_nuclei
 
     dev = hx.device
     stain = hx + p.dab_weight * dab
@@ -397,7 +397,7 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     pixels of the part of each image that is real: outside it the image is mirrored and
     no cell is reported. Returns one :class:`CellsOnTile` per image.
     """
-    from tilscore.ihc_nuclei import lymphocyte_gate, nucleus_shape, patches, segment_nuclei
+    from tilscore.scoring.ihc_nuclei import lymphocyte_gate, nucleus_shape, patches, segment_nuclei
 
     params = params or ihc_params(marker)
     if params.marker != marker:

@@ -118,7 +118,7 @@ def tissue_od_percentiles(thumbnail_rgb, tissue) -> dict | None:
     (uint8 (H, W, 3); `tissue` bool (H, W)). None without tissue."""
     import numpy as np
 
-    from tilscore.tissue import optical_density
+    from tilscore.prepare.tissue import optical_density
 
     if not tissue.any():
         return None
@@ -207,7 +207,7 @@ def _stain_message(vectors: dict, cfg: QcConfig) -> str | None:
             return (f"unusual staining ({what} from the reference stain vectors): check "
                     "the stain and scanner")
         return None
-    from tilscore.ihc import BENIGN_FALLBACKS
+    from tilscore.scoring.ihc import BENIGN_FALLBACKS
 
     if vectors.get("fallback") and vectors["fallback"] not in BENIGN_FALLBACKS:
         return f"stain vectors not estimated ({vectors.get('reason')}); reference vectors used"

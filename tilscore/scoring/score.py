@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilscore.errors import UsageError
-from tilscore.tissue import COARSE_MPP
+from tilscore.prepare.tissue import COARSE_MPP
 
 COMPARTMENT_OF_REGION = {1: "tumour", 2: "stroma", 3: "other"}  # 0 = background
 REGION_CLASSES = ("background", *COMPARTMENT_OF_REGION.values())  # a region model's, in order

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from tilscore.errors import UsageError
-from tilscore.score import SCORE_RANGES, ScoreConfig
+from tilscore.scoring.score import SCORE_RANGES, ScoreConfig
 from tilscore.yaml_config import read_yaml_mapping
 
 

@@ -17,10 +17,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tilscore.ihc_cells import INTENSITY_BINS
-from tilscore.ihc_detect import GATES, IhcParams, ihc_params
-from tilscore.qc import focus_threshold, out_of_focus_fraction, qc_flags, tissue_od_percentiles
-from tilscore.score import (
+from tilscore.scoring.ihc_cells import INTENSITY_BINS
+from tilscore.scoring.ihc_detect import GATES, IhcParams, ihc_params
+from tilscore.scoring.qc import (
+    focus_threshold,
+    out_of_focus_fraction,
+    qc_flags,
+    tissue_od_percentiles,
+)
+from tilscore.scoring.score import (
     COMPARTMENT_OF_REGION,
     LYMPHOCYTE_GATE_KEYS,
     OPTIONAL_SETTINGS,
@@ -33,9 +38,9 @@ from tilscore.score import (
 )
 
 if TYPE_CHECKING:
-    from tilscore.aggregate import RegionSummary
-    from tilscore.ihc import StainVectors
-    from tilscore.tissue import TissueMask
+    from tilscore.prepare.tissue import TissueMask
+    from tilscore.scoring.aggregate import RegionSummary
+    from tilscore.scoring.ihc import StainVectors
 
 # A slide's cells: columns of equal length N. ``x_px``, ``y_px`` (float64, level-0 px),
 # ``x_um``, ``y_um``, ``cls`` (int index into the class names), ``class`` (str),

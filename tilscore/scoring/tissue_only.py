@@ -15,7 +15,7 @@ import torch
 
 from tilscore import __version__
 from tilscore.errors import UsageError
-from tilscore.score import REGION_CLASSES
+from tilscore.scoring.score import REGION_CLASSES
 
 NO_MODEL = "none"  # the --model value
 

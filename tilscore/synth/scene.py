@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from tilscore.errors import UsageError
-from tilscore.synth_paint import (
+from tilscore.synth.paint import (
     _MAX_RADIUS_UM,
     KIND_FIBRO,
     KIND_LYMPH,
@@ -351,7 +351,7 @@ class SyntheticScene:
     def truth(self, slide_id: str = "synthetic") -> dict:
         """Exact ground truth (summary.json keys), without rendering: see
         :func:`tilscore.synth.scene_truth`."""
-        from tilscore.synth import scene_truth
+        from tilscore.synth.writer import scene_truth
 
         return scene_truth(self, slide_id)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import UsageError
-from tilscore.synth_scene import BLOCK_UM, LYMPH_RADIUS_UM, SyntheticScene
+from tilscore.synth.scene import BLOCK_UM, LYMPH_RADIUS_UM, SyntheticScene
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from tilscore.importers.labelled import (
+from tilscore.training.importers.labelled import (
     CELL_CODES,
     IGNORE,
     UNCLASSIFIED,
     LabelledTile,
     card_cell_index,
 )
-from tilscore.targets import disc_mask, gaussian_heatmaps, weak_nucleus_mask
+from tilscore.training.targets import disc_mask, gaussian_heatmaps, weak_nucleus_mask
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class SyntheticSource:
         self._scenes: dict[int, object] = {}
 
     def _scene(self, seed: int):
-        from tilscore.synth_scene import SyntheticScene
+        from tilscore.synth.scene import SyntheticScene
 
         if seed not in self._scenes:
             rng = np.random.default_rng(seed)
@@ -298,7 +298,7 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, dict[str, list[LabelledTile]]
             continue
         if not src.path:
             raise UsageError(f"data[{k}]: a {src.kind!r} source needs a path")
-        from tilscore.importers.detect import load_folder
+        from tilscore.training.importers.detect import load_folder
 
         tiles = load_folder(src.path, mpp=src.mpp, fmt=src.kind)
         train_tiles, val = split_tiles(tiles, src.val_fraction, cfg.seed)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tilscore.evaluate import DetectionScore, detection_score, dice_per_class, froc
-from tilscore.importers.labelled import CELL_CODES
-from tilscore.infer import find_peaks
+from tilscore.engine.infer import find_peaks
+from tilscore.training.importers.labelled import CELL_CODES
+from tilscore.training.metrics import DetectionScore, detection_score, dice_per_class, froc
 
 SWEEP = tuple(round(t, 2) for t in np.arange(0.1, 0.75, 0.05))
 

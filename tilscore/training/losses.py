@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tilscore.targets import IGNORE
+from tilscore.training.targets import IGNORE
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tilscore.engine.infer import select_device
 from tilscore.errors import UsageError
-from tilscore.infer import select_device
-from tilscore.losses import heatmap_focal_loss, mask_loss, region_loss
 from tilscore.models import ModelCard, create_model, save_model
-from tilscore.train_config import TrainConfig
+from tilscore.training.losses import heatmap_focal_loss, mask_loss, region_loss
+from tilscore.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
     only on the largest set), its ``best_threshold``, and the mean ``dice_*`` and
     ``region_*`` figures. Synthetic tiles enter the means only when there is no real set.
     The model is left in training mode."""
-    from tilscore.eval_model import evaluate_model, pick_threshold
+    from tilscore.training.eval_model import evaluate_model, pick_threshold
 
     per_set = {name: evaluate_model(model, card, tiles, device, radius_um)
                for name, tiles in val_sets.items()}
@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
           device: str | None = None, max_steps: int | None = None,
           progress: bool = True) -> ModelCard:
     """Train per `cfg`; returns the card of the best weights written to `out_dir`."""
-    from tilscore.data import build_datasets
+    from tilscore.training.data import build_datasets
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
         log.info("resumed from step %d", step)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
-    from tilscore.infer import bf16_is_native
+    from tilscore.engine.infer import bf16_is_native
 
     use_bf16 = bf16_is_native(dev)  # CUDA, or a CPU with native bf16 (2-3x faster steps)
     bar = _progress(steps, step, progress)

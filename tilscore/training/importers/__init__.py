@@ -6,11 +6,11 @@
 docs/data-formats.md.
 """
 
-from tilscore.importers.bcss import load_bcss
-from tilscore.importers.consep import load_consep
-from tilscore.importers.crchp import load_crchp, weak_regions
-from tilscore.importers.detect import LOADERS, detect_format, load_folder
-from tilscore.importers.labelled import (
+from tilscore.training.importers.bcss import load_bcss
+from tilscore.training.importers.consep import load_consep
+from tilscore.training.importers.crchp import load_crchp, weak_regions
+from tilscore.training.importers.detect import LOADERS, detect_format, load_folder
+from tilscore.training.importers.labelled import (
     CELL_CODES,
     IGNORE,
     REGION_CODES,
@@ -18,10 +18,10 @@ from tilscore.importers.labelled import (
     LabelledTile,
     card_cell_index,
 )
-from tilscore.importers.native import LoadStats, load_native, write_native
-from tilscore.importers.nucls import load_nucls
-from tilscore.importers.qupath import load_qupath
-from tilscore.importers.tiger import load_tiger
+from tilscore.training.importers.native import LoadStats, load_native, write_native
+from tilscore.training.importers.nucls import load_nucls
+from tilscore.training.importers.qupath import load_qupath
+from tilscore.training.importers.tiger import load_tiger
 
 __all__ = [
     "CELL_CODES", "IGNORE", "LOADERS", "REGION_CODES", "UNCLASSIFIED", "LabelledTile",

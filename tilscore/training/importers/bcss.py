@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError
-from tilscore.importers.labelled import IGNORE, REGION_CODES, LabelledTile
-from tilscore.importers.native import (
+from tilscore.training.importers.labelled import IGNORE, REGION_CODES, LabelledTile
+from tilscore.training.importers.native import (
     LoadStats,
     begin,
     list_images,

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError
-from tilscore.importers.crchp import typed_point_tiles
-from tilscore.importers.labelled import CELL_CODES, LabelledTile
-from tilscore.importers.native import LoadStats, begin, require_tiles
+from tilscore.training.importers.crchp import typed_point_tiles
+from tilscore.training.importers.labelled import CELL_CODES, LabelledTile
+from tilscore.training.importers.native import LoadStats, begin, require_tiles
 
 DEFAULT_MPP = 0.2441
 CLASS_LISTS = {
@@ -67,7 +67,7 @@ def lymphocyte_nuclei(instances: np.ndarray, lymph_xy: np.ndarray) -> np.ndarray
 def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles with typed points, weak regions and lymphocyte-nucleus masks (module doc)."""
-    from tilscore.importers.native import read_mask
+    from tilscore.training.importers.native import read_mask
 
     folder, stats = begin(folder, mpp, stats)
     tiles = []

@@ -24,14 +24,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tilscore.errors import InputError, UsageError
-from tilscore.importers.bcss import image_dir, load_bcss
-from tilscore.importers.consep import load_consep
-from tilscore.importers.crchp import load_crchp
-from tilscore.importers.labelled import LabelledTile
-from tilscore.importers.native import NATIVE_FORMAT, LoadStats, list_images, load_native, read_json
-from tilscore.importers.nucls import load_nucls
-from tilscore.importers.qupath import load_qupath
-from tilscore.importers.tiger import COCO_NAME, load_tiger
+from tilscore.training.importers.bcss import image_dir, load_bcss
+from tilscore.training.importers.consep import load_consep
+from tilscore.training.importers.crchp import load_crchp
+from tilscore.training.importers.labelled import LabelledTile
+from tilscore.training.importers.native import (
+    NATIVE_FORMAT,
+    LoadStats,
+    list_images,
+    load_native,
+    read_json,
+)
+from tilscore.training.importers.nucls import load_nucls
+from tilscore.training.importers.qupath import load_qupath
+from tilscore.training.importers.tiger import COCO_NAME, load_tiger
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError, MissingMppError, TilscoreError, UsageError
-from tilscore.importers.labelled import CELL_CODES, IGNORE, REGION_CODES, UNCLASSIFIED, LabelledTile
+from tilscore.training.importers.labelled import (
+    CELL_CODES,
+    IGNORE,
+    REGION_CODES,
+    UNCLASSIFIED,
+    LabelledTile,
+)
 
 log = logging.getLogger(__name__)
 

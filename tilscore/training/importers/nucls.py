@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError
-from tilscore.importers.labelled import CELL_CODES, UNCLASSIFIED, LabelledTile
-from tilscore.importers.native import (
+from tilscore.training.importers.labelled import CELL_CODES, UNCLASSIFIED, LabelledTile
+from tilscore.training.importers.native import (
     LoadStats,
     begin,
     clean_points,

@@ -25,9 +25,21 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import InputError
-from tilscore.importers.bcss import load_mask_tiles
-from tilscore.importers.labelled import CELL_CODES, IGNORE, REGION_CODES, UNCLASSIFIED, LabelledTile
-from tilscore.importers.native import LoadStats, begin, clean_points, read_json, require_tiles
+from tilscore.training.importers.bcss import load_mask_tiles
+from tilscore.training.importers.labelled import (
+    CELL_CODES,
+    IGNORE,
+    REGION_CODES,
+    UNCLASSIFIED,
+    LabelledTile,
+)
+from tilscore.training.importers.native import (
+    LoadStats,
+    begin,
+    clean_points,
+    read_json,
+    require_tiles,
+)
 
 log = logging.getLogger(__name__)
 
