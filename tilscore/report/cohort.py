@@ -15,17 +15,15 @@ readable ``summary.json`` it is shown as incomplete, never an error.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tilscore.errors import UsageError
 from tilscore.io import atomic
-from tilscore.results import flatten
+from tilscore.report.types import METADATA_PREFIX, Cohort, SlideEntry, SlideMaps
 from tilscore.summary import OUTPUT_FILES, SummaryProblem, read_summary
 
 log = logging.getLogger(__name__)
@@ -34,44 +32,6 @@ IMAGE_LONG_SIDE_PX = 800  # embedded maps: at most this many px on the long side
 OVERLAY_LONG_SIDE_PX = 640  # overlay JPEG: ~80 kB, so a slide costs ~90 kB of report
 DENSITY_MIN_SIDE_PX = 320  # coarse density grids are enlarged (nearest) to about this
 DENSITY_PERCENTILE = 99  # colour scale top: robust to a few crowded grid cells
-METADATA_PREFIX = "metadata."
-MISSING_GROUP = "(missing)"
-
-
-@dataclass
-class SlideEntry:
-    """One slide folder: `summary` (None when incomplete) and `problem` (why incomplete)."""
-
-    slide_id: str
-    folder: Path
-    summary: dict | None = None
-    problem: str = ""
-
-    @functools.cached_property
-    def flat(self) -> dict:
-        """The summary's scalar fields with dotted keys (the scores.csv row)."""
-        return flatten(self.summary) if self.summary else {}
-
-
-@dataclass
-class Cohort:
-    """Everything the report shows about `out_dir`."""
-
-    out_dir: Path
-    scored: list[SlideEntry] = field(default_factory=list)
-    incomplete: list[SlideEntry] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)  # {input, error} from failures.csv
-
-    def columns(self) -> list[str]:
-        """Every scores.csv column present in at least one summary, in first-seen order."""
-        seen: dict[str, None] = {}
-        for entry in self.scored:
-            seen.update(dict.fromkeys(entry.flat))
-        return list(seen)
-
-    def metadata_columns(self) -> list[str]:
-        """Manifest pass-through columns (``metadata.<name>``), in first-seen order."""
-        return [c for c in self.columns() if c.startswith(METADATA_PREFIX)]
 
 
 def load_cohort(out_dir: str | Path) -> Cohort:
@@ -123,28 +83,6 @@ def resolve_group_column(cohort: Cohort, group_by: str) -> str:
     other = [c for c in columns if not c.startswith(METADATA_PREFIX)]
     raise UsageError(f"unknown --group-by column {group_by!r}; metadata columns: "
                      f"{', '.join(meta) or 'none'}; scores.csv columns: {', '.join(other)}")
-
-
-def group_of(entry: SlideEntry, column: str | None) -> str:
-    """The group name of a slide for `column` (MISSING_GROUP when empty or absent)."""
-    if column is None:
-        return "all"
-    value = entry.flat.get(column)
-    return MISSING_GROUP if value is None or value == "" else str(value)
-
-
-@dataclass
-class SlideMaps:
-    """Rendered maps of one slide as data URIs ("" when unavailable, with `problem`)."""
-
-    regions_uri: str = ""
-    legend: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)
-    density_uri: str = ""
-    density_title: str = ""
-    density_unit: str = ""
-    density_vmax: float = 0.0
-    overlay_uri: str = ""
-    problem: list[str] = field(default_factory=list)
 
 
 def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMaps:

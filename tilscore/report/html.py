@@ -11,8 +11,8 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from tilscore.report.cohort import MISSING_GROUP, Cohort, SlideEntry, SlideMaps, group_of
 from tilscore.report.plots import Point, colorbar_svg, strip_box_svg
+from tilscore.report.types import MISSING_GROUP, Cohort, SlideEntry, SlideMaps, group_of
 
 COMPARTMENTS = ("tumour", "stroma", "tissue")
 NO_MODEL = "none"  # the model name of --model none (tilscore.tissue_only.NO_MODEL)

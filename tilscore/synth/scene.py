@@ -348,13 +348,6 @@ class SyntheticScene:
         areas["tissue"] = areas["tumour"] + areas["stroma"] + areas["other"]
         return areas
 
-    def truth(self, slide_id: str = "synthetic") -> dict:
-        """Exact ground truth (summary.json keys), without rendering: see
-        :func:`tilscore.synth.scene_truth`."""
-        from tilscore.synth.writer import scene_truth
-
-        return scene_truth(self, slide_id)
-
     # -- cells ------------------------------------------------------------------------
     def _build_lattice(self, rng: np.random.Generator) -> np.ndarray:
         """3x2 [origin, a1, a2] of the rotated hexagonal tumour-cell lattice (µm)."""
