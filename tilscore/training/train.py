@@ -12,18 +12,25 @@ continues from there), logs metrics to ``metrics.csv`` and finally writes
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from tilscore.engine.infer import select_device
+from tilscore.engine.infer import bf16_is_native, select_device
 from tilscore.errors import UsageError
-from tilscore.models import ModelCard, create_model, save_model
+from tilscore.io.atomic import atomic_path
+from tilscore.models import ModelCard, create_model, load_model, save_model
+from tilscore.training.data import build_datasets
+from tilscore.training.eval_model import evaluate_model, pick_threshold
 from tilscore.training.losses import heatmap_focal_loss, mask_loss, region_loss
 from tilscore.training.train_config import TrainConfig
 
@@ -67,16 +74,14 @@ def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) 
     return parts
 
 
-def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
-                       device: torch.device, radius_um: float = 3.3) -> dict:
+def evaluate(model, card: ModelCard, val_sets: dict[str, list], *, device: torch.device,
+             radius_um: float = 3.3) -> dict:
     """Validation metrics per set (``sets``: name → :func:`tilscore.eval_model.evaluate_model`)
     and their mean over the labs: a threshold sweep averaged over the sets (each set
     weighs the same, so the calibrated threshold holds across labs and scanners, not
     only on the largest set), its ``best_threshold``, and the mean ``dice_*`` and
     ``region_*`` figures. Synthetic tiles enter the means only when there is no real set.
     The model is left in training mode."""
-    from tilscore.training.eval_model import evaluate_model, pick_threshold
-
     per_set = {name: evaluate_model(model, card, tiles, device, radius_um)
                for name, tiles in val_sets.items()}
     model.train()
@@ -95,10 +100,6 @@ def evaluate_detection(model, card: ModelCard, val_sets: dict[str, list],
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, best: dict) -> None:
-    import json
-
-    from tilscore.io.atomic import atomic_path
-
     # Plain JSON types only, so torch.load(weights_only=True) can read it back.
     best = json.loads(json.dumps(best, default=float))
     with atomic_path(path) as tmp:
@@ -121,8 +122,6 @@ def _init_from(model, card: ModelCard, source: str) -> None:
     """Start from the weights of model `source` (fine-tuning); it must have the same
     architecture. When the outputs differ (e.g. a region-only model from he-default), the
     output head keeps its random initialisation and everything else is copied."""
-    from tilscore.models import load_model
-
     net, src = load_model(source)
     if (src.architecture, src.architecture_kwargs) != (card.architecture,
                                                        card.architecture_kwargs):
@@ -136,13 +135,123 @@ def _init_from(model, card: ModelCard, source: str) -> None:
              "head re-initialised" if len(copied) < len(own) else "all")
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+@dataclass
+class TrainRun:
+    """What one training run works with and carries from step to step (what
+    :func:`_set_up` builds and a checkpoint saves and restores)."""
+
+    cfg: TrainConfig
+    card: ModelCard
+    model: torch.nn.Module
+    batches: Iterator[dict]  # endless stream of augmented training batches (host tensors)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    use_bf16: bool
+    steps: int  # the last step
+    val_tiles: dict[str, list]  # validation set name → tiles (empty: no validation)
+    data_info: dict
+    out_dir: Path
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"f1": -1.0, "step": 0, "metrics": {}})
+    best_state: dict = field(default_factory=dict)
+    stale: int = 0  # validations without a better selection score
+    t0: float = field(default_factory=time.perf_counter)
+    bar: object = None  # tqdm progress bar, or None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           device: str | None = None, max_steps: int | None = None,
           progress: bool = True) -> ModelCard:
-    """Train per `cfg`; returns the card of the best weights written to `out_dir`."""
-    from tilscore.training.data import build_datasets
+    """Train per `cfg`; returns the card of the best weights written to `out_dir`.
 
-    out_dir = Path(out_dir)
+    An epoch is the run of steps up to the next validation or checkpoint (the stream of
+    training tiles is endless): :func:`train_one_epoch`, then :func:`evaluate` and
+    the choice of the best weights at a validation step, the checkpoint at a checkpoint
+    step, early stopping; at the end the peak threshold is calibrated on the best
+    weights and the model written (:func:`_finish`)."""
+    run = _set_up(cfg, Path(out_dir), device=device, max_steps=max_steps, resume=resume,
+                  progress=progress)
+    while run.step < run.steps:
+        train_one_epoch(run, until=_epoch_end(run.step, cfg, run.steps))
+        if run.val_tiles and (run.step % cfg.val_every == 0 or run.step == run.steps):
+            _select(run, evaluate(run.model, run.card, run.val_tiles, device=run.device,
+                                  radius_um=cfg.match_radius_um))
+        if run.step % cfg.checkpoint_every == 0:
+            _save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler,
+                             run.step, run.best)
+        if cfg.early_stopping_patience and run.stale >= cfg.early_stopping_patience:
+            log.info("early stopping at step %d (no F1 gain in %d validations)", run.step,
+                     run.stale)
+            break
+    return _finish(run)
+
+
+def _epoch_end(step: int, cfg: TrainConfig, steps: int) -> int:
+    """The step after `step` that ends an epoch: the next validation or checkpoint step,
+    or the last step."""
+    return min(steps, *((step // every + 1) * every
+                        for every in (cfg.val_every, cfg.checkpoint_every)))
+
+
+def train_one_epoch(run: TrainRun, *, until: int) -> None:
+    """Optimise from ``run.step`` to step `until`: one batch per step (bf16 autocast
+    where native), losses (:func:`compute_losses`), gradient clipping at 5, AdamW and the
+    schedule; each step's learning rate and losses are a row of ``metrics.csv``."""
+    cfg, card, dev = run.cfg, run.card, run.device
+    run.model.train()
+    while run.step < until:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(run.batches).items()}
+        images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 → channels_last NCHW
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            logits = run.model(images)
+        parts = compute_losses(logits.float(), batch, card, cfg.loss_weights)
+        run.optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        _append_metrics(run.out_dir / "metrics.csv", {
+            "step": run.step, "lr": run.scheduler.get_last_lr()[0],
+            **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
+            "elapsed_s": round(time.perf_counter() - run.t0, 1)})
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{parts['total'].item():.3f}",
+                                best_f1=f"{run.best['f1']:.3f}")
+
+
+def _select(run: TrainRun, val: dict) -> None:
+    """Record a validation (``validation.csv``) and keep the weights if their selection
+    score is the best so far (else count a stale validation)."""
+    _append_metrics(run.out_dir / "validation.csv", {
+        "step": run.step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
+        **{f"{name}.{k}": v for name, m in val["sets"].items() for k, v in m.items()
+           if not isinstance(v, dict)},
+        "best_f1": max(val["sweep_f1"].values(), default=0.0)})
+    val_f1 = max(val["sweep_f1"].values(), default=0.0)  # at the best threshold
+    score = _selection_score(val, val_f1, run.cfg.select_by)
+    best = run.best
+    if score > best.get("score", best["f1"]):
+        run.best = {"f1": val_f1, "score": score, "step": run.step, "metrics": val}
+        run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.stale = 0
+    else:
+        run.stale += 1
+    log.info("step %d: val F1 %.3f (best threshold %s), selection score %.3f "
+             "(best %.3f @ %d)", run.step, val_f1, val.get("best_threshold"), score,
+             run.best.get("score", run.best["f1"]), run.best["step"])
+
+
+def _set_up(cfg: TrainConfig, out_dir: Path, *, device: str | None, max_steps: int | None,
+            resume: bool, progress: bool) -> TrainRun:
+    """The model (from the registry; `cfg.init_from` or a low heatmap bias), the data,
+    the optimiser and schedule, and with `resume` the state of the checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     dev = select_device(device or cfg.device)
@@ -166,90 +275,53 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, steps))
-    step, best = 0, {"f1": -1.0, "step": 0, "metrics": {}}
-    ckpt = out_dir / "checkpoint.pt"
+    run = TrainRun(cfg=cfg, card=card, model=model, batches=iter(()), optimizer=opt,
+                   scheduler=sched, device=dev, use_bf16=False, steps=steps,
+                   val_tiles=val_tiles, data_info=data_info, out_dir=out_dir)
     if resume:
-        if not ckpt.exists():
+        if not run.checkpoint.exists():
             raise UsageError(f"--resume: no checkpoint in {out_dir}")
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        state = torch.load(run.checkpoint, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        step, best = int(state["step"]), state["best"]
-        if best.get("metrics"):  # the selection rule may differ from the first run's
-            best["score"] = _selection_score(best["metrics"], best["f1"], cfg.select_by)
-        log.info("resumed from step %d", step)
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    metrics_path = out_dir / "metrics.csv"  # one row per step; validation.csv per validation
-    from tilscore.engine.infer import bf16_is_native
+        run.step, run.best = int(state["step"]), state["best"]
+        if run.best.get("metrics"):  # the selection rule may differ from the first run's
+            run.best["score"] = _selection_score(run.best["metrics"], run.best["f1"],
+                                                 cfg.select_by)
+        log.info("resumed from step %d", run.step)
+    run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run.use_bf16 = bf16_is_native(dev)  # CUDA, or a CPU with native bf16 (2-3x faster steps)
+    run.bar = _progress(steps, run.step, progress)
+    run.t0 = time.perf_counter()
+    run.batches = iter(loader)
+    return run
 
-    use_bf16 = bf16_is_native(dev)  # CUDA, or a CPU with native bf16 (2-3x faster steps)
-    bar = _progress(steps, step, progress)
-    stale = 0
-    t0 = time.perf_counter()
-    model.train()
-    data_iter = iter(loader)
-    while step < steps:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in next(data_iter).items()}
-        images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 → channels_last NCHW
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(images)
-        parts = compute_losses(logits.float(), batch, card, cfg.loss_weights)
-        opt.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        step += 1
-        row = {"step": step, "lr": sched.get_last_lr()[0],
-               **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
-               "elapsed_s": round(time.perf_counter() - t0, 1)}
-        if val_tiles and (step % cfg.val_every == 0 or step == steps):
-            val = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
-            _append_metrics(out_dir / "validation.csv", {
-                "step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)},
-                **{f"{name}.{k}": v for name, m in val["sets"].items() for k, v in m.items()
-                   if not isinstance(v, dict)},
-                "best_f1": max(val["sweep_f1"].values(), default=0.0)})
-            val_f1 = max(val["sweep_f1"].values(), default=0.0)  # at the best threshold
-            score = _selection_score(val, val_f1, cfg.select_by)
-            if score > best.get("score", best["f1"]):
-                best = {"f1": val_f1, "score": score, "step": step, "metrics": val}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                stale = 0
-            else:
-                stale += 1
-            log.info("step %d: val F1 %.3f (best threshold %s), selection score %.3f "
-                     "(best %.3f @ %d)", step, val_f1, val.get("best_threshold"), score,
-                     best.get("score", best["f1"]), best["step"])
-        _append_metrics(metrics_path, row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['total'].item():.3f}", best_f1=f"{best['f1']:.3f}")
-        if step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model, opt, sched, step, best)
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-            log.info("early stopping at step %d (no F1 gain in %d validations)", step, stale)
-            break
-    if bar is not None:
-        bar.close()
-    if not val_tiles:
-        best_state = model.state_dict()
-    model.load_state_dict(best_state)
-    if val_tiles and card.cell_classes:  # the peak threshold is calibrated, not guessed
+
+def _finish(run: TrainRun) -> ModelCard:
+    """The best weights (the last without validation), the peak threshold calibrated on
+    them, the card with the training record; written into the output folder."""
+    if run.bar is not None:
+        run.bar.close()
+    model, card, cfg = run.model, run.card, run.cfg
+    model.load_state_dict(run.best_state if run.val_tiles else model.state_dict())
+    best = run.best
+    if run.val_tiles and card.cell_classes:  # the peak threshold is calibrated, not guessed
         best_thr = best["metrics"].get("best_threshold", card.heatmap.threshold)
         card = card.model_copy(update={"heatmap": card.heatmap.model_copy(
             update={"threshold": best_thr})})
-        best["metrics"] = evaluate_detection(model, card, val_tiles, dev, cfg.match_radius_um)
+        best["metrics"] = evaluate(model, card, run.val_tiles, device=run.device,
+                                   radius_um=cfg.match_radius_um)
     card = card.model_copy(update={
-        "training": {**card.training, **data_info, "init_from": cfg.init_from,
-                     "steps": step, "best_step": best["step"],
-                     "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),
-                     "precision": "bfloat16" if use_bf16 else "float32",
+        "training": {**card.training, **run.data_info, "init_from": cfg.init_from,
+                     "steps": run.step, "best_step": best["step"],
+                     "seconds": round(time.perf_counter() - run.t0, 1),
+                     "device": str(run.device),
+                     "precision": "bfloat16" if run.use_bf16 else "float32",
                      "config": cfg.model_dump(mode="json")},
         "metrics": {"validation": best["metrics"]},
     })
-    return save_model(model.cpu(), card, out_dir, storage=cfg.weights_storage)
+    return save_model(model.cpu(), card, run.out_dir, storage=cfg.weights_storage)
 
 
 def _worker_seed(worker_id: int) -> None:
@@ -277,6 +349,4 @@ def _append_metrics(path: Path, row: dict) -> None:
 def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
