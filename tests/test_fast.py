@@ -172,13 +172,13 @@ def test_region_model_must_have_the_region_map_codes(tmp_path):
     from tilscore.engine.load import fast_region_model
     from tilscore.errors import UsageError
 
-    assert fast_region_model("full", "cd20", None) is None
-    assert fast_region_model("fast", "he", None) == "he-regions"
+    assert fast_region_model("full", "cd20") is None
+    assert fast_region_model("fast", "he") == "he-regions"
     card = json.loads((MODELS_DIR / "he-regions" / "card.json").read_text())
     card["region_classes"] = ["background", "stroma", "tumour", "other"]
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(UsageError, match="not \\['background', 'tumour'"):
-        fast_region_model("fast", "he", str(tmp_path))
+        fast_region_model("fast", "he", region_model=str(tmp_path))
 
 
 def test_unknown_decode_is_refused_before_any_work(tmp_path):

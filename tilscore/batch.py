@@ -427,7 +427,7 @@ def engine_key(opts: BatchOptions, stain: str, *, device: str,
     mode, the mode, the CPU threads and the model's (and the fast mode's region model's)
     card as JSON: its weights' sha256 (which loading checks against the weights file) and
     the model's configuration (tiles, classes, peak threshold). Reads only cards."""
-    region = fast_region_model(opts.mode, stain, opts.region_model)
+    region = fast_region_model(opts.mode, stain, region_model=opts.region_model)
     cards = [model_card(opts.model, stain)]
     if region is not None:
         cards.append(model_card(region, stain))
@@ -450,7 +450,8 @@ def _worker_device(devices: list[str]) -> str:
 
 def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
     """(model sha256, config hash) a complete earlier result must match to be reused."""
-    region = fast_region_model(opts.mode, stain, opts.region_model)  # bad mode: fails here
+    region = fast_region_model(opts.mode, stain,  # a bad mode fails here
+                               region_model=opts.region_model)
     card = model_card(opts.model, stain)
     region_card = None if region is None else model_card(region, stain)
     return card.sha256, config_hash(card, stain, cfg=opts.cfg, region_card=region_card)

@@ -175,7 +175,7 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
             cells = cell_table(pred.cells, names, slide_mpp=slide_mpp, regions=regions,
                                with_compartments=not no_model)
             score = slide_score(
-                cells, regions, measured, stain=stain, class_names=names, cfg=cfg,
+                cells, regions, measured=measured, stain=stain, class_names=names, cfg=cfg,
                 ihc_params=None if rule is None else rule.params,
                 stain_vectors=None if rule is None else rule.stain,
                 counted_compartment=(COUNTED_COMPARTMENT if plan is not None

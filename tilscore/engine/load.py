@@ -59,7 +59,7 @@ class Engine:
         if dev.type == "cpu":
             configure_cpu_threads(threads=cpu_threads)
         card = model_card(model, stain)  # a clear error before any weights are read
-        region_name = fast_region_model(mode, stain, region_model)
+        region_name = fast_region_model(mode, stain, region_model=region_model)
         net, card = (TissueOnlyNet(), card) if model == NO_MODEL else load_model(
             model or DEFAULT_MODELS[stain])
         regions = None
@@ -70,7 +70,7 @@ class Engine:
                    cpu_threads or usable_cores(), regions)
 
 
-def fast_region_model(mode: str, stain: str, region_model: str | None) -> str | None:
+def fast_region_model(mode: str, stain: str, *, region_model: str | None = None) -> str | None:
     """The region model the fast mode runs (None in the full mode); checks the mode, the
     stain, and that the model takes H&E and has the region map's classes in order (reads
     only its card)."""

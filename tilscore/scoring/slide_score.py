@@ -364,7 +364,7 @@ def slide_warnings(areas: RegionAreas, *, stain: str, nothing_run: bool,
     return out
 
 
-def slide_score(cells: CellTable, regions: RegionSummary, measured: QcInputs, *, stain: str,
+def slide_score(cells: CellTable, regions: RegionSummary, *, measured: QcInputs, stain: str,
                 class_names: Sequence[str], cfg: ScoreConfig,
                 ihc_params: IhcParams | None = None, stain_vectors: StainVectors | None = None,
                 counted_compartment: str | None = None, all_stroma: bool = True,

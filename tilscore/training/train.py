@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay to 5 % of the base rate."""
     if step < warmup:
         return (step + 1) / warmup
@@ -51,7 +51,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def init_heatmap_bias(model, card: ModelCard, prior: float = 0.01) -> None:
+def init_heatmap_bias(model, card: ModelCard, *, prior: float = 0.01) -> None:
     """Start cell heatmaps at a low probability everywhere (CenterNet): without it the
     focal loss begins dominated by millions of easy negatives at p = 0.5."""
     r, c = len(card.region_classes), len(card.cell_classes)
@@ -62,7 +62,7 @@ def init_heatmap_bias(model, card: ModelCard, prior: float = 0.01) -> None:
         head.bias[r : r + c].fill_(math.log(prior / (1 - prior)))
 
 
-def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) -> dict:
+def compute_losses(logits: torch.Tensor, batch: dict, *, card: ModelCard, weights) -> dict:
     r, c = len(card.region_classes), len(card.cell_classes)
     parts = {"region": region_loss(logits[:, :r].float(), batch["region"])}
     if c:
@@ -74,7 +74,7 @@ def compute_losses(logits: torch.Tensor, batch: dict, card: ModelCard, weights) 
     return parts
 
 
-def evaluate(model, card: ModelCard, val_sets: dict[str, list], *, device: torch.device,
+def evaluate(model, val_sets: dict[str, list], *, card: ModelCard, device: torch.device,
              radius_um: float = 3.3) -> dict:
     """Validation metrics per set (``sets``: name → :func:`tilscore.eval_model.evaluate_model`)
     and their mean over the labs: a threshold sweep averaged over the sets (each set
@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     while run.step < run.steps:
         train_one_epoch(run, until=_epoch_end(run.step, cfg, run.steps))
         if run.val_tiles and (run.step % cfg.val_every == 0 or run.step == run.steps):
-            _select(run, evaluate(run.model, run.card, run.val_tiles, device=run.device,
+            _select(run, evaluate(run.model, run.val_tiles, card=run.card, device=run.device,
                                   radius_um=cfg.match_radius_um))
         if run.step % cfg.checkpoint_every == 0:
             _save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler,
@@ -209,7 +209,7 @@ def train_one_epoch(run: TrainRun, *, until: int) -> None:
         images = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 → channels_last NCHW
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.use_bf16):
             logits = run.model(images)
-        parts = compute_losses(logits.float(), batch, card, cfg.loss_weights)
+        parts = compute_losses(logits.float(), batch, card=card, weights=cfg.loss_weights)
         run.optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
@@ -274,7 +274,7 @@ def _set_up(cfg: TrainConfig, out_dir: Path, *, device: str | None, max_steps: i
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, steps))
+        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=steps))
     run = TrainRun(cfg=cfg, card=card, model=model, batches=iter(()), optimizer=opt,
                    scheduler=sched, device=dev, use_bf16=False, steps=steps,
                    val_tiles=val_tiles, data_info=data_info, out_dir=out_dir)
@@ -310,7 +310,7 @@ def _finish(run: TrainRun) -> ModelCard:
         best_thr = best["metrics"].get("best_threshold", card.heatmap.threshold)
         card = card.model_copy(update={"heatmap": card.heatmap.model_copy(
             update={"threshold": best_thr})})
-        best["metrics"] = evaluate(model, card, run.val_tiles, device=run.device,
+        best["metrics"] = evaluate(model, run.val_tiles, card=card, device=run.device,
                                    radius_um=cfg.match_radius_um)
     card = card.model_copy(update={
         "training": {**card.training, **run.data_info, "init_from": cfg.init_from,
