@@ -30,8 +30,8 @@ def grid_for(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int):
 
     with open_slide(slide_path) as slide:
         mask = tissue_mask(slide)
-        return tile_grid(slide.dimensions, slide.mpp, TileSpec(tile_mpp, tile_px, overlap_px),
-                         mask)
+        return tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(tile_mpp, tile_px, overlap_px),
+                         mask=mask)
 
 
 def naive(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int) -> dict:

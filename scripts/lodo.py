@@ -46,7 +46,8 @@ def run(config: Path, leave_out: str, out: Path, max_steps: int | None, resume: 
         train(cfg, out, resume=resume, max_steps=max_steps)
     net, card = load_model(out)
     tiles = eval_tiles(left[0].path, card.input_mpp, split="all", mpp=left[0].mpp)
-    metrics = evaluate_model(net, card, tiles, torch.device("cpu"), cfg.match_radius_um)
+    metrics = evaluate_model(net, card, tiles=tiles, device=torch.device("cpu"),
+                             radius_um=cfg.match_radius_um)
     best = metrics["best_threshold"]
     result = {
         "left_out": leave_out, "images": len(tiles), "trained_on": [d.path or d.kind

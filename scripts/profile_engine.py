@@ -59,7 +59,8 @@ def main() -> None:
         mask, grid = prepared.mask, prepared.grid
 
         def run(k: int):
-            return predict_slide(slide, grid, engine.predictor, Path(tmp) / f"{k}.zarr",
+            return predict_slide(slide, grid, predictor=engine.predictor,
+                                 store_path=Path(tmp) / f"{k}.zarr",
                                  workers=threads, batch_size=batch, tissue=mask,
                                  decode="auto")
 

@@ -233,13 +233,13 @@ def evaluate(items, find, radius_um: float = MATCH_RADIUS_UM, judged_only: bool 
     for item in items:
         pred = find(item.rgb, item.mpp)
         r_px = radius_um / item.mpp
-        matched = match_points(pred, item.truth_xy, r_px) >= 0
+        matched = match_points(pred, item.truth_xy, radius=r_px) >= 0
         drop = np.zeros(len(pred), bool)
         if item.ignore_xy is not None and len(item.ignore_xy) and len(pred):
-            drop |= ~matched & (match_points(pred, item.ignore_xy, r_px) >= 0)
+            drop |= ~matched & (match_points(pred, item.ignore_xy, radius=r_px) >= 0)
         if judged_only and item.annotated is not None and len(pred):
             drop |= ~matched & _unjudged(pred, item.annotated, JUDGED_RADIUS_UM / item.mpp)
-        score = detection_score(pred[~drop], item.truth_xy, r_px)
+        score = detection_score(pred[~drop], item.truth_xy, radius=r_px)
         total, calls = total + score, calls + int((~drop).sum())
         per_image.append((item.name, score, int((~drop).sum()), len(item.truth_xy)))
     return total, calls, per_image
@@ -332,7 +332,7 @@ def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float
         ok = (cells.gate == 0).numpy()
         for cls in ("inflammatory", "epithelial", "spindle"):
             truth = np.array(meta["points"][cls], np.float64).reshape(-1, 2)
-            match = match_points(truth, xy, radius_um / meta["mpp"])
+            match = match_points(truth, xy, radius=radius_um / meta["mpp"])
             passed.setdefault(cls, []).append(ok[match[match >= 0]])
     return {cls: (int(sum(len(p) for p in parts)),
                   float(np.concatenate(parts).mean()) if parts else float("nan"))

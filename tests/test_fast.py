@@ -25,7 +25,7 @@ SHIPPED = all((MODELS_DIR / m / "card.json").exists() for m in ("he-default", "h
 
 def test_select_tiles_keeps_only_cores_touching_the_mask():
     # 1 µm/px slide of 1000 x 600 µm; cores of 100 µm at 1 µm/px: 10 x 6 cores.
-    grid = tile_grid((1000, 600), 1.0, TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
+    grid = tile_grid((1000, 600), 1.0, spec=TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
     need = np.zeros((75, 125), bool)  # 8 µm/px
     need[5, 30] = True  # µm [40, 48) x [240, 248): core (row 0, col 2)
     need[37, 62] = True  # µm [296, 304) x [496, 504): straddles rows 2-3 and cols 4-5
@@ -36,11 +36,11 @@ def test_select_tiles_keeps_only_cores_touching_the_mask():
 
 
 def test_density_map_is_nan_where_no_cells_were_searched():
-    grid = tile_grid((1000, 600), 1.0, TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
+    grid = tile_grid((1000, 600), 1.0, spec=TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
     sub = select_tiles(grid, TissueMask(np.eye(1, 125, 30, dtype=bool).reshape(1, 125), 8.0))
     assert covered(sub, np.array([[250.0, 50.0], [50.0, 50.0], [-5.0, 10.0]])).tolist() == [
         True, False, False]
-    dens = mask_unsearched(np.ones((6, 10), np.float32), sub, 100.0)
+    dens = mask_unsearched(np.ones((6, 10), np.float32), sub, grid_um=100.0)
     assert np.isfinite(dens).sum() == 1 and dens[0, 2] == 1.0
 
 
@@ -59,8 +59,8 @@ def test_region_only_model_predicts_regions_at_the_map_mpp_and_no_cells(tmp_path
     assert predictor.region_factor == 1  # already at the 2 µm/px of the region map
     img = np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)
     slide = open_slide(img, mpp=0.5)
-    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(2.0, 128, 16))
-    pred = predict_slide(slide, grid, predictor, tmp_path / "c.zarr")
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(2.0, 128, 16))
+    pred = predict_slide(slide, grid, predictor=predictor, store_path=tmp_path / "c.zarr")
     assert len(pred.cells["x_px"]) == 0
     assert pred.canvas.mpp == 2.0 and pred.canvas.shape == (3 * 96, 3 * 96)  # 200 px / 96
 
@@ -158,7 +158,7 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
     with open(out / "cells.csv") as fh:
         pred = np.array([[float(r["x_px"]), float(r["y_px"])] for r in csv.DictReader(fh)
                          if r["class"] == "lymphocyte" and r["compartment"] == "stroma"])
-    score = detection_score(pred, truth, 3.3 / 0.25)
+    score = detection_score(pred, truth, radius=3.3 / 0.25)
     assert score.f1 >= 0.9, score.as_dict()
     assert summary["fast"]["cell_tiles"] <= summary["fast"]["cell_tiles_full_mode"]
     import zarr

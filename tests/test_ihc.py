@@ -382,7 +382,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     # cells in the band against 20 centred there in the larger image; most of the extra
     # negatives on the outermost pixel): the rate must not climb, the cells may.
     assert edge_whole.sum() <= edge.sum() <= 2.5 * edge_whole.sum()
-    match = match_points(xy_part, xy_whole, 8.0)  # 4 µm
+    match = match_points(xy_part, xy_whole, radius=8.0)  # 4 µm
     ok = match >= 0
     assert ok[edge].mean() >= 0.75
     edge_rate = part.positive.numpy()[edge].mean()
@@ -443,7 +443,7 @@ def test_cuda_matches_cpu():
         # cuDNN may convolve in TF32: allow a rare near-tie to fall the other way.
         xy_a = torch.stack([a.x_px, a.y_px], 1).numpy()
         xy_b = torch.stack([b.x_px, b.y_px], 1).cpu().numpy()
-        match = match_points(xy_b, xy_a, 1.0)
+        match = match_points(xy_b, xy_a, radius=1.0)
         ok = match >= 0
         assert ok.mean() >= 0.98 and abs(len(a) - len(b)) <= 0.02 * len(a) + 1
         pos_a, pos_b = a.positive.numpy()[match[ok]], b.positive.cpu().numpy()[ok]

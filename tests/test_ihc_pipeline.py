@@ -216,7 +216,7 @@ def _positives_vs_truth(out_dir, items, marker: str):
         with open(out_dir / item.name / "cells.csv", newline="") as f:
             xy = np.array([[float(r["x_px"]), float(r["y_px"])] for r in csv.DictReader(f)
                            if r["class"] == f"{marker}_positive"]).reshape(-1, 2)
-        total = total + detection_score(xy, item.truth_xy, 4.0 / item.mpp)
+        total = total + detection_score(xy, item.truth_xy, radius=4.0 / item.mpp)
         calls += len(xy)
     return total, calls
 

@@ -199,7 +199,8 @@ def test_weak_region_rule():
     image[:60, 140:] = (240, 240, 238)  # glass, far from every nucleus
     image[40:45, 60:70] = (240, 240, 238)  # glass, but 20-30 px from the epithelial nucleus
     tumour, stroma = np.array([[40.5, 40.5]]), np.array([[160.5, 160.5], [120.5, 160.5]])
-    region = weak_regions(image, tumour, stroma, np.concatenate([tumour, stroma]), mpp)
+    region = weak_regions(image, tumour, stroma_xy=stroma, all_xy=np.concatenate([tumour, stroma]),
+                          mpp=mpp)
     assert region[40, 40] == TUM and region[40, 60] == TUM  # 20 px away: inside the disc
     assert region[40, 63] == IGNORE  # 22.5 px: outside the disc, bright but near a nucleus
     assert region[160, 160] == STR and region[160, 180] == STR
@@ -207,8 +208,8 @@ def test_weak_region_rule():
     assert region[30, 170] == BG and region[0, 199] == BG
     assert (region[:60, 140:][region[:60, 140:] != BG] == IGNORE).all()
     # a tumour and a stroma nucleus 20 px apart: their shared pixels are ignored
-    both = weak_regions(rgb(60, 60), np.array([[20.5, 30.5]]), np.array([[40.5, 30.5]]),
-                        np.array([[20.5, 30.5], [40.5, 30.5]]), mpp)
+    both = weak_regions(rgb(60, 60), np.array([[20.5, 30.5]]), stroma_xy=np.array([[40.5, 30.5]]),
+                        all_xy=np.array([[20.5, 30.5], [40.5, 30.5]]), mpp=mpp)
     assert both[30, 30] == IGNORE and both[30, 5] == TUM and both[30, 55] == STR
     assert set(np.unique(region).tolist()) <= {BG, TUM, STR, IGNORE}
 

@@ -55,7 +55,7 @@ def test_lymphocyte_detection_f1(scored):
     pred = np.array([[float(r["x_px"]), float(r["y_px"])] for r in rows
                      if r["class"] == "lymphocyte"])
     radius_px = 3.3 / 0.25
-    score = detection_score(pred, truth["xy"][truth["lymph"]], radius_px)
+    score = detection_score(pred, truth["xy"][truth["lymph"]], radius=radius_px)
     assert score.f1 >= 0.9, score.as_dict()
 
 
@@ -145,7 +145,7 @@ def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
     root = zarr.open_group(str(out / "maps.zarr"), mode="r")
     labels, dens = root["labels/regions/0"][:], root["0"][:]
     grid_um = summary["score_config"]["density_grid_um"]
-    tissue = tissue_area_grid(labels, 2.0, grid_um, (1024.0, 1024.0))
+    tissue = tissue_area_grid(labels, 2.0, grid_um=grid_um, extent_um=(1024.0, 1024.0))
     assert (tissue > 0).any() and (tissue == 0).any()  # the slide has tissue and glass
     np.testing.assert_array_equal(np.isnan(dens), tissue == 0)
     counted = summary["counts"]["lymphocyte"]["tissue"]

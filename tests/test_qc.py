@@ -93,7 +93,7 @@ def test_qc_flags_fire_on_blur_and_pen_and_stay_quiet_on_clean(qc_batch):
 
 def test_out_of_domain_flags_need_enough_evidence():
     cfg = QcConfig()
-    codes = lambda qc: [f["code"] for f in qc_flags(qc, "he", cfg)]  # noqa: E731
+    codes = lambda qc: [f["code"] for f in qc_flags(qc, "he", cfg=cfg)]  # noqa: E731
     carcinoma = {"region_uncertain_fraction": 0.12, "tumour_cells": 300,
                  "tumour_cells_in_tumour_fraction": 0.9}
     assert codes(carcinoma) == []
@@ -104,7 +104,7 @@ def test_out_of_domain_flags_need_enough_evidence():
     assert codes({**carcinoma, "tumour_cells": 20,
                   "tumour_cells_in_tumour_fraction": 0.1}) == []
     assert [f["code"] for f in qc_flags({**carcinoma, "region_uncertain_fraction": 0.9},
-                                        "cd20", cfg)] == []
+                                        "cd20", cfg=cfg)] == []
 
 
 @pytest.mark.real_data

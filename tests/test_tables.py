@@ -194,7 +194,7 @@ def test_numbers_and_plain_text_are_unchanged(value):
 
 
 def test_write_csv_keeps_negative_numbers_numbers(tmp_path):
-    write_csv(tmp_path / "t.csv", ["a", "b"], [{"a": -2.5, "b": "=1+2"}])
+    write_csv(tmp_path / "t.csv", ["a", "b"], rows=[{"a": -2.5, "b": "=1+2"}])
     assert (tmp_path / "t.csv").read_text() == "a,b\n-2.5,'=1+2\n"
 
 

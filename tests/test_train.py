@@ -20,7 +20,8 @@ def native_folder(tmp_path):
     from tilscore.training.importers.native import write_native
 
     scene = SyntheticScene(2048, 2048, mpp=0.25, seed=5)
-    tiles = [synthetic_tile(scene, x, y, 160, 2.0) for x, y in ((0, 0), (900, 700), (1500, 300))]
+    tiles = [synthetic_tile(scene, x, y0=y, size_px=160, ds=2.0) for x, y in ((0, 0), (900, 700),
+                                                                              (1500, 300))]
     for k, t in enumerate(tiles):
         t.split = "val" if k == 0 else "train"
     write_native(tmp_path / "native", tiles, name="synthetic-native", licence="generated")
@@ -96,10 +97,10 @@ def test_region_at_typed_nuclei_is_the_balanced_accuracy():
     cls = np.array([tumour, tumour, tumour, stromal, stromal, CELL_CODES["lymphocyte"]])
     tile = LabelledTile(image=np.zeros((32, 32, 3), np.uint8), mpp=0.5, region=None,
                         points_xy=pts, point_cls=cls)
-    got = region_at_nuclei([region], [tile], card)
+    got = region_at_nuclei([region], [tile], card=card)
     assert got["region_tumour_nuclei_in_tumour"] == pytest.approx(2 / 3)
     assert got["region_stromal_nuclei_in_stroma"] == pytest.approx(1 / 2)
     assert got["region_balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert region_at_nuclei([region], [LabelledTile(
         image=tile.image, mpp=0.5, region=None, points_xy=pts[:3], point_cls=cls[:3])],
-        card) == {}  # no stromal nuclei: nothing to balance
+        card=card) == {}  # no stromal nuclei: nothing to balance

@@ -348,7 +348,7 @@ def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
     from tilscore.engine.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
-    with open_client(kind, n_workers, opts.cluster_config) as client, \
+    with open_client(kind, n_workers, cluster_config=opts.cluster_config) as client, \
             _slide_bar(len(jobs), opts.quiet) as bar:
         # Slides another run is scoring come back "busy": they are sent again, to wait
         # for that run, once every other slide is done (as _claims does in one process).

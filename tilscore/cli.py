@@ -235,7 +235,7 @@ def evaluate(
     net, card = load_model(model)
     dev = select_device(device)
     tiles = eval_tiles(data, card.input_mpp, split=split, mpp=mpp)
-    metrics = evaluate_model(net.to(dev), card, tiles, dev, radius_um)
+    metrics = evaluate_model(net.to(dev), card, tiles=tiles, device=dev, radius_um=radius_um)
     metrics.update({"model": card.name, "data": data, "split": split, "tiles": len(tiles),
                     "radius_um": radius_um})
     cells = "lymphocyte_f1" in metrics  # False for a region-only model

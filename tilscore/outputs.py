@@ -89,22 +89,25 @@ def write_outputs(work: Path, summary: dict, *, cells: CellTable, regions: Regio
     def maps() -> None:
         dmap = _density(canvas, pts[mine], extent_um, cfg.density_grid_um)
         if plan is not None:
-            dmap = mask_unsearched(dmap, plan.cell_grid, cfg.density_grid_um)
+            dmap = mask_unsearched(dmap, plan.cell_grid, grid_um=cfg.density_grid_um)
         density_name = "til_density" if stain == "he" else f"{counted}_density"
         write_ome_zarr(work / "maps.zarr", canvas.labels_within(extent_um),
-                       canvas.mpp, dmap, cfg.density_grid_um, region_names, CLASS_COLORS,
+                       mpp_labels=canvas.mpp, density_map=dmap, density_mpp=cfg.density_grid_um,
+                       class_names=region_names, colors=CLASS_COLORS,
                        density_name=density_name, density_unit=f"{counted} cells per mm²")
 
     # Independent files, written at once: numpy, zlib, PIL and zarr release the GIL for
     # most of their work (on a GPU node's spare cores this is ~ the slowest writer).
     jobs = [
         lambda: write_cells_csv(work / "cells.csv", cells, extra=extra),
-        lambda: write_cells_geojson(work / "cells.geojson", geo_cells, radius_px, CLASS_COLORS,
-                                    geo_measurements, geo_properties),
+        lambda: write_cells_geojson(work / "cells.geojson", geo_cells, radius_px=radius_px,
+                                    colors=CLASS_COLORS,
+                                    measurements=geo_measurements, properties=geo_properties),
         # the region map the summary's areas count, clipped to the image
         lambda: write_regions_geojson(work / "regions.geojson",
                                       canvas.labels_within(extent_um),
-                                      canvas.mpp / slide_mpp, region_names, CLASS_COLORS,
+                                      scale_to_l0=canvas.mpp / slide_mpp,
+                                      class_names=region_names, colors=CLASS_COLORS,
                                       mpp_l0=slide_mpp, image_size_l0=image_size_l0),
         maps,
         lambda: write_overlay_png(
@@ -128,7 +131,8 @@ def _density(canvas: RegionCanvas, points_xy_um: np.ndarray, extent_um: tuple[fl
              grid_um: float) -> np.ndarray:
     """The density map: points per mm² of the tissue in each grid cell of the region map
     (NaN where a cell holds none; :func:`tilscore.score.density_map`)."""
-    tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um, extent_um)
+    tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um=grid_um,
+                              extent_um=extent_um)
     return density_map(points_xy_um, tissue, grid_um)
 
 

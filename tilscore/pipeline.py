@@ -142,7 +142,8 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
             with _tile_bar(item.slide_id, quiet) as bar:
                 if engine.regions is None:
                     bar.total = len(grid)
-                    pred = predict_slide(slide, grid, engine.predictor, work / ".canvas.zarr",
+                    pred = predict_slide(slide, grid, predictor=engine.predictor,
+                                         store_path=work / ".canvas.zarr",
                                          workers=read_threads, batch_size=batch_size,
                                          tissue=mask, progress=bar.update, cell_rule=rule,
                                          decode=decode)

@@ -59,7 +59,7 @@ def all_summaries(out_dir: Path) -> list[dict]:
 def write_tables(out_dir: Path, failures: list[dict]) -> None:
     """scores.csv from every summary in `out_dir`; failures.csv from this run."""
     write_scores(out_dir)
-    atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
+    atomic.write_csv(out_dir / "failures.csv", ["input", "error"], rows=failures)
 
 
 def write_scores(out_dir: Path) -> Path:
@@ -70,7 +70,7 @@ def write_scores(out_dir: Path) -> Path:
     rows = [flatten(s) for s in all_summaries(out_dir)]
     fields = sorted({k for row in rows for k, v in row.items() if v not in (None, "")}
                     | set(ALWAYS_COLUMNS if rows else ()), key=_column_order)
-    atomic.write_csv(out_dir / "scores.csv", fields, rows)
+    atomic.write_csv(out_dir / "scores.csv", fields, rows=rows)
     return out_dir / "scores.csv"
 
 

@@ -136,7 +136,7 @@ def device_tile_reader(slide, grid) -> DeviceTileReader | None:
     return reader
 
 
-def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *, batch_size: int,
+def iter_device_batches(reader: DeviceTileReader, slide, *, grid, device, batch_size: int,
                         block_tiles: int = 4, stats=None) -> Iterator:
     """Like :func:`tilscore.tiles.iter_tile_batches`, with the images already on `device`
     (uint8 NHWC, channels_last once permuted): blocks of ≤ block_tiles² neighbouring model
@@ -165,7 +165,7 @@ def iter_device_batches(reader: DeviceTileReader, slide, grid, device, *, batch_
         except RuntimeError as exc:  # torchvision raises RuntimeError on corrupt JPEG data
             log.warning("device decoding failed (%s); reading the block on the host", exc)
             tiles, failed, err = _read_block(slide, origins[idx], grid.spec, grid.downsample)
-            check_failures(stats, idx, failed, err, len(grid))
+            check_failures(stats, idx, failed=failed, error=err, n_tiles=len(grid))
             idx = idx[~failed]
             crops = torch.from_numpy(tiles[~failed]).to(device)
         buf_imgs.append(crops)

@@ -83,18 +83,20 @@ def predict_fast(slide, mask, *, regions, cells, work: Path, cfg, workers: int,
     from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
 
     def grid_for(card):
-        return tile_grid(slide.dimensions, slide.mpp, TileSpec.from_card(card), mask)
+        return tile_grid(slide.dimensions, slide.mpp, spec=TileSpec.from_card(card), mask=mask)
 
     t0 = time.perf_counter()
     region_grid = grid_for(regions.card)
-    first = predict_slide(slide, region_grid, regions, work / ".canvas.zarr", workers=workers,
+    first = predict_slide(slide, region_grid, predictor=regions, store_path=work / ".canvas.zarr",
+                          workers=workers,
                           batch_size=batch_size, tissue=mask, progress=progress,
                           decode=decode)
     t1 = time.perf_counter()
     search = cell_search_mask(first.canvas, cfg)
     full_grid = grid_for(cells.card)
     cell_grid = select_tiles(full_grid, search)
-    second = predict_slide(slide, cell_grid, cells, work / ".cells.zarr", workers=workers,
+    second = predict_slide(slide, cell_grid, predictor=cells, store_path=work / ".cells.zarr",
+                           workers=workers,
                            batch_size=batch_size, tissue=mask, progress=progress,
                            decode=decode)
     first.canvas.copy_nuclei_from(second.canvas)
@@ -122,7 +124,7 @@ def covered(grid, points_xy_um: np.ndarray) -> np.ndarray:
     return out
 
 
-def mask_unsearched(density: np.ndarray, grid, grid_um: float) -> np.ndarray:
+def mask_unsearched(density: np.ndarray, grid, *, grid_um: float) -> np.ndarray:
     """The density map (per mm², `grid_um` cells) with NaN where the cell pass did not
     look (cell centres outside every pass-2 tile core): unmeasured, not zero."""
     rows, cols = density.shape

@@ -217,8 +217,8 @@ class Predictor:
         elif peaks:
             heat = torch.sigmoid(logits[:, r : r + c])
             out["peak_score"], out["peak_index"] = top_peaks(
-                heat, self.nms_kernel, self.card.heatmap.threshold, (ov, ov + core),
-                self.max_peaks_per_tile)
+                heat, self.nms_kernel, threshold=self.card.heatmap.threshold, core=(ov, ov + core),
+                k=self.max_peaks_per_tile)
         return out, heat
 
     @torch.inference_mode()
@@ -236,7 +236,8 @@ class Predictor:
                 ov, core = self.card.overlap_px, self.core
                 log.warning("more than %d cells in a tile: exact peak search",
                             self.max_peaks_per_tile)
-                cells = find_peaks(pending.heat, self.nms_kernel, self.card.heatmap.threshold,
+                cells = find_peaks(pending.heat, self.nms_kernel,
+                                   threshold=self.card.heatmap.threshold,
                                    core=(ov, ov + core)).cpu().numpy()
         return TilePredictions(regions=host["regions"], cells=cells,
                                nucleus_fraction=host.get("nucleus"), focus=host["focus"],
@@ -270,7 +271,7 @@ def _record_event(device: torch.device):
     return event
 
 
-def peak_mask(heat: torch.Tensor, kernel: int, threshold: float,
+def peak_mask(heat: torch.Tensor, kernel: int, *, threshold: float,
               core: tuple[int, int] | None = None) -> torch.Tensor:
     """Boolean (B, C, H, W): local maxima of sigmoid heatmaps above `threshold`, by
     max-pool non-maximum suppression, inside `core` = (start, stop) when given (the tile
@@ -305,24 +306,24 @@ def peak_mask(heat: torch.Tensor, kernel: int, threshold: float,
     return out
 
 
-def find_peaks(heat: torch.Tensor, kernel: int, threshold: float,
+def find_peaks(heat: torch.Tensor, kernel: int, *, threshold: float,
                core: tuple[int, int] | None = None) -> torch.Tensor:
     """Peaks of :func:`peak_mask` as float32 (N, 5) rows (batch index, class, x_px, y_px,
     score) with pixel-centre coordinates, in (batch, class, y, x) order. Synchronises
     with the device (the number of peaks decides the output size)."""
-    keep = peak_mask(heat, kernel, threshold, core)
+    keep = peak_mask(heat, kernel, threshold=threshold, core=core)
     b, cls, y, x = keep.nonzero(as_tuple=True)
     score = heat[b, cls, y, x]
     return torch.stack([b.float(), cls.float(), x.float() + 0.5, y.float() + 0.5, score], 1)
 
 
-def top_peaks(heat: torch.Tensor, kernel: int, threshold: float, core: tuple[int, int],
+def top_peaks(heat: torch.Tensor, kernel: int, *, threshold: float, core: tuple[int, int],
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same peaks as :func:`find_peaks` in a fixed-size form that needs no host
     synchronisation: per tile, the `k` largest of (score where a peak, else -1) as
     float32 (B, k) scores and int32 (B, k) flat indices into (C, H, W), unordered. A tile
     whose `k` scores are all ≥ 0 may have had more than `k` peaks."""
-    keep = peak_mask(heat, kernel, threshold, core)
+    keep = peak_mask(heat, kernel, threshold=threshold, core=core)
     masked = torch.where(keep, heat, torch.full_like(heat, -1.0)).flatten(1)
     score, index = masked.topk(min(k, masked.shape[1]), dim=1, sorted=False)
     return score, index.to(torch.int32)
@@ -363,7 +364,7 @@ class SlidePrediction:
     region_uncertain_fraction: float | None = None
 
 
-def predict_slide(slide, grid, predictor: Predictor, store_path, *, workers: int = 2,
+def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int = 2,
                   batch_size: int | None = None, progress=None, tissue=None,
                   cell_rule=None, use_processes: bool = False,
                   decode: str = DEFAULT_DECODE) -> SlidePrediction:
@@ -411,7 +412,7 @@ def predict_slide(slide, grid, predictor: Predictor, store_path, *, workers: int
     on_device = decode == "device" or (decode == "auto" and predictor.device.type == "cuda")
     reader = (device_tile_reader(slide, grid)
               if on_device and not isinstance(slide, SlideRef) and len(grid) else None)
-    batches = (prefetch(iter_device_batches(reader, slide, grid, predictor.device,
+    batches = (prefetch(iter_device_batches(reader, slide, grid=grid, device=predictor.device,
                                             batch_size=batch_size, stats=stats))
                if reader is not None else
                iter_tile_batches(slide, grid, batch_size=batch_size, workers=workers,

@@ -105,7 +105,7 @@ class TileGrid:
 def tile_grid(
     slide_dimensions: tuple[int, int],
     slide_mpp: float,
-    spec: TileSpec,
+    *, spec: TileSpec,
     mask=None,
     min_tissue_fraction: float = 0.0,
 ) -> TileGrid:
@@ -157,7 +157,7 @@ def prepare_slide(slide, card) -> PreparedSlide:
     :class:`~tilscore.slide.Slide`) for the model of `card` (:meth:`TileSpec.from_card`)."""
     thumbnail = slide.thumbnail(COARSE_MPP)
     mask = tissue_mask_from_thumbnail(thumbnail, slide.thumbnail_mpp(COARSE_MPP))
-    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec.from_card(card), mask)
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec.from_card(card), mask=mask)
     return PreparedSlide(thumbnail, mask, grid)
 
 
@@ -275,7 +275,7 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     return tiles, failed, first_error
 
 
-def check_failures(stats: LoaderStats, idx: np.ndarray, failed: np.ndarray,
+def check_failures(stats: LoaderStats, idx: np.ndarray, *, failed: np.ndarray,
                    error: str | None, n_tiles: int) -> None:
     """Record a block's failed tiles in `stats`; raise SlideReadError once more than
     MAX_FAILED_TILE_FRACTION of the slide's `n_tiles` have failed."""
@@ -332,7 +332,7 @@ def iter_tile_batches(
             if nxt is not None:
                 pending.append((nxt, submit(origins[nxt])))
             tiles, failed, err = fut.result()
-            check_failures(stats, idx, failed, err, len(grid))
+            check_failures(stats, idx, failed=failed, error=err, n_tiles=len(grid))
             ok = ~failed
             buf_imgs.append(tiles[ok])
             buf_idx.append(idx[ok])

@@ -164,7 +164,7 @@ def _box(v: np.ndarray, cx: float, y) -> list[str]:
     return parts
 
 
-def colorbar_svg(vmax: float, label: str, width_px: int = 220) -> str:
+def colorbar_svg(vmax: float, label: str, *, width_px: int = 220) -> str:
     """Inline SVG colour bar for :func:`density_rgba`: 0 … `vmax` with a `label`."""
     stops = "".join(f'<stop offset="{k / (len(VIRIDIS_STOPS) - 1):.3f}" '
                     f'stop-color="rgb({r:.0f},{g:.0f},{b:.0f})"/>'

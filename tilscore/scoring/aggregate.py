@@ -48,7 +48,7 @@ def coarse_factor(canvas, cfg: ScoreConfig) -> int:
     return max(1, int(round(cfg.coarse_mpp / canvas.mpp)))
 
 
-def coarse_stats(canvas, cfg: ScoreConfig, n_classes: int = 4):
+def coarse_stats(canvas, cfg: ScoreConfig, *, n_classes: int = 4):
     """One streaming pass over the canvas: :func:`_block_stats` of the whole map at the
     coarse mpp (counts, nuclei sums), the factor from canvas to coarse pixels and the
     coarse mpp."""
@@ -61,10 +61,10 @@ def coarse_stats(canvas, cfg: ScoreConfig, n_classes: int = 4):
     return counts, nuclei, f, canvas.mpp * f
 
 
-def coarse_fractions(canvas, cfg: ScoreConfig, n_classes: int = 4) -> tuple[np.ndarray, float]:
+def coarse_fractions(canvas, cfg: ScoreConfig, *, n_classes: int = 4) -> tuple[np.ndarray, float]:
     """float32 (n_classes, H', W') fraction of each region code per coarse pixel, and the
     coarse mpp."""
-    counts, _, f, coarse_mpp = coarse_stats(canvas, cfg, n_classes)
+    counts, _, f, coarse_mpp = coarse_stats(canvas, cfg, n_classes=n_classes)
     return (counts / (f * f)).astype(np.float32), coarse_mpp
 
 
@@ -122,7 +122,7 @@ def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
     return RegionSummary(areas, bulk, labels == 1, labels, coarse_mpp, fractions)
 
 
-def tissue_area_grid(labels, mpp: float, grid_um: float, extent_um: tuple[float, float],
+def tissue_area_grid(labels, mpp: float, *, grid_um: float, extent_um: tuple[float, float],
                      band_rows: int = 2048) -> np.ndarray:
     """float64 (rows, cols) mm² of tissue (region code > 0) in each cell of a `grid_um`
     grid covering `extent_um` (w, h) µm: rows = ⌈h / grid_um⌉, cols = ⌈w / grid_um⌉.

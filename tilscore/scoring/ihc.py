@@ -162,7 +162,7 @@ def _default(code: str, reason: str, angles: dict | None = None,
 
 
 def estimate_background_rgb(rgb_uint8: np.ndarray, tissue: np.ndarray | None = None,
-                            limits: EstimationLimits = EstimationLimits()) -> tuple:
+                            *, limits: EstimationLimits = EstimationLimits()) -> tuple:
     """Glass intensity (I0) per channel of an RGB image, as three floats.
 
     rgb_uint8: uint8 (H, W, 3); tissue: bool (H, W) or None. The median colour of the
@@ -204,7 +204,7 @@ def estimate_stain_vectors(rgb_uint8: np.ndarray, tissue: np.ndarray | None = No
     rgb = np.asarray(rgb_uint8)
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    glass = estimate_background_rgb(rgb, tissue, limits)
+    glass = estimate_background_rgb(rgb, tissue, limits=limits)
     pix = rgb.reshape(-1, 3)
     if tissue is not None:
         pix = pix[np.asarray(tissue, dtype=bool).reshape(-1)]

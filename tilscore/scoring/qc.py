@@ -131,7 +131,7 @@ def focus_threshold(stain: str, cfg: QcConfig = QcConfig()) -> float:
     return cfg.focus_min_var_he if stain == "he" else cfg.focus_min_var_ihc
 
 
-def qc_flags(qc: dict, stain: str, cfg: QcConfig = QcConfig()) -> list[dict]:
+def qc_flags(qc: dict, stain: str, *, cfg: QcConfig = QcConfig()) -> list[dict]:
     """`{"code", "message"}` for every QC problem in `qc` (a summary's ``qc`` section)."""
     flags = []
 

@@ -186,7 +186,7 @@ class RegionAreas:
                 "tumour_bulk": self.bulk}
 
 
-def counts_by_compartment(cls_names: list[str], cell_cls: np.ndarray, compartment: np.ndarray,
+def counts_by_compartment(cls_names: list[str], cell_cls: np.ndarray, *, compartment: np.ndarray,
                           in_bulk: np.ndarray | None = None) -> dict[str, dict[str, int]]:
     """{class: {tumour, stroma, other, tissue[, stroma_in_tumour_bulk]}} counts; `cell_cls`
     int indices into `cls_names`, `compartment` str array ("tumour"/"stroma"/"other"),
@@ -212,7 +212,7 @@ def densities(counts: dict[str, dict[str, int | None]], areas: RegionAreas) -> d
             for name, row in counts.items()}
 
 
-def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, cfg: ScoreConfig,
+def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, *, cfg: ScoreConfig,
                  nuclei_segmented: bool = True) -> dict:
     """sTIL % (disc and segmented nuclear area) and the TIGER score, with their parts.
     `nuclei_segmented` False (a cell model without a nucleus channel): the segmented
@@ -239,7 +239,7 @@ def stromal_tils(n_lymph_bulk_stroma: int, areas: RegionAreas, cfg: ScoreConfig,
     }
 
 
-def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, mask_mpp: float,
+def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, *, mask_mpp: float,
                   distance_um: float) -> float | None:
     """Fraction of points within `distance_um` of True pixels of `target_mask` (bool grid
     at `mask_mpp`, origin at 0 µm); None when there are no points."""

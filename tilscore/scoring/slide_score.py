@@ -241,9 +241,9 @@ def he_score(cells: CellTable, regions: RegionSummary, *, cfg: ScoreConfig,
     stromal = (cells["class"] == "lymphocyte") & (cells["compartment"] == "stroma")
     n_bulk_stroma = int((stromal & cells["in_bulk"]).sum())
     pts = np.stack([cells["x_um"], cells["y_um"]], axis=1)
-    near = (fraction_near(pts[stromal], regions.tumour, regions.coarse_mpp,
-                          cfg.near_tumour_um) if all_stroma else None)
-    tils = stromal_tils(n_bulk_stroma, regions.areas, cfg, nuclei_segmented)
+    near = (fraction_near(pts[stromal], regions.tumour, mask_mpp=regions.coarse_mpp,
+                          distance_um=cfg.near_tumour_um) if all_stroma else None)
+    tils = stromal_tils(n_bulk_stroma, regions.areas, cfg=cfg, nuclei_segmented=nuclei_segmented)
     return HeScore(stromal_til_percent=tils["stromal_til_percent"],
                    stromal_til_percent_segmented=tils["stromal_til_percent_segmented"],
                    til_score_tiger=tils["til_score_tiger"],
@@ -382,8 +382,9 @@ def slide_score(cells: CellTable, regions: RegionSummary, *, measured: QcInputs,
     `nuclei_segmented`: the cell model has a nucleus channel; `extra_warnings`: appended
     (e.g. an --mpp override that disagrees with the file)."""
     areas = regions.areas
-    counts = counts_by_compartment(list(class_names), cells["cls"], cells["compartment"],
-                                   cells["in_bulk"])
+    counts = counts_by_compartment(list(class_names), cells["cls"],
+                                   compartment=cells["compartment"],
+                                   in_bulk=cells["in_bulk"])
     if counted_compartment is not None:
         counts = {k: {c: (n if c == counted_compartment else None) for c, n in row.items()}
                   for k, row in counts.items()}

@@ -65,7 +65,7 @@ def sample_points(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
 
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int],
-                 sigma_px: float) -> np.ndarray:
+                 *, sigma_px: float) -> np.ndarray:
     """Gaussian-filtered white noise, zero mean and unit s.d., float64 `shape`.
 
     Large sigmas are filtered on a reduced grid and upsampled (cost independent of
@@ -164,7 +164,7 @@ def _tex_grid(tex: dict, name: str, slot: int, offsets, ys_um, xs_um) -> np.ndar
                        xs_um / t.res_um + offsets[slot, 1], wrap=True)
 
 
-def paint_regions(stain, labels, necrosis, fibre, ys_um, xs_um, tex, offsets) -> np.ndarray:
+def paint_regions(stain, labels, *, necrosis, fibre, ys_um, xs_um, tex, offsets) -> np.ndarray:
     """Background stain concentrations by region: float32 (3, h, w).
 
     labels: uint8 (h, w) codes; necrosis: bool (h, w) ("other" looks necrotic, else fat;
@@ -239,7 +239,7 @@ def _nucleus_values(kind, stain, rho, alpha, ring, chrom, nucleolus, tone, posit
     return hx, np.zeros_like(hx)
 
 
-def paint_nuclei(conc, cells, stain, x0_um, y0_um, s_um, tex) -> None:
+def paint_nuclei(conc, cells, *, stain, x0_um, y0_um, s_um, tex) -> None:
     """Add nuclei (and CD20 membranes) to `conc` (3, h, w) in place.
 
     x0_um, y0_um: µm position of pixel (0, 0)'s centre; s_um: µm per pixel. Each cell is
@@ -293,7 +293,7 @@ def paint_nuclei(conc, cells, stain, x0_um, y0_um, s_um, tex) -> None:
         conc[1] *= 1 - 0.6 * np.clip(alpha_sum, 0, 1).reshape(h, w)
 
 
-def paint_pen(od, pen, colours, ys_um, xs_um, tex, offsets) -> None:
+def paint_pen(od, pen, *, colours, ys_um, xs_um, tex, offsets) -> None:
     """Add ink optical density to `od` (3, h, w) in place; pen = (stroke index, µm inside
     the stroke edge) on the grid."""
     index, inside_um = pen

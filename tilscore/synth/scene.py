@@ -187,7 +187,7 @@ class SyntheticScene:
         side_um = min(self.width_um, self.height_um)
 
         def noise(sigma_um: float) -> np.ndarray:
-            return smooth_noise(rng, shape, sigma_um / FIELD_UM)
+            return smooth_noise(rng, shape, sigma_px=sigma_um / FIELD_UM)
 
         u = (xs[None, :] - self.width_um / 2) / (0.45 * self.width_um)
         v = (ys[:, None] - self.height_um / 2) / (0.45 * self.height_um)
@@ -557,19 +557,22 @@ class SyntheticScene:
         if np.any(labels == 2):
             fibre = (sample_grid(self._fields["fibre_c"], fy, fx),
                      sample_grid(self._fields["fibre_s"], fy, fx))
-        conc = paint_regions(self.stain, labels, necrosis, fibre, ys_um, xs_um,
-                             self._tex, self._tex_offset)
+        conc = paint_regions(self.stain, labels, necrosis=necrosis, fibre=fibre, ys_um=ys_um,
+                             xs_um=xs_um,
+                             tex=self._tex, offsets=self._tex_offset)
         s_um = d * self.mpp
         cells = self.cells_um(xs_um[0] - MARGIN_UM, ys_um[0] - MARGIN_UM,
                               xs_um[-1] + MARGIN_UM, ys_um[-1] + MARGIN_UM)
         cells["positive"] = self._positive(cells)
-        paint_nuclei(conc, cells, self.stain, xs_um[0], ys_um[0], s_um, self._tex)
+        paint_nuclei(conc, cells, stain=self.stain, x0_um=xs_um[0], y0_um=ys_um[0], s_um=s_um,
+                     tex=self._tex)
         # OD per RGB channel, channel-first (no BLAS: see sample_grid).
         od = np.stack([conc[0] * self._od[0, c] + conc[1] * self._od[1, c]
                        + conc[2] * self._od[2, c] for c in range(3)])
         pen = self._pen_values(ys_um, xs_um, grid=True)
         if pen is not None and np.any(pen[1] > -2.0):
-            paint_pen(od, pen, self._pen_colour, ys_um, xs_um, self._tex, self._tex_offset)
+            paint_pen(od, pen, colours=self._pen_colour, ys_um=ys_um, xs_um=xs_um, tex=self._tex,
+                      offsets=self._tex_offset)
         np.maximum(od, 0.0, out=od)
         return np.moveaxis(255.0 * np.exp(-od), 0, -1)
 

@@ -92,7 +92,7 @@ def write_cells_csv(scene: SyntheticScene, path: Path) -> dict[str, dict[str, in
 
 
 def scene_truth(scene: SyntheticScene, slide_id: str = "synthetic",
-                counts: dict | None = None) -> dict:
+                *, counts: dict | None = None) -> dict:
     """Exact ground truth in tilscore ``summary.json`` keys, computed without rendering.
 
     - ``areas_mm2``: region areas by the midpoint rule on a 2 µm grid (relative error

@@ -46,7 +46,7 @@ class SynthResult:
     truth: dict
 
 
-def write_synthetic_slide(out_path: str | Path, stain: str = "he", seed: int = 0,
+def write_synthetic_slide(out_path: str | Path, stain: str = "he", *, seed: int = 0,
                           size_px: tuple[int, int] = (8192, 8192), mpp: float = 0.25,
                           tile_px: int = 512, jpeg_quality: int = 90, workers: int | None = None,
                           **scene_knobs) -> SynthResult:
@@ -79,10 +79,11 @@ def write_synthetic_slide(out_path: str | Path, stain: str = "he", seed: int = 0
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         workers = min(4, cpus or 1)
     t0 = time.perf_counter()
-    write_pyramid_tiff(scene, slide_path, tile_px, int(jpeg_quality), workers)
+    write_pyramid_tiff(scene, slide_path, tile_px=tile_px, jpeg_quality=int(jpeg_quality),
+                       workers=workers)
     t1 = time.perf_counter()
     counts = write_cells_csv(scene, cells_path)
-    truth = scene_truth(scene, slide_path.stem, counts)
+    truth = scene_truth(scene, slide_path.stem, counts=counts)
     truth_path.write_text(json.dumps(truth, indent=2) + "\n")
     log.info("synthetic %s slide %s: %dx%d px, TIFF %.1f s, truth %.1f s", stain, slide_path,
              width_px, height_px, t1 - t0, time.perf_counter() - t1)
@@ -165,7 +166,7 @@ def _level_tiles(read_tile: Callable, w: int, h: int, tile: int, sink: _RawLevel
             yield img
 
 
-def write_pyramid_tiff(scene: SyntheticScene, path: Path, tile_px: int = 512,
+def write_pyramid_tiff(scene: SyntheticScene, path: Path, *, tile_px: int = 512,
                        jpeg_quality: int = 90, workers: int = 1) -> list[tuple[int, int]]:
     """Stream the scene into a tiled JPEG pyramidal TIFF; returns the level dimensions.
 

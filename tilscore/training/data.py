@@ -101,7 +101,7 @@ def build_augment(crop_px: int, stain: str = "he"):
     )
 
 
-def center_crop(tile: LabelledTile, crop_px: int, rng: np.random.Generator) -> LabelledTile:
+def center_crop(tile: LabelledTile, crop_px: int, *, rng: np.random.Generator) -> LabelledTile:
     """A random crop without augmentation (pads small tiles)."""
     h, w = tile.image.shape[:2]
     if h < crop_px or w < crop_px:
@@ -136,7 +136,7 @@ def augment_tile(tile: LabelledTile, aug) -> LabelledTile:
                    points_xy=kp, point_cls=np.asarray(out["cls"], dtype=np.int64))
 
 
-def make_sample(tile: LabelledTile, cell_classes: tuple[str, ...], sigma_um: float,
+def make_sample(tile: LabelledTile, cell_classes: tuple[str, ...], *, sigma_um: float,
                 lymph_radius_um: float) -> dict:
     """Loss targets for a tile already at the model mpp and crop size; one heatmap per
     class of `cell_classes` (the card's; labelled classes it lacks count as "other")."""
@@ -144,17 +144,17 @@ def make_sample(tile: LabelledTile, cell_classes: tuple[str, ...], sigma_um: flo
     mpp = tile.mpp
     cls = tile.point_cls.astype(np.int64)
     heat = gaussian_heatmaps(tile.points_xy, card_cell_index(cls, cell_classes),
-                             len(cell_classes), (h, w), sigma_um / mpp)
+                             n_classes=len(cell_classes), shape=(h, w), sigma_px=sigma_um / mpp)
     heat_weight = np.full((1, h, w), 1.0 if tile.has_cells else 0.0, np.float32)
     unknown = tile.points_xy[cls == UNCLASSIFIED]
     if tile.has_cells and len(unknown):
         r = np.full(len(unknown), 1.5 * lymph_radius_um / mpp)
-        heat_weight[0][disc_mask(unknown, r, (h, w)) > 0] = 0.0
+        heat_weight[0][disc_mask(unknown, r, shape=(h, w)) > 0] = 0.0
     lymph = tile.points_xy[cls == CELL_CODES["lymphocyte"]]
     if tile.nucleus_mask is not None:
         nucleus = tile.nucleus_mask
     else:
-        nucleus = weak_nucleus_mask(tile.image, lymph, lymph_radius_um / mpp)
+        nucleus = weak_nucleus_mask(tile.image, lymph, radius_px=lymph_radius_um / mpp)
     region = (tile.region if tile.region is not None
               else np.full((h, w), IGNORE, np.uint8)).astype(np.int64)
     return {
@@ -200,10 +200,10 @@ class SyntheticSource:
         span = size_px * ds
         x0 = float(rng.uniform(0, max(1.0, scene.width_px - span)))
         y0 = float(rng.uniform(0, max(1.0, scene.height_px - span)))
-        return synthetic_tile(scene, x0, y0, size_px, ds)
+        return synthetic_tile(scene, x0, y0=y0, size_px=size_px, ds=ds)
 
 
-def synthetic_tile(scene, x0: float, y0: float, size_px: int, ds: float) -> LabelledTile:
+def synthetic_tile(scene, x0: float, *, y0: float, size_px: int, ds: float) -> LabelledTile:
     """Render a labelled tile of `scene` with top-left level-0 (x0, y0) at downsample `ds`.
 
     Each output pixel averages 2 x 2 rendered sub-pixels at half the output pixel size (at
@@ -216,7 +216,7 @@ def synthetic_tile(scene, x0: float, y0: float, size_px: int, ds: float) -> Labe
     pts = np.stack([(cells["x_px"] - x0) / ds, (cells["y_px"] - y0) / ds], axis=1)
     cls = np.array([CELL_CODES[c] for c in cells["type"]], dtype=np.int64)
     lymph = cls == CELL_CODES["lymphocyte"]
-    nucleus = disc_mask(pts[lymph], cells["radius_px"][lymph] / ds, (size_px, size_px))
+    nucleus = disc_mask(pts[lymph], cells["radius_px"][lymph] / ds, shape=(size_px, size_px))
     return LabelledTile(image=image, mpp=scene.mpp * ds, region=region.astype(np.uint8),
                         points_xy=pts, point_cls=cls, nucleus_mask=nucleus,
                         source=f"synthetic:{scene.stain}:seed{scene.seed}")
@@ -251,8 +251,9 @@ class MixedTileDataset(torch.utils.data.IterableDataset):
             _, sampler = self.sources[int(rng.choice(len(self.sources), p=weights))]
             tile = sampler(rng, fetch_px)
             tile = augment_tile(tile, aug) if aug is not None else center_crop(
-                tile, self.crop_px, rng)
-            yield make_sample(tile, self.cell_classes, self.sigma_um, self.lymph_radius_um)
+                tile, self.crop_px, rng=rng)
+            yield make_sample(tile, self.cell_classes, sigma_um=self.sigma_um,
+                              lymph_radius_um=self.lymph_radius_um)
 
 
 class FolderSource:
@@ -263,10 +264,10 @@ class FolderSource:
 
     def sample(self, rng: np.random.Generator, size_px: int) -> LabelledTile:
         tile = self.tiles[int(rng.integers(len(self.tiles)))]
-        return center_crop(tile, min(size_px, *tile.image.shape[:2]), rng)
+        return center_crop(tile, min(size_px, *tile.image.shape[:2]), rng=rng)
 
 
-def split_tiles(tiles: list[LabelledTile], val_fraction: float, seed: int):
+def split_tiles(tiles: list[LabelledTile], val_fraction: float, *, seed: int):
     """Use the dataset's own split when it has one, else a seeded random split."""
     if any(t.split for t in tiles):
         return ([t for t in tiles if t.split != "val"], [t for t in tiles if t.split == "val"])
@@ -301,7 +302,7 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, dict[str, list[LabelledTile]]
         from tilscore.training.importers.detect import load_folder
 
         tiles = load_folder(src.path, mpp=src.mpp, fmt=src.kind)
-        train_tiles, val = split_tiles(tiles, src.val_fraction, cfg.seed)
+        train_tiles, val = split_tiles(tiles, src.val_fraction, seed=cfg.seed)
         if not train_tiles:
             raise UsageError(f"data[{k}]: no training tiles left in {src.path} after the split")
         sources.append((src.weight, FolderSource(train_tiles, cfg.input_mpp).sample))

@@ -10,7 +10,7 @@ SYNTH_EVAL_SEEDS = range(9100, 9104)  # never used for training (train 1000+, va
 SYNTH_EVAL_TILES = 48
 
 
-def eval_tiles(data: str, model_mpp: float, split: str = "val", mpp: float | None = None):
+def eval_tiles(data: str, model_mpp: float, *, split: str = "val", mpp: float | None = None):
     """`data`: a labelled-tile folder (any supported format) or ``synthetic``."""
     from tilscore.training.data import SyntheticSource, pad_to_multiple, resample_tile
 

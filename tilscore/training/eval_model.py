@@ -15,7 +15,7 @@ SWEEP = tuple(round(t, 2) for t in np.arange(0.1, 0.75, 0.05))
 
 
 @torch.inference_mode()
-def predict_tiles(model, card, tiles, device, batch_size: int = 8):
+def predict_tiles(model, card, *, tiles, device, batch_size: int = 8):
     """Per tile: (peaks float32 (N, 5) at the lowest sweep threshold, region argmax uint8).
 
     `tiles`: LabelledTile at the model mpp with sides divisible by 32.
@@ -30,7 +30,8 @@ def predict_tiles(model, card, tiles, device, batch_size: int = 8):
         for group in ([chunk] if same else [[t] for t in chunk]):
             x = torch.from_numpy(np.stack([t.image for t in group])).to(device)
             logits = model(x.permute(0, 3, 1, 2)).float()
-            peaks = (find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel, min(SWEEP)).cpu()
+            peaks = (find_peaks(torch.sigmoid(logits[:, r : r + c]), kernel,
+                                threshold=min(SWEEP)).cpu()
                      if c else torch.zeros((0, 5)))
             regions = logits[:, :r].argmax(1).to(torch.uint8).cpu().numpy()
             for k in range(len(group)):
@@ -38,14 +39,14 @@ def predict_tiles(model, card, tiles, device, batch_size: int = 8):
     return out
 
 
-def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
+def evaluate_model(model, card, *, tiles, device, radius_um: float = 3.3) -> dict:
     """Metrics dict: ``lymphocyte_*`` at the card threshold, ``sweep`` {threshold: f1},
     ``best_threshold``, ``froc`` {fp_per_mm2: sensitivity}, ``dice_<region>``, the region
     at typed nuclei (:func:`region_at_nuclei`), ``tumour_cell_*`` when the card has a
     tumour class (a region-only model: the region metrics and an empty ``sweep_f1``)."""
-    preds = predict_tiles(model, card, tiles, device)
+    preds = predict_tiles(model, card, tiles=tiles, device=device)
     result = {"sweep_f1": {}, **_region_dice(preds, tiles, card),
-              **region_at_nuclei([r for _, r in preds], tiles, card)}
+              **region_at_nuclei([r for _, r in preds], tiles, card=card)}
     if "lymphocyte" not in card.cell_classes:
         return result
     lymph = card.cell_classes.index("lymphocyte")
@@ -57,8 +58,8 @@ def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
         for (peaks, _), tile in zip(preds, tiles, strict=True):
             mine = peaks[(peaks[:, 1] == k) & (peaks[:, 4] > thr)]
             truth = tile.points_xy[tile.point_cls == CELL_CODES[cls]]
-            total = total + detection_score(mine[:, 2:4], truth, radius_px,
-                                            tile.points_xy[tile.point_cls < 0])
+            total = total + detection_score(mine[:, 2:4], truth, radius=radius_px,
+                                            ignore_xy=tile.points_xy[tile.point_cls < 0])
         return total
 
     sweep = {thr: score_at(thr).f1 for thr in SWEEP}
@@ -73,7 +74,8 @@ def evaluate_model(model, card, tiles, device, radius_um: float = 3.3) -> dict:
                   t.points_xy[t.point_cls == CELL_CODES["lymphocyte"]])
                  for (p, _), t in zip(preds, tiles,
                                                                           strict=True)]
-    result["froc_sensitivity_at_fp_per_mm2"] = froc(per_image, radius_px, max(area_mm2, 1e-9))
+    result["froc_sensitivity_at_fp_per_mm2"] = froc(per_image, radius_px, area_mm2=max(area_mm2,
+                                                                                       1e-9))
     if "tumour" in card.cell_classes and any((t.point_cls == CELL_CODES["tumour"]).any()
                                              for t in tiles):
         result.update({f"tumour_cell_{k}": v
@@ -86,7 +88,7 @@ def pick_threshold(sweep: dict[float, float]) -> float:
     return max(sweep, key=lambda t: (sweep[t], -abs(t - 0.4)))
 
 
-def region_at_nuclei(regions: list[np.ndarray], tiles, card) -> dict:
+def region_at_nuclei(regions: list[np.ndarray], tiles, *, card) -> dict:
     """The predicted region under typed nuclei: the fraction of tumour (epithelial) nuclei
     in "tumour" and of stromal (fibroblast/spindle) nuclei in "stroma", and their mean,
     the balanced accuracy (empty when the tiles have no such nuclei).
@@ -117,7 +119,8 @@ def _region_dice(preds, tiles, card) -> dict:
     dice: dict[int, list[float]] = {}
     for (_, regions), tile in zip(preds, tiles, strict=True):
         if tile.region is not None:
-            for cls, d in dice_per_class(regions, tile.region, len(card.region_classes)).items():
+            for cls, d in dice_per_class(regions, tile.region,
+                                         n_classes=len(card.region_classes)).items():
                 dice.setdefault(cls, []).append(d)
     for cls, vals in sorted(dice.items()):
         result[f"dice_{card.region_classes[cls]}"] = float(np.mean(vals))

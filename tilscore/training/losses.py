@@ -30,7 +30,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (dice[present].mean() if present.any() else 0.0)
 
 
-def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor,
                        alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
     """CenterNet focal loss. `target` float (B, C, H, W) with exactly 1 at cell centres and a
     Gaussian around; `weight` float (B, 1, H, W) in [0, 1] (0 = ignore: unlabelled nuclei,
@@ -43,7 +43,7 @@ def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return (pos_loss + neg_loss) / pos.sum().clamp_min(1.0)
 
 
-def mask_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice for the nucleus mask; logits/target/weight float (B, H, W)."""
     if weight.sum() == 0:
         return logits.sum() * 0.0

@@ -38,7 +38,7 @@ class DetectionScore:
         return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1}
 
 
-def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> np.ndarray:
+def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, *, radius: float) -> np.ndarray:
     """Greedy one-to-one matching by increasing distance (≤ radius).
 
     Returns int (n_pred,) index of the matched true point, or -1.
@@ -62,16 +62,16 @@ def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> np.
     return match
 
 
-def detection_score(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float,
+def detection_score(pred_xy: np.ndarray, true_xy: np.ndarray, *, radius: float,
                     ignore_xy: np.ndarray | None = None) -> DetectionScore:
     """TP/FP/FN of predictions vs truth. Unmatched predictions are matched one-to-one
     against `ignore_xy` (nuclei without a class): each ignored point excuses at most one
     prediction within `radius`; the others are false positives."""
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
-    match = match_points(pred_xy, true_xy, radius)
+    match = match_points(pred_xy, true_xy, radius=radius)
     unmatched = match < 0
     if ignore_xy is not None and len(ignore_xy) and unmatched.any():
-        near_ignored = match_points(pred_xy[unmatched], ignore_xy, radius) >= 0
+        near_ignored = match_points(pred_xy[unmatched], ignore_xy, radius=radius) >= 0
         fp = int((~near_ignored).sum())
     else:
         fp = int(unmatched.sum())
@@ -79,7 +79,7 @@ def detection_score(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float,
     return DetectionScore(tp=tp, fp=fp, fn=int(len(np.asarray(true_xy).reshape(-1, 2)) - tp))
 
 
-def dice_per_class(pred: np.ndarray, true: np.ndarray, n_classes: int,
+def dice_per_class(pred: np.ndarray, true: np.ndarray, *, n_classes: int,
                    ignore: int = 255) -> dict[int, float]:
     """Dice of each class present in `true` or `pred` (pixels where true == ignore skipped)."""
     valid = true != ignore
@@ -93,7 +93,7 @@ def dice_per_class(pred: np.ndarray, true: np.ndarray, n_classes: int,
 
 
 def froc(scores_per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], radius: float,
-         area_mm2: float, fp_per_mm2=(10, 20, 50, 100, 200, 300)) -> dict[float, float]:
+         *, area_mm2: float, fp_per_mm2=(10, 20, 50, 100, 200, 300)) -> dict[float, float]:
     """TIGER-style FROC: sensitivity at given false positives per mm².
 
     `scores_per_image`: list of (pred_xy (N, 2), pred_score (N,), true_xy (M, 2)).
@@ -104,7 +104,7 @@ def froc(scores_per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], radi
     for thr in thresholds[:: max(1, len(thresholds) // 200)]:
         tot = DetectionScore(0, 0, 0)
         for xy, s, t in scores_per_image:
-            tot = tot + detection_score(xy[s >= thr], t, radius)
+            tot = tot + detection_score(xy[s >= thr], t, radius=radius)
         curve.append((tot.fp / area_mm2, tot.tp / max(1, n_true)))
     result = {}
     for target in fp_per_mm2:

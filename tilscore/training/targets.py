@@ -10,7 +10,7 @@ import numpy as np
 IGNORE = 255  # region label meaning "unknown here": no loss
 
 
-def gaussian_heatmaps(points_xy: np.ndarray, classes: np.ndarray, n_classes: int,
+def gaussian_heatmaps(points_xy: np.ndarray, classes: np.ndarray, *, n_classes: int,
                       shape: tuple[int, int], sigma_px: float) -> np.ndarray:
     """float32 (n_classes, H, W): max of Gaussians at each point of each class, exactly 1
     at the pixel that holds the centre.
@@ -41,7 +41,7 @@ def gaussian_heatmaps(points_xy: np.ndarray, classes: np.ndarray, n_classes: int
     return heat
 
 
-def disc_mask(points_xy: np.ndarray, radii_px: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def disc_mask(points_xy: np.ndarray, radii_px: np.ndarray, *, shape: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W): 1 inside a disc of radius r_i around each point (nucleus proxy)."""
     h, w = shape
     mask = np.zeros((h, w), dtype=np.uint8)
@@ -56,13 +56,13 @@ def disc_mask(points_xy: np.ndarray, radii_px: np.ndarray, shape: tuple[int, int
     return mask
 
 
-def weak_nucleus_mask(image: np.ndarray, points_xy: np.ndarray, radius_px: float) -> np.ndarray:
+def weak_nucleus_mask(image: np.ndarray, points_xy: np.ndarray, *, radius_px: float) -> np.ndarray:
     """Weak lymphocyte-nucleus mask for point-only labels: haematoxylin-dark pixels within
     `radius_px` of each labelled centre (falls back to the disc where nothing is dark).
 
     `image`: uint8 RGB (H, W, 3). Returns uint8 (H, W) in {0, 1}.
     """
-    disc = disc_mask(points_xy, np.full(len(points_xy), radius_px), image.shape[:2])
+    disc = disc_mask(points_xy, np.full(len(points_xy), radius_px), shape=image.shape[:2])
     if not disc.any():
         return disc
     gray = image.astype(np.float32).mean(axis=2)

@@ -67,9 +67,10 @@ def compute_losses(logits: torch.Tensor, batch: dict, *, card: ModelCard, weight
     parts = {"region": region_loss(logits[:, :r].float(), batch["region"])}
     if c:
         parts["heat"] = heatmap_focal_loss(logits[:, r : r + c], batch["heat"],
-                                           batch["heat_weight"])
+                                           weight=batch["heat_weight"])
     if card.nucleus_mask:
-        parts["nucleus"] = mask_loss(logits[:, r + c], batch["nucleus"], batch["nucleus_weight"])
+        parts["nucleus"] = mask_loss(logits[:, r + c], batch["nucleus"],
+                                     weight=batch["nucleus_weight"])
     parts["total"] = sum(getattr(weights, k) * v for k, v in parts.items())
     return parts
 
@@ -82,7 +83,7 @@ def evaluate(model, val_sets: dict[str, list], *, card: ModelCard, device: torch
     only on the largest set), its ``best_threshold``, and the mean ``dice_*`` and
     ``region_*`` figures. Synthetic tiles enter the means only when there is no real set.
     The model is left in training mode."""
-    per_set = {name: evaluate_model(model, card, tiles, device, radius_um)
+    per_set = {name: evaluate_model(model, card, tiles=tiles, device=device, radius_um=radius_um)
                for name, tiles in val_sets.items()}
     model.train()
     real = [m for name, m in per_set.items() if name != "synthetic"] or list(per_set.values())
@@ -257,7 +258,7 @@ def _set_up(cfg: TrainConfig, out_dir: Path, *, device: str | None, max_steps: i
     dev = select_device(device or cfg.device)
     steps = int(max_steps or cfg.max_steps)
     card = cfg.model_card()
-    model = create_model(card.architecture, card.out_channels, card.mean, card.std,
+    model = create_model(card.architecture, card.out_channels, mean=card.mean, std=card.std,
                          **card.architecture_kwargs)
     if cfg.init_from:
         _init_from(model, card, cfg.init_from)
@@ -321,7 +322,7 @@ def _finish(run: TrainRun) -> ModelCard:
                      "config": cfg.model_dump(mode="json")},
         "metrics": {"validation": best["metrics"]},
     })
-    return save_model(model.cpu(), card, run.out_dir, storage=cfg.weights_storage)
+    return save_model(model.cpu(), card, folder=run.out_dir, storage=cfg.weights_storage)
 
 
 def _worker_seed(worker_id: int) -> None:

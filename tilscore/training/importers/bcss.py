@@ -60,7 +60,7 @@ BCSS_LUT = {
 _MPP_IN_NAME = re.compile(r"_MPP-(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
-def map_codes(mask: np.ndarray, lut: dict[int, int], source: Path) -> np.ndarray:
+def map_codes(mask: np.ndarray, lut: dict[int, int], *, source: Path) -> np.ndarray:
     """uint8 (H, W) region codes from raw codes via `lut`; unknown codes → IGNORE (warned)."""
     table = np.full(max(256, int(mask.max(initial=0)) + 1), IGNORE, np.uint8)
     for raw, code in lut.items():
@@ -76,7 +76,7 @@ def image_dir(folder: Path) -> Path | None:
     return next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()), None)
 
 
-def load_mask_tiles(folder: Path, lut: dict[int, int], default_mpp: float, mpp: float | None,
+def load_mask_tiles(folder: Path, lut: dict[int, int], *, default_mpp: float, mpp: float | None,
                     stats: LoadStats) -> list[LabelledTile]:
     """Image + same-stem ``masks/<stem>.png`` pairs, regions mapped by `lut`, no cells."""
     tiles = []
@@ -88,7 +88,7 @@ def load_mask_tiles(folder: Path, lut: dict[int, int], default_mpp: float, mpp: 
         image = read_rgb(path, stats)
         if image is None:
             continue
-        region = map_codes(read_mask(mask_path, image.shape[:2]), lut, mask_path)
+        region = map_codes(read_mask(mask_path, image.shape[:2]), lut, source=mask_path)
         found = _MPP_IN_NAME.search(path.stem)
         tiles.append(LabelledTile(
             image=image,
@@ -104,5 +104,6 @@ def load_bcss(folder: Path, mpp: float | None = None, stats: LoadStats | None = 
               ) -> list[LabelledTile]:
     """Region-only tiles: tumour (1, 19, 20), stroma (2, 3, 10, 11), IGNORE (0, 7, 15),
     other (all remaining codes); see BCSS_LUT. Codes not in BCSS → IGNORE (warned)."""
-    folder, stats = begin(folder, mpp, stats)
-    return require_tiles(load_mask_tiles(folder, BCSS_LUT, DEFAULT_MPP, mpp, stats), folder, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
+    return require_tiles(load_mask_tiles(folder, BCSS_LUT, default_mpp=DEFAULT_MPP, mpp=mpp,
+                                         stats=stats), folder, stats=stats)

@@ -69,10 +69,12 @@ def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None 
     """Tiles with typed points, weak regions and lymphocyte-nucleus masks (module doc)."""
     from tilscore.training.importers.native import read_mask
 
-    folder, stats = begin(folder, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
     tiles = []
-    for path, _, tile in typed_point_tiles(folder, mpp, DEFAULT_MPP, CLASS_LISTS,
-                                           TUMOUR_LISTS, STROMA_LISTS, stats):
+    for path, _, tile in typed_point_tiles(folder, mpp, default_mpp=DEFAULT_MPP,
+                                           class_lists=CLASS_LISTS,
+                                           tumour_lists=TUMOUR_LISTS, stroma_lists=STROMA_LISTS,
+                                           stats=stats):
         mask_path = folder / "masks" / f"{path.stem}.png"
         if not mask_path.exists():
             raise InputError(f"{path}: no instance mask; expected {mask_path}")
@@ -81,4 +83,4 @@ def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None 
             instances, tile.points_xy[tile.point_cls == CELL_CODES["lymphocyte"]])
         tile.split = consep_split(path.stem)
         tiles.append(tile)
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)

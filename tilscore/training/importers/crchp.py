@@ -82,7 +82,7 @@ def _distance_px(points_xy: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray
     return cv2.distanceTransform(seeds, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
 
 
-def weak_regions(image: np.ndarray, tumour_xy: np.ndarray, stroma_xy: np.ndarray,
+def weak_regions(image: np.ndarray, tumour_xy: np.ndarray, *, stroma_xy: np.ndarray,
                  all_xy: np.ndarray, mpp: float) -> np.ndarray:
     """uint8 (H, W) weak region map (rule in the module docstring).
 
@@ -132,33 +132,36 @@ def load_crchp(folder: Path, mpp: float | None = None, stats: LoadStats | None =
     `mpp` overrides the JSON's "mpp" (default 0.55 µm/px). ``split`` is "train"/"val" from
     ``split_of_original_authors``.
     """
-    folder, stats = begin(folder, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
     tiles = []
-    for _, data, tile in typed_point_tiles(folder, mpp, DEFAULT_MPP, CLASS_LISTS,
-                                           TUMOUR_LISTS, STROMA_LISTS, stats):
+    for _, data, tile in typed_point_tiles(folder, mpp, default_mpp=DEFAULT_MPP,
+                                           class_lists=CLASS_LISTS,
+                                           tumour_lists=TUMOUR_LISTS, stroma_lists=STROMA_LISTS,
+                                           stats=stats):
         tile.split = normalise_split(data.get("split_of_original_authors"))
         tiles.append(tile)
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)
 
 
-def typed_point_tiles(folder: Path, mpp: float | None, default_mpp: float,
+def typed_point_tiles(folder: Path, mpp: float | None, *, default_mpp: float,
                       class_lists: dict[str, int], tumour_lists: tuple[str, ...],
                       stroma_lists: tuple[str, ...], stats: LoadStats):
     """Yield (image path, points JSON, LabelledTile) for every readable image of a
     typed-point folder (``images/<name>`` + ``points/<name>.json``; :func:`typed_point_tile`),
     the tile's ``source`` set; unreadable images are skipped (recorded in `stats`)."""
     for path in list_images(folder / "images"):
-        labelled = read_typed_points(path, folder, stats)
+        labelled = read_typed_points(path, folder, stats=stats)
         if labelled is None:
             continue
         image, data, json_path = labelled
-        tile = typed_point_tile(image, data, json_path, mpp, default_mpp, class_lists,
-                                tumour_lists, stroma_lists, stats)
+        tile = typed_point_tile(image, data, json_path=json_path, mpp=mpp, default_mpp=default_mpp,
+                                class_lists=class_lists,
+                                tumour_lists=tumour_lists, stroma_lists=stroma_lists, stats=stats)
         tile.source = str(path)
         yield path, data, tile
 
 
-def read_typed_points(path: Path, folder: Path, stats: LoadStats):
+def read_typed_points(path: Path, folder: Path, *, stats: LoadStats):
     """(image uint8 (H, W, 3), points JSON dict, its path) for ``images/<name>`` with its
     ``points/<name>.json``; None when the image is unreadable (recorded in `stats`)."""
     json_path = folder / "points" / f"{path.stem}.json"
@@ -171,7 +174,7 @@ def read_typed_points(path: Path, folder: Path, stats: LoadStats):
     return None if image is None else (image, data, json_path)
 
 
-def typed_point_tile(image: np.ndarray, data: dict, json_path: Path, mpp: float | None,
+def typed_point_tile(image: np.ndarray, data: dict, *, json_path: Path, mpp: float | None,
                      default_mpp: float, class_lists: dict[str, int],
                      tumour_lists: tuple[str, ...], stroma_lists: tuple[str, ...],
                      stats: LoadStats) -> LabelledTile:
@@ -190,9 +193,9 @@ def typed_point_tile(image: np.ndarray, data: dict, json_path: Path, mpp: float 
     region = weak_regions(
         image,
         np.concatenate([lists[k] for k in tumour_lists]),
-        np.concatenate([lists[k] for k in stroma_lists]),
-        xy, tile_mpp,
+        stroma_xy=np.concatenate([lists[k] for k in stroma_lists]),
+        all_xy=xy, mpp=tile_mpp,
     )
-    xy, cls = clean_points(xy, cls, image.shape[:2], json_path, stats)
+    xy, cls = clean_points(xy, cls, shape_hw=image.shape[:2], source=json_path, stats=stats)
     return LabelledTile(image=image, mpp=tile_mpp, region=region, points_xy=xy,
                         point_cls=cls, has_cells=True)

@@ -100,7 +100,7 @@ def detect_format(folder: Path) -> str:
     )
 
 
-def load_folder(folder: Path, mpp: float | None = None, fmt: str = "auto",
+def load_folder(folder: Path, mpp: float | None = None, *, fmt: str = "auto",
                 stats: LoadStats | None = None) -> list[LabelledTile]:
     """Labelled tiles of `folder` in format `fmt` ("auto" detects it).
 

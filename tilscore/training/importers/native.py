@@ -65,7 +65,7 @@ class LoadStats:
 
 
 # -- helpers shared by the importers -----------------------------------------------------
-def begin(folder: Path, mpp: float | None, stats: LoadStats | None) -> tuple[Path, LoadStats]:
+def begin(folder: Path, mpp: float | None, *, stats: LoadStats | None) -> tuple[Path, LoadStats]:
     """Checks shared by every loader: `folder` exists, `mpp` (if given) is plausible."""
     from tilscore.slide.base import validate_mpp
 
@@ -131,7 +131,7 @@ def read_mask(path: Path, shape_hw: tuple[int, int]) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def clean_points(xy, cls, shape_hw, source: Path, stats: LoadStats):
+def clean_points(xy, cls, *, shape_hw, source: Path, stats: LoadStats):
     """Clamp points ≤ EDGE_TOLERANCE_PX outside [0, W) x [0, H) onto the border, drop others.
 
     Returns float64 (N, 2) x, y and int64 (N,) codes.
@@ -176,7 +176,7 @@ def normalise_split(value) -> str | None:
     return _SPLITS.get(str(value).strip().lower(), str(value).strip().lower())
 
 
-def require_tiles(tiles: list[LabelledTile], folder: Path, stats: LoadStats) -> list:
+def require_tiles(tiles: list[LabelledTile], folder: Path, *, stats: LoadStats) -> list:
     """`tiles`, or InputError when empty; logs a one-line summary."""
     stats.tiles = len(tiles)
     if not tiles:
@@ -213,7 +213,7 @@ def _read_cells(path: Path) -> tuple[list, list, float | None]:
 def load_native(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles of a native folder (layout in the module docstring), sorted by id."""
-    folder, stats = begin(folder, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
     meta = read_json(folder / "dataset.json") if (folder / "dataset.json").exists() else {}
     if not isinstance(meta, dict):
         raise InputError(f"{folder / 'dataset.json'}: expected a JSON object")
@@ -238,13 +238,13 @@ def load_native(folder: Path, mpp: float | None = None, stats: LoadStats | None 
             region = region.astype(np.uint8)
         if (npath := folder / "nuclei" / f"{tile_id}.png").exists():
             nucleus = (read_mask(npath, image.shape[:2]) > 0).astype(np.uint8)
-        xy, cls = clean_points(xy, cls, image.shape[:2], cpath, stats)
+        xy, cls = clean_points(xy, cls, shape_hw=image.shape[:2], source=cpath, stats=stats)
         tiles.append(LabelledTile(
             image=image, mpp=tile_mpp, region=region, points_xy=xy, point_cls=cls,
             has_cells=cpath.exists(), nucleus_mask=nucleus, source=str(path),
             split=normalise_split(info.get("split")),
         ))
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)
 
 
 def _tile_ids(tiles: list[LabelledTile]) -> list[str]:
@@ -260,7 +260,7 @@ def _tile_ids(tiles: list[LabelledTile]) -> list[str]:
     return ids
 
 
-def write_native(folder: Path, tiles: list[LabelledTile], name: str = "",
+def write_native(folder: Path, tiles: list[LabelledTile], *, name: str = "",
                  licence: str = "") -> list[str]:
     """Write `tiles` as a native folder (PNG images, lossless); returns the tile ids.
 

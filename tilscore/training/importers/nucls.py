@@ -49,7 +49,7 @@ OTHER_NAMES = {
 }
 
 
-def class_code(name: str, source: Path, stats: LoadStats) -> int:
+def class_code(name: str, source: Path, *, stats: LoadStats) -> int:
     """CELL_CODES value or UNCLASSIFIED for a NuCLS class name."""
     low = name.strip().lower()
     if low in LYMPHOCYTE_NAMES:
@@ -83,14 +83,14 @@ def read_boxes(path: Path, stats: LoadStats) -> tuple[np.ndarray, np.ndarray]:
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: line {line}: box coordinates are not numbers") from exc
         xy.append(((x0 + x1) / 2, (y0 + y1) / 2))
-        cls.append(class_code(row[class_column] or "", path, stats))
+        cls.append(class_code(row[class_column] or "", path, stats=stats))
     return np.asarray(xy, np.float64), np.asarray(cls, np.int64)
 
 
 def load_nucls(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Point-only tiles (``region=None``) from NuCLS boxes; `mpp` overrides 0.2 µm/px."""
-    folder, stats = begin(folder, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
     tile_mpp = resolve_mpp(mpp, DEFAULT_MPP, source=str(folder))
     tiles = []
     for path in list_images(folder / "rgb"):
@@ -101,7 +101,7 @@ def load_nucls(folder: Path, mpp: float | None = None, stats: LoadStats | None =
         image = read_rgb(path, stats)
         if image is None:
             continue
-        xy, cls = clean_points(xy, cls, image.shape[:2], csv_path, stats)
+        xy, cls = clean_points(xy, cls, shape_hw=image.shape[:2], source=csv_path, stats=stats)
         tiles.append(LabelledTile(image=image, mpp=tile_mpp, region=None, points_xy=xy,
                                   point_cls=cls, has_cells=True, source=str(path)))
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)

@@ -121,7 +121,7 @@ def _paint(region: np.ndarray, geom, code: int) -> None:
         region[inside] = code
 
 
-def parse_features(features: list[dict], shape_hw, path: Path, stats: LoadStats):
+def parse_features(features: list[dict], shape_hw, *, path: Path, stats: LoadStats):
     """(uint8 region or None, float64 (N, 2) points, int64 (N,) codes, has_cells)."""
     from shapely.geometry import shape
 
@@ -161,7 +161,7 @@ def parse_features(features: list[dict], shape_hw, path: Path, stats: LoadStats)
 def load_qupath(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles from QuPath GeoJSON (rules in the module docstring)."""
-    folder, stats = begin(folder, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
     meta = read_json(folder / "dataset.json") if (folder / "dataset.json").exists() else {}
     if not isinstance(meta, dict):
         raise InputError(f"{folder / 'dataset.json'}: expected a JSON object")
@@ -175,8 +175,9 @@ def load_qupath(folder: Path, mpp: float | None = None, stats: LoadStats | None 
         image = read_rgb(path, stats)
         if image is None:
             continue
-        region, xy, cls, has_cells = parse_features(features, image.shape[:2], geojson, stats)
-        xy, cls = clean_points(xy, cls, image.shape[:2], geojson, stats)
+        region, xy, cls, has_cells = parse_features(features, image.shape[:2], path=geojson,
+                                                    stats=stats)
+        xy, cls = clean_points(xy, cls, shape_hw=image.shape[:2], source=geojson, stats=stats)
         tiles.append(LabelledTile(image=image, mpp=tile_mpp, region=region, points_xy=xy,
                                   point_cls=cls, has_cells=has_cells, source=str(path)))
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)

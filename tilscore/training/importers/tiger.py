@@ -80,8 +80,8 @@ def read_coco(path: Path, stats: LoadStats) -> dict[str, tuple[tuple, np.ndarray
 def load_tiger(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Tiles with TIGER regions and (where ``tiger-coco.json`` lists them) lymphocytes."""
-    folder, stats = begin(folder, mpp, stats)
-    tiles = load_mask_tiles(folder, TIGER_LUT, DEFAULT_MPP, mpp, stats)
+    folder, stats = begin(folder, mpp, stats=stats)
+    tiles = load_mask_tiles(folder, TIGER_LUT, default_mpp=DEFAULT_MPP, mpp=mpp, stats=stats)
     coco_path = folder / COCO_NAME
     cells = read_coco(coco_path, stats) if coco_path.exists() else {}
     unlisted = 0
@@ -94,9 +94,10 @@ def load_tiger(folder: Path, mpp: float | None = None, stats: LoadStats | None =
         if (width, height) not in ((None, None), (tile.image.shape[1], tile.image.shape[0])):
             raise InputError(f"{coco_path}: {name} listed as {width}x{height} px but the image "
                              f"is {tile.image.shape[1]}x{tile.image.shape[0]} px")
-        tile.points_xy, tile.point_cls = clean_points(xy, cls, tile.image.shape[:2], coco_path,
-                                                      stats)
+        tile.points_xy, tile.point_cls = clean_points(xy, cls, shape_hw=tile.image.shape[:2],
+                                                      source=coco_path,
+                                                      stats=stats)
         tile.has_cells = True
     if cells and unlisted:
         log.warning("%s: %d images not listed there have no cell labels", coco_path, unlisted)
-    return require_tiles(tiles, folder, stats)
+    return require_tiles(tiles, folder, stats=stats)
