@@ -44,7 +44,7 @@ def main() -> None:
                                             "alpha": args.alpha,
                                             "a_sha256": card_a.sha256,
                                             "b_sha256": card_b.sha256}}})
-        save_model(net_b, card, args.out, storage=args.storage)
+        save_model(net_b, card, folder=args.out, storage=args.storage)
     except TilscoreError as exc:
         sys.exit(f"error: {exc}")
     print(f"wrote {args.out}")

@@ -55,22 +55,19 @@ if cuda:
 if cuda or engine_only:
     # The engine alone (read + model + stitch), warm, with the GPU's busy fraction
     # sampled from NVML (percent of time a kernel ran) every 50 ms; and the loader alone.
-    from tilscore.device_decode import device_tile_reader, iter_device_batches
-    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
-    from tilscore.pipeline import Engine, THUMBNAIL_MPP
+    from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
+    from tilscore.engine.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.engine.load import Engine
     from tilscore.slide import open_slide
-    from tilscore.tiles import SlideRef, TileSpec, iter_tile_batches, tile_grid
-    from tilscore.tissue import tissue_mask_from_thumbnail
-    engine = Engine.load(None, stain, device, compile_model=compile_model)
+    from tilscore.prepare.tiles import SlideRef, iter_tile_batches, prepare_slide
+    engine = Engine.load(None, stain, device=device, compile_model=compile_model)
     card = engine.card
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     threads = threads or default_read_threads(engine.device, engine.cores)
     batch = batch or default_batch_size(engine.device)
     with open_slide(slide) as s:
-        thumb = s.thumbnail(THUMBNAIL_MPP)
-        mask = tissue_mask_from_thumbnail(thumb, s.thumbnail_mpp(THUMBNAIL_MPP))
-        grid = tile_grid(s.dimensions, s.mpp,
-                         TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
+        prepared = prepare_slide(s, card)
+        mask, grid = prepared.mask, prepared.grid
         procs = decode == "processes"
         on_device = decode == "device" or (decode == "auto" and cuda)
         source = SlideRef(slide) if procs else s
@@ -100,7 +97,7 @@ if cuda or engine_only:
             sampler.join()
         t1 = time.perf_counter()
         reader = device_tile_reader(s, grid) if on_device else None
-        batches = (iter_device_batches(reader, s, grid, engine.device, batch)
+        batches = (iter_device_batches(reader, s, grid, engine.device, batch_size=batch)
                    if reader is not None else
                    iter_tile_batches(source, grid, batch_size=batch, workers=threads,
                                      use_processes=procs))
@@ -124,10 +121,10 @@ print(json.dumps({"wall_s": wall, "summary": summary, "peak_rss_gb": int(hwm) / 
 def ensure_slide(size: int, cache: Path, stain: str) -> Path:
     path = cache / f"tilscore-bench-{stain}-{size}.tiff"
     if not path.exists():
-        from tilscore.synth import write_synthetic_slide
+        from tilscore.synth.writer import write_synthetic_slide
 
         t0 = time.perf_counter()
-        from tilscore.infer import usable_cores
+        from tilscore.engine.infer import usable_cores
 
         write_synthetic_slide(path, stain=stain, seed=7, size_px=(size, size), mpp=0.25,
                               workers=usable_cores())

@@ -24,14 +24,14 @@ from pathlib import Path
 
 
 def grid_for(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int):
+    from tilscore.prepare.tiles import TileSpec, tile_grid
+    from tilscore.prepare.tissue import tissue_mask
     from tilscore.slide import open_slide
-    from tilscore.tiles import TileSpec, tile_grid
-    from tilscore.tissue import tissue_mask
 
     with open_slide(slide_path) as slide:
         mask = tissue_mask(slide)
-        return tile_grid(slide.dimensions, slide.mpp, TileSpec(tile_mpp, tile_px, overlap_px),
-                         mask)
+        return tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(tile_mpp, tile_px, overlap_px),
+                         mask=mask)
 
 
 def naive(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int) -> dict:
@@ -58,7 +58,7 @@ def loader(slide_path: str, tile_mpp: float, tile_px: int, overlap_px: int, work
            processes: bool) -> dict:
     import torch  # noqa: F401  (imported once per process; not part of streaming cost)
 
-    from tilscore.tiles import LoaderStats, SlideRef, iter_tile_batches
+    from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches
 
     grid = grid_for(slide_path, tile_mpp, tile_px, overlap_px)
     stats = LoaderStats()
@@ -100,7 +100,7 @@ def main() -> None:
 
     slide = args.slide
     if slide is None:
-        from tilscore.synth import write_synthetic_slide
+        from tilscore.synth.writer import write_synthetic_slide
 
         slide = f"/tmp/tilscore-bench-{args.size}.tiff"
         if not Path(slide).exists():

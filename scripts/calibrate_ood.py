@@ -1,4 +1,4 @@
-"""The out-of-domain QC numbers (tilscore.qc: region uncertainty, tumour-class nuclei
+"""The out-of-domain QC numbers (tilscore.scoring.qc: region uncertainty, tumour-class nuclei
 inside tumour) on in-domain and out-of-domain H&E, to set and check QcConfig's limits.
 
     .venv/bin/python scripts/calibrate_ood.py [--model he-default] [--data ../shared/data]
@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 def inputs(data: Path, tmp: Path) -> list[tuple[str, Path, float | None]]:
     """(group, path, mpp) of every input; the labelled sets' val images are read in place."""
-    from tilscore.importers import load_folder
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
+    from tilscore.training.importers import load_folder
 
     items = []
     for name, mpp in (("he-crchp", 0.55), ("he-consep", 0.2441)):

@@ -2,7 +2,7 @@
 
 Usage: python scripts/calibrate_qc.py [--shared ../shared/data]
 
-Prints percentiles of tilscore.qc.focus_measure (at 0.5 µm/px, the model's input) for
+Prints percentiles of tilscore.scoring.qc.focus_measure (at 0.5 µm/px, the model's input) for
 synthetic H&E/IHC tiles rendered sharp and with defocus blur, and for real tiles (CRCHP
 H&E, the CMU Aperio slide, DeepLIIF IHC) sharp and Gaussian-blurred in software.
 """
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from tilscore.qc import focus_measure
+from tilscore.scoring.qc import focus_measure
 
 TILE = 256
 
@@ -34,7 +34,7 @@ def blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def synthetic(stain: str, blur_sigma_l0: float, n: int = 12) -> list[np.ndarray]:
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
 
     scene = SyntheticScene(8192, 8192, mpp=0.25, stain=stain, seed=5,
                            blur_sigma_px=blur_sigma_l0)

@@ -38,9 +38,9 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import validate_ihc  # noqa: E402
 
-from tilscore.evaluate import detection_score, match_points  # noqa: E402
-from tilscore.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
-from tilscore.ihc_detect import annulus_kernel, sector_kernels  # noqa: E402
+from tilscore.scoring.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
+from tilscore.scoring.ihc_detect import annulus_kernel, sector_kernels  # noqa: E402
+from tilscore.training.metrics import detection_score, match_points  # noqa: E402
 
 FEATURE_MPP = 0.25
 MIN_EXCESS_OD = 0.1
@@ -133,10 +133,10 @@ def main(argv=None) -> int:
         xy, excess, _ = validate_ihc.detector_candidates(item.rgb, item.mpp, "cd20")
         xy, excess = xy[excess >= MIN_EXCESS_OD], excess[excess >= MIN_EXCESS_OD]
         r_px = validate_ihc.MATCH_RADIUS_UM / item.mpp
-        label = match_points(xy, item.truth_xy, r_px) >= 0
+        label = match_points(xy, item.truth_xy, radius=r_px) >= 0
         crops.append((item, xy, features(item.rgb, item.mpp, xy, excess), label, r_px))
     n_true = sum(len(c[0].truth_xy) for c in crops)
-    reach = sum(detection_score(c[1], c[0].truth_xy, c[4]).tp for c in crops)
+    reach = sum(detection_score(c[1], c[0].truth_xy, radius=c[4]).tp for c in crops)
     print(f"{len(crops)} crops, {n_true} annotated cells, {sum(len(c[1]) for c in crops)} "
           f"candidates reaching {reach}")
     print("| classifier (leave one crop out) | best recall within 1.5 calls per cell | "
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             scores.append(model.predict_proba(crops[i][2])[:, 1])
         curve = []
         for thr in np.unique(np.concatenate(scores))[::-1]:
-            tp = sum(detection_score(c[1][s >= thr], c[0].truth_xy, c[4]).tp
+            tp = sum(detection_score(c[1][s >= thr], c[0].truth_xy, radius=c[4]).tp
                      for c, s in zip(crops, scores, strict=True))
             calls = sum(int((s >= thr).sum()) for s in scores)
             curve.append((tp / n_true, calls / n_true))

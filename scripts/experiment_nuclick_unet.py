@@ -27,9 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import validate_ihc  # noqa: E402
 
-from tilscore.evaluate import detection_score  # noqa: E402
-from tilscore.infer import find_peaks  # noqa: E402
+from tilscore.engine.infer import find_peaks  # noqa: E402
 from tilscore.models import load_model  # noqa: E402
+from tilscore.training.metrics import detection_score  # noqa: E402
 
 MPP = 0.5  # the network's
 PAD_PX = 128  # a 512 px crop at 0.12 µm/px is 123 px at 0.5 µm/px
@@ -104,9 +104,9 @@ def main() -> None:
     for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
         tp = calls = 0
         for i in range(len(items)):
-            xy = find_peaks(heat[i], 7, thr).numpy()[:, 2:4]
+            xy = find_peaks(heat[i], 7, threshold=thr).numpy()[:, 2:4]
             xy = xy[(xy < sides[i]).all(axis=1)]  # not in the padding
-            tp += detection_score(xy, points[i], validate_ihc.MATCH_RADIUS_UM / MPP).tp
+            tp += detection_score(xy, points[i], radius=validate_ihc.MATCH_RADIUS_UM / MPP).tp
             calls += len(xy)
         print(f"threshold {thr}: recall {tp / n_true:.3f}, calls per cell {calls / n_true:.2f}")
 

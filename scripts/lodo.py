@@ -29,11 +29,11 @@ def run(config: Path, leave_out: str, out: Path, max_steps: int | None, resume: 
     import torch
 
     from tilscore.errors import UsageError
-    from tilscore.eval_data import eval_tiles
-    from tilscore.eval_model import evaluate_model
     from tilscore.models import load_model
-    from tilscore.train import train
-    from tilscore.train_config import load_train_config
+    from tilscore.training.eval_data import eval_tiles
+    from tilscore.training.eval_model import evaluate_model
+    from tilscore.training.train import train
+    from tilscore.training.train_config import load_train_config
 
     cfg = load_train_config(config)
     kept = tuple(d for d in cfg.data if not (d.path and Path(d.path).name == leave_out))
@@ -46,7 +46,8 @@ def run(config: Path, leave_out: str, out: Path, max_steps: int | None, resume: 
         train(cfg, out, resume=resume, max_steps=max_steps)
     net, card = load_model(out)
     tiles = eval_tiles(left[0].path, card.input_mpp, split="all", mpp=left[0].mpp)
-    metrics = evaluate_model(net, card, tiles, torch.device("cpu"), cfg.match_radius_um)
+    metrics = evaluate_model(net, card, tiles=tiles, device=torch.device("cpu"),
+                             radius_um=cfg.match_radius_um)
     best = metrics["best_threshold"]
     result = {
         "left_out": leave_out, "images": len(tiles), "trained_on": [d.path or d.kind

@@ -40,13 +40,13 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tilscore.infer import default_batch_size, default_read_threads, predict_slide
-    from tilscore.pipeline import THUMBNAIL_MPP, Engine
+    from tilscore.engine.infer import default_batch_size, default_read_threads, predict_slide
+    from tilscore.engine.load import Engine
+    from tilscore.prepare.tiles import prepare_slide
     from tilscore.slide import open_slide
-    from tilscore.tiles import TileSpec, tile_grid
-    from tilscore.tissue import tissue_mask_from_thumbnail
 
-    engine = Engine.load(None, args.stain, args.device, compile_model=args.compile or False)
+    engine = Engine.load(None, args.stain, device=args.device,
+                         compile_model=args.compile or False)
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     card = engine.card
@@ -55,13 +55,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with open_slide(args.slide) as slide, tempfile.TemporaryDirectory() as tmp:
-        mask = tissue_mask_from_thumbnail(slide.thumbnail(THUMBNAIL_MPP),
-                                          slide.thumbnail_mpp(THUMBNAIL_MPP))
-        grid = tile_grid(slide.dimensions, slide.mpp,
-                         TileSpec(card.input_mpp, card.tile_px, card.overlap_px), mask)
+        prepared = prepare_slide(slide, card)
+        mask, grid = prepared.mask, prepared.grid
 
         def run(k: int):
-            return predict_slide(slide, grid, engine.predictor, Path(tmp) / f"{k}.zarr",
+            return predict_slide(slide, grid, predictor=engine.predictor,
+                                 store_path=Path(tmp) / f"{k}.zarr",
                                  workers=threads, batch_size=batch, tissue=mask,
                                  decode="auto")
 

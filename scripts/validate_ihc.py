@@ -1,4 +1,4 @@
-"""Validate the classical IHC detector (tilscore.ihc_detect) against labelled data.
+"""Validate the classical IHC detector (tilscore.scoring.ihc_detect) against labelled data.
 
 Prints markdown tables: per dataset TP, FP, FN, precision, recall, F1 and positive calls
 per true (annotated) positive cell, for tilscore and for a naive baseline (Ruifrok
@@ -22,7 +22,7 @@ Datasets (under ``--data``; see its README):
   gate), 0.12 µm/px; truth cells are the components of the mask thresholded at 128. Not
   every DAB+ cell is annotated, so precision is a lower bound; the bar is recall and
   calls per annotated cell.
-- synthetic: tilscore.synth_scene tiles at 0.5 µm/px (the pipeline's mpp) with exact
+- synthetic: tilscore.synth.scene tiles at 0.5 µm/px (the pipeline's mpp) with exact
   truth; positives centred just outside a tile are ignore points (neither right nor wrong).
 - specificity: ``skimage.data.immunohistochemistry()`` (colon, DAB on epithelial
   membranes and cytoplasm, no stained lymphocytes; ~0.5 µm/px) scored end to end by
@@ -32,7 +32,7 @@ Datasets (under ``--data``; see its README):
   of inflammatory, epithelial and spindle nuclei the lymphocyte gate lets through.
 
 Each real image plays its own slide: its stain vectors and glass colour come from
-:func:`tilscore.ihc.estimate_stain_vectors` on the image (``--no-calibrate``: Ruifrok
+:func:`tilscore.scoring.ihc.estimate_stain_vectors` on the image (``--no-calibrate``: Ruifrok
 defaults, glass 255). ``--overlays DIR`` writes each real image with its calls drawn
 (red: positive; blue: negative; grey, orange, purple, green: rejected as a faint nucleus,
 by size, by shape, by marker location; green squares: truth) into DIR, which must not be
@@ -57,9 +57,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tilscore.evaluate import DetectionScore, detection_score, match_points  # noqa: E402
-from tilscore.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
-from tilscore.ihc_detect import detect_cells, ihc_params  # noqa: E402
+from tilscore.scoring.ihc import deconvolve, estimate_stain_vectors  # noqa: E402
+from tilscore.scoring.ihc_detect import detect_cells, ihc_params  # noqa: E402
+from tilscore.training.metrics import DetectionScore, detection_score, match_points  # noqa: E402
 
 MATCH_RADIUS_UM = 4.0
 JUDGED_RADIUS_UM = 1.5  # an unmatched call with no labelled pixel this close is not judged
@@ -129,7 +129,7 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
     """Tiles from the centre of synthetic scenes (0.25 µm/px level 0, rendered at
     `downsample`; `supersample_um` as in SyntheticScene.render, None = area-averaged from
     level 0); positives centred within `margin_um` outside the tile are ignore points."""
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
 
     items = []
     for seed in seeds:
@@ -151,7 +151,7 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
 
 def detector_cells(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu",
                    calibrate: bool = True, params=None):
-    """tilscore's :class:`~tilscore.ihc_detect.CellsOnTile` of one image (on the CPU).
+    """tilscore's :class:`~tilscore.scoring.ihc_detect.CellsOnTile` of one image (on the CPU).
     `calibrate`: stain vectors and glass colour estimated on the image itself (it plays
     its own slide thumbnail), else the Ruifrok defaults with glass at 255."""
     batch = torch.from_numpy(np.array(rgb))[None].to(device)
@@ -233,13 +233,13 @@ def evaluate(items, find, radius_um: float = MATCH_RADIUS_UM, judged_only: bool 
     for item in items:
         pred = find(item.rgb, item.mpp)
         r_px = radius_um / item.mpp
-        matched = match_points(pred, item.truth_xy, r_px) >= 0
+        matched = match_points(pred, item.truth_xy, radius=r_px) >= 0
         drop = np.zeros(len(pred), bool)
         if item.ignore_xy is not None and len(item.ignore_xy) and len(pred):
-            drop |= ~matched & (match_points(pred, item.ignore_xy, r_px) >= 0)
+            drop |= ~matched & (match_points(pred, item.ignore_xy, radius=r_px) >= 0)
         if judged_only and item.annotated is not None and len(pred):
             drop |= ~matched & _unjudged(pred, item.annotated, JUDGED_RADIUS_UM / item.mpp)
-        score = detection_score(pred[~drop], item.truth_xy, r_px)
+        score = detection_score(pred[~drop], item.truth_xy, radius=r_px)
         total, calls = total + score, calls + int((~drop).sum())
         per_image.append((item.name, score, int((~drop).sum()), len(item.truth_xy)))
     return total, calls, per_image
@@ -319,7 +319,7 @@ def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float
 
     from PIL import Image
 
-    from tilscore.ihc import EOSIN_OD, HAEMATOXYLIN_OD, StainVectors, stain_matrix
+    from tilscore.scoring.ihc import EOSIN_OD, HAEMATOXYLIN_OD, StainVectors, stain_matrix
 
     he = StainVectors(stain_matrix(HAEMATOXYLIN_OD, EOSIN_OD), "default")
     params = ihc_params("foxp3", dab_weight=0.0, segment_dab_weight=0.0)
@@ -332,7 +332,7 @@ def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float
         ok = (cells.gate == 0).numpy()
         for cls in ("inflammatory", "epithelial", "spindle"):
             truth = np.array(meta["points"][cls], np.float64).reshape(-1, 2)
-            match = match_points(truth, xy, radius_um / meta["mpp"])
+            match = match_points(truth, xy, radius=radius_um / meta["mpp"])
             passed.setdefault(cls, []).append(ok[match[match >= 0]])
     return {cls: (int(sum(len(p) for p in parts)),
                   float(np.concatenate(parts).mean()) if parts else float("nan"))
@@ -366,7 +366,7 @@ def _csv_cells(path: Path):
     """(x, y, positive, gate code) arrays of a cells.csv (gate "passed" when absent)."""
     import csv
 
-    from tilscore.ihc_detect import GATES
+    from tilscore.scoring.ihc_detect import GATES
 
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))

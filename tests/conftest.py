@@ -27,8 +27,14 @@ def slides_dir() -> Path:
 def synthetic_he_slides(root: Path, prefix: str, n: int, side_px: int, seed: int) -> list[Path]:
     """`n` small synthetic H&E slides ``root/<prefix><k>.tiff`` (0.25 µm/px, seeds from
     `seed`), for batch tests."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     return [write_synthetic_slide(root / f"{prefix}{k}.tiff", stain="he", seed=seed + k,
                                   size_px=(side_px, side_px), mpp=0.25).slide_path
             for k in range(n)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/outputs.json from this run "
+                          "(tests/test_golden_outputs.py); only on a commit known to be right")

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tilscore.aggregate import region_summary
-from tilscore.score import ScoreConfig, tumour_bulk
+from tilscore.scoring.aggregate import region_summary
+from tilscore.scoring.score import ScoreConfig, tumour_bulk
 
 
 def _canvas(h: int, w: int, seed: int = 0):

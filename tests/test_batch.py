@@ -175,7 +175,7 @@ def test_hostile_slide_ids_touch_nothing_outside_out(slides, tmp_path, capsys):
 
 def test_publish_refuses_a_target_outside_the_output_folder(tmp_path):
     from tilscore.errors import InputError
-    from tilscore.pipeline import _publish
+    from tilscore.io.publish import publish
 
     out = tmp_path / "out"
     work = out / ".s.tmp-x"
@@ -183,9 +183,9 @@ def test_publish_refuses_a_target_outside_the_output_folder(tmp_path):
     (tmp_path / "victim").mkdir()
     for final in (out / ".." / "victim", out / ".", tmp_path / "elsewhere" / "s"):
         with pytest.raises(InputError, match="refusing to write outputs"):
-            _publish(work, final)
+            publish(work, final)
     assert work.is_dir() and (tmp_path / "victim").is_dir() and out.is_dir()
-    _publish(work, out / "s")
+    publish(work, out / "s")
     assert (out / "s").is_dir() and not work.exists()
 
 
@@ -519,7 +519,7 @@ def test_stale_work_folders_are_those_whose_slide_lock_is_free(tmp_path):
     was not alive here) and removed it, failing the first. The owner's lock decides."""
     from tilscore.io.atomic import host_tag as _host_tag
     from tilscore.io.locks import lock_path
-    from tilscore.pipeline import remove_stale_work_dirs
+    from tilscore.io.publish import remove_stale_work_dirs
 
     host = _host_tag()
     live = tmp_path / f".a.tmp-{host}-999999999-x1"  # a PID that is not alive here
@@ -552,17 +552,17 @@ def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypa
     """The output files are written by parallel threads: one writer's error (a full disk,
     say) fails its slide with that error, after the other writers stopped, and leaves no
     slide or work folder; the next slide is scored."""
-    import tilscore.io.overlay as overlay
+    import tilscore.outputs as outputs  # where the slide's writers are called
     from tilscore.batch import score_inputs
 
-    real = overlay.write_overlay_png
+    real = outputs.write_overlay_png
 
     def flaky(path, *args, **kw):
         if slides[0].stem in str(path):
             raise OSError(28, "No space left on device")
         return real(path, *args, **kw)
 
-    monkeypatch.setattr(overlay, "write_overlay_png", flaky)
+    monkeypatch.setattr(outputs, "write_overlay_png", flaky)
     out = tmp_path / "out"
     res = score_inputs([str(slides[0]), str(slides[1])], out, device="cpu", quiet=True,
                        report=False)
@@ -571,3 +571,27 @@ def test_a_failing_output_writer_fails_only_its_slide(slides, tmp_path, monkeypa
     assert "No space left on device" in failure["error"] and "\n" not in failure["error"]
     assert not (out / slides[0].stem).exists() and not list(out.glob(".*.tmp-*"))
     assert (out / slides[1].stem / "overlay.png").exists()
+
+
+def test_worker_engine_cache_keys_on_weights_device_compile_and_card(tmp_path):
+    """A long-lived worker reuses its engine only while nothing it was loaded from
+    changed: the weights' sha256 (in the card), the card, the device, the compile mode."""
+    import shutil
+
+    from tilscore.batch import BatchOptions, engine_key
+    from tilscore.models.registry import MODELS_DIR
+
+    if not (MODELS_DIR / "he-default" / "card.json").exists():
+        pytest.skip("shipped model he-default missing")
+    model = tmp_path / "m"
+    shutil.copytree(MODELS_DIR / "he-default", model)
+    opts = BatchOptions(model=str(model))
+    key = engine_key(opts, "he", device="cpu")
+    assert engine_key(opts, "he", device="cpu") == key
+    assert engine_key(opts, "he", device="cuda:1") != key
+    assert engine_key(BatchOptions(model=str(model), compile="reduce-overhead"), "he",
+                      device="cpu") != key
+    card = json.loads((model / "card.json").read_text())
+    card["sha256"] = "0" * 64  # new weights (model-hash --force)
+    (model / "card.json").write_text(json.dumps(card))
+    assert engine_key(opts, "he", device="cpu") != key

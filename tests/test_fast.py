@@ -1,4 +1,4 @@
-"""The fast mode (tilscore.fast): which tiles the cell pass runs on, a region-only model
+"""The fast mode (tilscore.engine.fast): which tiles the cell pass runs on, a region-only model
 through the engine and the trainer, and `score --mode fast` end to end on a synthetic
 slide with exact truth (the shipped he-regions + he-default models)."""
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from tilscore.fast import covered, mask_unsearched
+from tilscore.engine.fast import covered, mask_unsearched
 from tilscore.models.card import ModelCard
 from tilscore.models.registry import MODELS_DIR
-from tilscore.tiles import TileSpec, select_tiles, tile_grid
-from tilscore.tissue import TissueMask
+from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
+from tilscore.prepare.tissue import TissueMask
 
 CLI = [sys.executable, "-m", "tilscore.cli"]
 SHIPPED = all((MODELS_DIR / m / "card.json").exists() for m in ("he-default", "he-regions"))
@@ -25,7 +25,7 @@ SHIPPED = all((MODELS_DIR / m / "card.json").exists() for m in ("he-default", "h
 
 def test_select_tiles_keeps_only_cores_touching_the_mask():
     # 1 µm/px slide of 1000 x 600 µm; cores of 100 µm at 1 µm/px: 10 x 6 cores.
-    grid = tile_grid((1000, 600), 1.0, TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
+    grid = tile_grid((1000, 600), 1.0, spec=TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
     need = np.zeros((75, 125), bool)  # 8 µm/px
     need[5, 30] = True  # µm [40, 48) x [240, 248): core (row 0, col 2)
     need[37, 62] = True  # µm [296, 304) x [496, 504): straddles rows 2-3 and cols 4-5
@@ -36,16 +36,16 @@ def test_select_tiles_keeps_only_cores_touching_the_mask():
 
 
 def test_density_map_is_nan_where_no_cells_were_searched():
-    grid = tile_grid((1000, 600), 1.0, TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
+    grid = tile_grid((1000, 600), 1.0, spec=TileSpec(mpp=1.0, tile_px=120, overlap_px=10))
     sub = select_tiles(grid, TissueMask(np.eye(1, 125, 30, dtype=bool).reshape(1, 125), 8.0))
     assert covered(sub, np.array([[250.0, 50.0], [50.0, 50.0], [-5.0, 10.0]])).tolist() == [
         True, False, False]
-    dens = mask_unsearched(np.ones((6, 10), np.float32), sub, 100.0)
+    dens = mask_unsearched(np.ones((6, 10), np.float32), sub, grid_um=100.0)
     assert np.isfinite(dens).sum() == 1 and dens[0, 2] == 1.0
 
 
 def test_region_only_model_predicts_regions_at_the_map_mpp_and_no_cells(tmp_path):
-    from tilscore.infer import Predictor, predict_slide
+    from tilscore.engine.infer import Predictor, predict_slide
     from tilscore.models import create_model
     from tilscore.slide import open_slide
 
@@ -59,8 +59,8 @@ def test_region_only_model_predicts_regions_at_the_map_mpp_and_no_cells(tmp_path
     assert predictor.region_factor == 1  # already at the 2 µm/px of the region map
     img = np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)
     slide = open_slide(img, mpp=0.5)
-    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(2.0, 128, 16))
-    pred = predict_slide(slide, grid, predictor, tmp_path / "c.zarr")
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(2.0, 128, 16))
+    pred = predict_slide(slide, grid, predictor=predictor, store_path=tmp_path / "c.zarr")
     assert len(pred.cells["x_px"]) == 0
     assert pred.canvas.mpp == 2.0 and pred.canvas.shape == (3 * 96, 3 * 96)  # 200 px / 96
 
@@ -69,8 +69,8 @@ def test_region_only_training_and_partial_init(tmp_path):
     """A region-only config trains, selects by Dice, and starts from a multi-task model
     with its head re-initialised (everything else copied)."""
     from tilscore.models import load_model
-    from tilscore.train import train
-    from tilscore.train_config import TrainConfig
+    from tilscore.training.train import train
+    from tilscore.training.train_config import TrainConfig
 
     base = dict(architecture="unet-resnet18", crop_px=64, tile_px=128, overlap_px=16,
                 architecture_kwargs={"decoder_channels": [32, 16, 16, 8, 8]},
@@ -116,7 +116,7 @@ def test_fast_mode_is_for_he_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def fast_scored(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("fast")
     res = write_synthetic_slide(root / "golden.tiff", stain="he", seed=11,
@@ -149,7 +149,7 @@ def test_fast_mode_regions_and_stromal_tils_match_truth(fast_scored):
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
 def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
-    from tilscore.evaluate import detection_score
+    from tilscore.training.metrics import detection_score
 
     res, out, summary = fast_scored
     with open(res.cells_path) as fh:
@@ -158,7 +158,7 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
     with open(out / "cells.csv") as fh:
         pred = np.array([[float(r["x_px"]), float(r["y_px"])] for r in csv.DictReader(fh)
                          if r["class"] == "lymphocyte" and r["compartment"] == "stroma"])
-    score = detection_score(pred, truth, 3.3 / 0.25)
+    score = detection_score(pred, truth, radius=3.3 / 0.25)
     assert score.f1 >= 0.9, score.as_dict()
     assert summary["fast"]["cell_tiles"] <= summary["fast"]["cell_tiles_full_mode"]
     import zarr
@@ -169,16 +169,16 @@ def test_fast_mode_finds_the_stromal_lymphocytes(fast_scored):
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped models he-default / he-regions missing")
 def test_region_model_must_have_the_region_map_codes(tmp_path):
+    from tilscore.engine.load import fast_region_model
     from tilscore.errors import UsageError
-    from tilscore.pipeline import fast_region_model
 
-    assert fast_region_model("full", "cd20", None) is None
-    assert fast_region_model("fast", "he", None) == "he-regions"
+    assert fast_region_model("full", "cd20") is None
+    assert fast_region_model("fast", "he") == "he-regions"
     card = json.loads((MODELS_DIR / "he-regions" / "card.json").read_text())
     card["region_classes"] = ["background", "stroma", "tumour", "other"]
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(UsageError, match="not \\['background', 'tumour'"):
-        fast_region_model("fast", "he", str(tmp_path))
+        fast_region_model("fast", "he", region_model=str(tmp_path))
 
 
 def test_unknown_decode_is_refused_before_any_work(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO, shared_path
 from tilscore.errors import UsageError
-from tilscore.ihc import (
+from tilscore.scoring.ihc import (
     DAB_OD,
     DEFAULT_STAIN_MATRIX,
     EOSIN_OD,
@@ -24,7 +24,7 @@ from tilscore.ihc import (
     optical_density,
     stain_matrix,
 )
-from tilscore.ihc_detect import (
+from tilscore.scoring.ihc_detect import (
     GATES,
     annulus_kernel,
     detect_cells,
@@ -364,8 +364,8 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     """A crop's cells near its edge, measured on mirrored context, get the calls they get
     in the larger image the crop was cut from: the positive rate does not climb at the
     edge (scikit-image's IHC sample end to end: tests/test_ihc_pipeline.py)."""
-    from tilscore.evaluate import match_points
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.metrics import match_points
 
     scene = SyntheticScene(3072, 3072, mpp=0.25, stain=marker, seed=11)
     big = scene.render(512, 512, 1024, 1024, downsample=2, supersample_um=0.5)
@@ -382,7 +382,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     # cells in the band against 20 centred there in the larger image; most of the extra
     # negatives on the outermost pixel): the rate must not climb, the cells may.
     assert edge_whole.sum() <= edge.sum() <= 2.5 * edge_whole.sum()
-    match = match_points(xy_part, xy_whole, 8.0)  # 4 µm
+    match = match_points(xy_part, xy_whole, radius=8.0)  # 4 µm
     ok = match >= 0
     assert ok[edge].mean() >= 0.75
     edge_rate = part.positive.numpy()[edge].mean()
@@ -393,7 +393,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
 
 
 def test_gate_limits_come_from_the_score_config():
-    from tilscore.score import ScoreConfig
+    from tilscore.scoring.score import ScoreConfig
 
     cfg = ScoreConfig(lymphocyte_max_diameter_um=5.0, lymphocyte_min_contrast_od=0.0)
     for marker in ("cd20", "foxp3"):
@@ -431,8 +431,8 @@ def test_batch_blank_image_and_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
-    from tilscore.evaluate import match_points
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.metrics import match_points
 
     rgb = SyntheticScene(2048, 2048, mpp=0.25, stain="cd20", seed=5).render(
         512, 512, 256, 256, downsample=2)
@@ -443,7 +443,7 @@ def test_cuda_matches_cpu():
         # cuDNN may convolve in TF32: allow a rare near-tie to fall the other way.
         xy_a = torch.stack([a.x_px, a.y_px], 1).numpy()
         xy_b = torch.stack([b.x_px, b.y_px], 1).cpu().numpy()
-        match = match_points(xy_b, xy_a, 1.0)
+        match = match_points(xy_b, xy_a, radius=1.0)
         ok = match >= 0
         assert ok.mean() >= 0.98 and abs(len(a) - len(b)) <= 0.02 * len(a) + 1
         pos_a, pos_b = a.positive.numpy()[match[ok]], b.positive.cpu().numpy()[ok]

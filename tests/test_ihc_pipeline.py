@@ -18,7 +18,7 @@ SIDE_PX = 4096  # 1 x 1 mm at 0.25 µm/px
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("ihc")
     out = {"slides": {}}
@@ -59,7 +59,7 @@ def test_positive_densities_within_10_percent_of_truth(scored, stain):
     assert set(rule["marker_location"]) == ({"dab_blob_closed_within_um"} if stain == "foxp3"
                                             else {"min_haematoxylin_fraction",
                                                   "max_diameter_um"})
-    from tilscore.ihc_detect import GATES
+    from tilscore.scoring.ihc_detect import GATES
 
     gates = summary["gate_counts"]
     assert set(gates) == set(GATES) and gates["passed"] >= summary["counts"][marker]["tissue"]
@@ -103,7 +103,7 @@ def test_ihc_outputs_carry_dab_measurements(scored):
     with open(folder / "cells.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["class"] for r in rows} == {"cd20_positive", "negative"}
-    from tilscore.ihc_detect import GATES
+    from tilscore.scoring.ihc_detect import GATES
 
     assert {r["gate"] for r in rows} <= set(GATES)
     assert {r["gate"] for r in rows if r["class"] == "cd20_positive"} == {"passed"}
@@ -138,7 +138,7 @@ def test_ihc_outputs_carry_dab_measurements(scored):
 
 
 def test_he_slide_scored_as_ihc_warns_with_near_zero_positives(tmp_path):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     res = write_synthetic_slide(tmp_path / "he.tiff", stain="he", seed=5,
                                 size_px=(2048, 2048), mpp=0.25)
@@ -209,14 +209,14 @@ def _positives_vs_truth(out_dir, items, marker: str):
     against the labelled truth (4 µm one-to-one matching, as scripts/validate_ihc.py)."""
     import numpy as np
 
-    from tilscore.evaluate import DetectionScore, detection_score
+    from tilscore.training.metrics import DetectionScore, detection_score
 
     total, calls = DetectionScore(0, 0, 0), 0
     for item in items:
         with open(out_dir / item.name / "cells.csv", newline="") as f:
             xy = np.array([[float(r["x_px"]), float(r["y_px"])] for r in csv.DictReader(f)
                            if r["class"] == f"{marker}_positive"]).reshape(-1, 2)
-        total = total + detection_score(xy, item.truth_xy, 4.0 / item.mpp)
+        total = total + detection_score(xy, item.truth_xy, radius=4.0 / item.mpp)
         calls += len(xy)
     return total, calls
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import shared_path
 from tilscore.errors import InputError, MissingMppError, UsageError
-from tilscore.importers import (
+from tilscore.training.importers import (
     IGNORE,
     UNCLASSIFIED,
     LabelledTile,
@@ -27,7 +27,7 @@ from tilscore.importers import (
     weak_regions,
     write_native,
 )
-from tilscore.importers.bcss import BCSS_LUT
+from tilscore.training.importers.bcss import BCSS_LUT
 
 LYM, OTH, TUMC, STRC = 0, 1, 2, 3  # CELL_CODES: lymphocyte, other, tumour, stromal
 BG, TUM, STR, OTHER_REGION = 0, 1, 2, 3
@@ -161,7 +161,7 @@ def write_consep(root: Path, name="consep_train_5") -> Path:
 
 
 def test_consep_classes_nucleus_mask_and_held_out_split(tmp_path):
-    from tilscore.importers.consep import consep_split
+    from tilscore.training.importers.consep import consep_split
 
     write_consep(tmp_path)
     write_consep(tmp_path, "consep_train_7")
@@ -184,7 +184,7 @@ def test_consep_classes_nucleus_mask_and_held_out_split(tmp_path):
 
 
 def test_card_cell_index_maps_label_classes_onto_any_card():
-    from tilscore.importers.labelled import card_cell_index
+    from tilscore.training.importers.labelled import card_cell_index
 
     codes = np.array([LYM, OTH, TUMC, STRC, UNCLASSIFIED])
     assert card_cell_index(codes, ("lymphocyte", "tumour", "stromal", "other")).tolist() == [
@@ -199,7 +199,8 @@ def test_weak_region_rule():
     image[:60, 140:] = (240, 240, 238)  # glass, far from every nucleus
     image[40:45, 60:70] = (240, 240, 238)  # glass, but 20-30 px from the epithelial nucleus
     tumour, stroma = np.array([[40.5, 40.5]]), np.array([[160.5, 160.5], [120.5, 160.5]])
-    region = weak_regions(image, tumour, stroma, np.concatenate([tumour, stroma]), mpp)
+    region = weak_regions(image, tumour, stroma_xy=stroma, all_xy=np.concatenate([tumour, stroma]),
+                          mpp=mpp)
     assert region[40, 40] == TUM and region[40, 60] == TUM  # 20 px away: inside the disc
     assert region[40, 63] == IGNORE  # 22.5 px: outside the disc, bright but near a nucleus
     assert region[160, 160] == STR and region[160, 180] == STR
@@ -207,8 +208,8 @@ def test_weak_region_rule():
     assert region[30, 170] == BG and region[0, 199] == BG
     assert (region[:60, 140:][region[:60, 140:] != BG] == IGNORE).all()
     # a tumour and a stroma nucleus 20 px apart: their shared pixels are ignored
-    both = weak_regions(rgb(60, 60), np.array([[20.5, 30.5]]), np.array([[40.5, 30.5]]),
-                        np.array([[20.5, 30.5], [40.5, 30.5]]), mpp)
+    both = weak_regions(rgb(60, 60), np.array([[20.5, 30.5]]), stroma_xy=np.array([[40.5, 30.5]]),
+                        all_xy=np.array([[20.5, 30.5], [40.5, 30.5]]), mpp=mpp)
     assert both[30, 30] == IGNORE and both[30, 5] == TUM and both[30, 55] == STR
     assert set(np.unique(region).tolist()) <= {BG, TUM, STR, IGNORE}
 
@@ -458,7 +459,7 @@ def test_real_consep():
     # the README's counts: 3,941 inflammatory, 5,537 epithelial, 5,706 spindle, 371 other
     assert [(cls == c).sum() for c in (LYM, TUMC, STRC, OTH)] == [3941, 5537, 5706, 371]
     # every inflammatory instance, and nothing else, is in the nucleus target
-    from tilscore.importers.native import read_mask
+    from tilscore.training.importers.native import read_mask
 
     tile = tiles[0]
     instances = read_mask(folder / "masks" / f"{Path(tile.source).stem}.png",

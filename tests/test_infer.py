@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tilscore.errors import UsageError
-from tilscore.infer import (
+from tilscore.engine.infer import (
     Predictor,
     _decode_peaks,
     find_peaks,
@@ -16,9 +15,10 @@ from tilscore.infer import (
     select_device,
     top_peaks,
 )
+from tilscore.errors import UsageError
 from tilscore.models import ModelCard
+from tilscore.prepare.tiles import TileSpec, tile_grid
 from tilscore.slide import open_slide
-from tilscore.tiles import TileSpec, tile_grid
 
 
 def test_select_device():
@@ -39,10 +39,10 @@ def test_find_peaks_positions_classes_and_core():
     heat[0, 1, 30, 5] = 0.8  # class 1 peak at x=5, y=30
     heat[0, 0, 30, 5] = 0.5  # weaker class-0 response at the same place: dropped
     heat[0, 0, 20, 20] = 0.2  # below threshold
-    peaks = find_peaks(heat, 5, 0.4)
+    peaks = find_peaks(heat, 5, threshold=0.4)
     got = sorted(tuple(p) for p in peaks[:, 1:4].tolist())
     assert got == [(0.0, 12.5, 10.5), (1.0, 5.5, 30.5)]
-    core_only = find_peaks(heat, 5, 0.4, core=(8, 32))
+    core_only = find_peaks(heat, 5, threshold=0.4, core=(8, 32))
     assert core_only[:, 1:4].tolist() == [[0.0, 12.5, 10.5]]
 
 
@@ -50,11 +50,11 @@ def test_top_peaks_equal_find_peaks_and_flag_a_full_tile():
     gen = torch.Generator().manual_seed(3)
     heat = torch.nn.functional.avg_pool2d(torch.rand(3, 2, 64, 64, generator=gen), 5, 1, 2)
     heat = (heat - heat.min()) / (heat.max() - heat.min())
-    exact = find_peaks(heat, 5, 0.3, core=(4, 60)).numpy()
+    exact = find_peaks(heat, 5, threshold=0.3, core=(4, 60)).numpy()
     assert len(exact) > 20
-    score, index = top_peaks(heat, 5, 0.3, (4, 60), k=256)
+    score, index = top_peaks(heat, 5, threshold=0.3, core=(4, 60), k=256)
     assert np.array_equal(_decode_peaks(score.numpy(), index.numpy(), (64, 64)), exact)
-    score, _ = top_peaks(heat, 5, 0.3, (4, 60), k=4)  # fewer slots than peaks
+    score, _ = top_peaks(heat, 5, threshold=0.3, core=(4, 60), k=4)  # fewer slots than peaks
     assert (score.numpy() >= 0).all(axis=1).all()  # every tile flagged as possibly cut
 
 
@@ -100,11 +100,12 @@ def test_cell_on_tile_seam_is_reported_once(tmp_path, workers, cap):
     centres = [(128.0, 100.0), (192.0, 192.0), (100.0, 40.0)]
     slide = open_slide(_disc_image(centres), mpp=0.5)
     spec = TileSpec(mpp=0.5, tile_px=card.tile_px, overlap_px=card.overlap_px)
-    grid = tile_grid(slide.dimensions, slide.mpp, spec)
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=spec)
     predictor = Predictor(DarkBlobNet(), card, torch.device("cpu"), region_factor=4)
     if cap is not None:  # every tile with a cell fills its peak slots: exact fallback
         predictor.max_peaks_per_tile = cap
-    pred = predict_slide(slide, grid, predictor, tmp_path / "c.zarr", workers=workers,
+    pred = predict_slide(slide, grid, predictor=predictor, store_path=tmp_path / "c.zarr",
+                         workers=workers,
                          batch_size=3)
     xy = np.stack([pred.cells["x_px"], pred.cells["y_px"]], 1)
     assert len(xy) == len(centres)
@@ -126,11 +127,11 @@ def test_predictions_are_deterministic_on_cpu(tmp_path):
     net = create_model(card.architecture, card.out_channels, **card.architecture_kwargs).eval()
     img = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     slide = open_slide(img, mpp=0.5)
-    grid = tile_grid(slide.dimensions, 0.5, TileSpec(0.5, 128, 16))
+    grid = tile_grid(slide.dimensions, 0.5, spec=TileSpec(0.5, 128, 16))
     runs = []
     for k in range(2):
-        pred = predict_slide(slide, grid, Predictor(net, card, torch.device("cpu")),
-                             tmp_path / f"{k}.zarr", workers=2)
+        pred = predict_slide(slide, grid, predictor=Predictor(net, card, torch.device("cpu")),
+                             store_path=tmp_path / f"{k}.zarr", workers=2)
         runs.append((pred.cells, pred.canvas.labels[:]))
     for key in runs[0][0]:
         assert np.array_equal(runs[0][0][key], runs[1][0][key])
@@ -143,11 +144,12 @@ def test_cuda_matches_cpu(tmp_path):
     card = _card()
     centres = [(128.0, 100.0), (60.0, 60.0)]
     slide = open_slide(_disc_image(centres), mpp=0.5)
-    grid = tile_grid(slide.dimensions, 0.5, TileSpec(0.5, card.tile_px, card.overlap_px))
+    grid = tile_grid(slide.dimensions, 0.5, spec=TileSpec(0.5, card.tile_px, card.overlap_px))
     out = {}
     for dev in ("cpu", "cuda"):
-        pred = predict_slide(slide, grid, Predictor(DarkBlobNet(), card, torch.device(dev)),
-                             tmp_path / f"{dev}.zarr")
+        pred = predict_slide(slide, grid, predictor=Predictor(DarkBlobNet(), card,
+                                                              torch.device(dev)),
+                             store_path=tmp_path / f"{dev}.zarr")
         out[dev] = np.stack([pred.cells["x_px"], pred.cells["y_px"]], 1)
     assert len(out["cpu"]) == len(out["cuda"]) == 2
     assert np.abs(np.sort(out["cpu"], 0) - np.sort(out["cuda"], 0)).max() <= 1.0
@@ -160,7 +162,7 @@ def test_failed_slide_leaves_no_canvas_write_running(tmp_path):
 
     card = _card()
     slide = open_slide(_disc_image([(40.0, 40.0)]), mpp=0.5)
-    grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(0.5, card.tile_px, card.overlap_px))
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(0.5, card.tile_px, card.overlap_px))
 
     class Boom(DarkBlobNet):
         calls = 0
@@ -172,15 +174,15 @@ def test_failed_slide_leaves_no_canvas_write_running(tmp_path):
             return super().forward(x)
 
     with pytest.raises(RuntimeError, match="boom"):
-        predict_slide(slide, grid, Predictor(Boom(), card, torch.device("cpu")),
-                      tmp_path / "c.zarr", batch_size=1)
+        predict_slide(slide, grid, predictor=Predictor(Boom(), card, torch.device("cpu")),
+                      store_path=tmp_path / "c.zarr", batch_size=1)
     assert not [t for t in threading.enumerate() if t.name.startswith("canvas")]
 
 
 def test_bf16_only_where_native_and_float32_on_request(monkeypatch):
     """bf16 autocast on a CPU only when it has AVX512-BF16 or AMX (else oneDNN emulates
     it, slower than float32); TILSCORE_FLOAT32=1 turns it off everywhere."""
-    from tilscore.infer import bf16_is_native
+    from tilscore.engine.infer import bf16_is_native
 
     cpu = torch.device("cpu")
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -198,12 +200,13 @@ def _seam_prediction(tmp_path, device: str, compile_model, cap=None, name="c"):
     card = _card()
     slide = open_slide(_disc_image([(128.0, 100.0), (192.0, 192.0), (100.0, 40.0)]),
                        mpp=0.5)
-    grid = tile_grid(slide.dimensions, 0.5, TileSpec(0.5, card.tile_px, card.overlap_px))
+    grid = tile_grid(slide.dimensions, 0.5, spec=TileSpec(0.5, card.tile_px, card.overlap_px))
     predictor = Predictor(DarkBlobNet(), card, torch.device(device), region_factor=4,
                           compile_model=compile_model)
     if cap is not None:
         predictor.max_peaks_per_tile = cap
-    pred = predict_slide(slide, grid, predictor, tmp_path / f"{name}.zarr", batch_size=3)
+    pred = predict_slide(slide, grid, predictor=predictor, store_path=tmp_path / f"{name}.zarr",
+                         batch_size=3)
     assert len(grid) % 3 != 0  # a short last batch (padded when compiled)
     return pred
 

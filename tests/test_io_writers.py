@@ -91,7 +91,7 @@ def test_cells_geojson_detections(tmp_path):
     cells["score"][5] = np.nan
     path = tmp_path / "cells.geojson"
     radius = {"lymphocyte": 12.0, "tumour": 20.0}
-    write_cells_geojson(path, cells, radius, CLASS_COLORS)
+    write_cells_geojson(path, cells, radius_px=radius, colors=CLASS_COLORS)
     data = json.loads(path.read_text())
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 300
     ids = set()
@@ -117,7 +117,7 @@ def test_cells_geojson_detections(tmp_path):
         ids.add(str(uuid.UUID(f["id"])))
     assert len(ids) == 300
     first = path.read_bytes()
-    write_cells_geojson(path, cells, radius, CLASS_COLORS)
+    write_cells_geojson(path, cells, radius_px=radius, colors=CLASS_COLORS)
     assert path.read_bytes() == first  # same input, same file (stable ids)
 
 
@@ -131,7 +131,7 @@ def test_cells_geojson_extra_measurements_and_properties(tmp_path):
     dab = np.array([0.1, 0.2, np.inf, 0.4, 0.5])
     gate = np.array(["passed", "shape", "passed", "faint_nucleus", "marker_location"])
     path = tmp_path / "cells.geojson"
-    write_cells_geojson(path, cells, 3.0, measurements={"Nucleus: Area µm^2": area,
+    write_cells_geojson(path, cells, radius_px=3.0, measurements={"Nucleus: Area µm^2": area,
                                                         "DAB: Nucleus: Mean": dab},
                         properties={"marker": np.full(5, "cd20"), "gate": gate})
     feats = json.loads(path.read_text(encoding="utf-8"))["features"]
@@ -149,7 +149,8 @@ def test_cells_geojson_extra_measurements_and_properties(tmp_path):
 
 def test_cells_geojson_empty(tmp_path):
     path = tmp_path / "cells.geojson"
-    write_cells_geojson(path, {k: v[:0] for k, v in _cells(3).items()}, 10.0, CLASS_COLORS)
+    write_cells_geojson(path, {k: v[:0] for k, v in _cells(3).items()}, radius_px=10.0,
+                        colors=CLASS_COLORS)
     assert json.loads(path.read_text()) == {"type": "FeatureCollection", "features": []}
 
 
@@ -182,7 +183,8 @@ def assert_rings_counter_clockwise(geometry: dict) -> None:
 def test_regions_geojson_exact_pixel_edges(tmp_path):
     lab, s, mpp = _hand_labels(), 4.0, 0.5
     path = tmp_path / "regions.geojson"
-    write_regions_geojson(path, lab, s, REGIONS, CLASS_COLORS, mpp_l0=mpp, simplify_px=None)
+    write_regions_geojson(path, lab, scale_to_l0=s, class_names=REGIONS, colors=CLASS_COLORS,
+                          mpp_l0=mpp, simplify_px=None)
     feats = {f["properties"]["classification"]["name"]: f
              for f in json.loads(path.read_text())["features"]}
     assert set(feats) == {"tumour", "stroma"}
@@ -219,8 +221,10 @@ def test_regions_geojson_traced_in_bands_and_clipped_to_the_image(tmp_path):
     lab[rng.random(lab.shape) < 0.03] = 3  # specks, many touching only at a corner
     s, size = 8.0, (70 * 8.0 - 5, 90 * 8.0 - 3)  # the last column/row is 3/8 and 5/8 inside
     one, banded = tmp_path / "one.geojson", tmp_path / "banded.geojson"
-    write_regions_geojson(one, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size)
-    write_regions_geojson(banded, lab, s, REGIONS, mpp_l0=0.5, image_size_l0=size,
+    write_regions_geojson(one, lab, scale_to_l0=s, class_names=REGIONS, mpp_l0=0.5,
+                          image_size_l0=size)
+    write_regions_geojson(banded, lab, scale_to_l0=s, class_names=REGIONS, mpp_l0=0.5,
+                          image_size_l0=size,
                           band_rows=7)
     feats = {f["properties"]["classification"]["name"]: f
              for f in json.loads(banded.read_text())["features"]}
@@ -261,7 +265,8 @@ def test_regions_geojson_simplified_is_valid(tmp_path):
     field = ndimage.gaussian_filter(rng.standard_normal((200, 240)), 4)
     lab = np.digitize(field, [-0.05, 0.0, 0.05]).astype(np.uint8)
     path = tmp_path / "regions.geojson"
-    write_regions_geojson(path, lab, 16.0, REGIONS, CLASS_COLORS, mpp_l0=0.25, simplify_px=0.5)
+    write_regions_geojson(path, lab, scale_to_l0=16.0, class_names=REGIONS, colors=CLASS_COLORS,
+                          mpp_l0=0.25, simplify_px=0.5)
     for f in json.loads(path.read_text())["features"]:
         geom = shape(f["geometry"])
         code = {v: k for k, v in REGIONS.items()}[f["properties"]["classification"]["name"]]
@@ -286,7 +291,8 @@ def test_ome_zarr_metadata_and_levels(tmp_path):
     dmap = rng.uniform(0, 500, (40, 30)).astype(np.float32)
     dmap[:2, :4] = np.nan  # no tissue there
     path = tmp_path / "maps.zarr"
-    write_ome_zarr(path, lab, 2.0, dmap, 32.0, REGIONS, CLASS_COLORS)
+    write_ome_zarr(path, lab, mpp_labels=2.0, density_map=dmap, density_mpp=32.0,
+                   class_names=REGIONS, colors=CLASS_COLORS)
     root = _ome(path)
     assert root.attrs["ome"]["version"] == "0.5"
     reg = root["labels/regions"]
@@ -368,8 +374,9 @@ def test_ome_zarr_opens_in_ome_zarr_readers(tmp_path):
     lab[100:400, 50:250] = 1
     lab[400:600, 50:250] = 3
     path = tmp_path / "maps.zarr"
-    write_ome_zarr(path, lab, 2.0, np.full((14, 6), 50.0, np.float32), 100.0, REGIONS,
-                   CLASS_COLORS)
+    write_ome_zarr(path, lab, mpp_labels=2.0, density_map=np.full((14, 6), 50.0, np.float32),
+                   density_mpp=100.0, class_names=REGIONS,
+                   colors=CLASS_COLORS)
     nodes = assert_opens_in_ome_zarr_readers(path)
     assert nodes[""].data[0].shape == (14, 6)
     assert nodes["/labels/regions"].data[0].shape == (700, 300)
@@ -392,8 +399,10 @@ def test_ome_zarr_banded_zarr_source_equals_numpy(tmp_path):
     src = zarr.open_group(str(tmp_path / "canvas.zarr"), mode="w").create_array(
         "labels", shape=lab.shape, chunks=(256, 256), dtype="uint8", fill_value=0)
     src[:] = lab
-    write_ome_zarr(tmp_path / "a.zarr", lab, 1.0, _DENSITY, 100.0, REGIONS, band_rows=10_000)
-    write_ome_zarr(tmp_path / "b.zarr", src, 1.0, _DENSITY, 100.0, REGIONS, band_rows=2048)
+    write_ome_zarr(tmp_path / "a.zarr", lab, mpp_labels=1.0, density_map=_DENSITY,
+                   density_mpp=100.0, class_names=REGIONS, band_rows=10_000)
+    write_ome_zarr(tmp_path / "b.zarr", src, mpp_labels=1.0, density_map=_DENSITY,
+                   density_mpp=100.0, class_names=REGIONS, band_rows=2048)
     a, b = (_ome(tmp_path / name)["labels/regions"] for name in ("a.zarr", "b.zarr"))
     assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1"]
     assert b["1"].shape == (2500, 150)
@@ -440,8 +449,8 @@ def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
 
     from PIL import Image
 
-    from tilscore.report import OVERLAY_LONG_SIDE_PX
-    from tilscore.report_plots import image_data_uri
+    from tilscore.report.cohort import OVERLAY_LONG_SIDE_PX
+    from tilscore.report.plots import image_data_uri
 
     rng = np.random.default_rng(2)
     thumb = np.clip(rng.normal((170, 120, 90), 25, (1536, 1536, 3)), 0, 255).astype(np.uint8)
@@ -479,8 +488,9 @@ def test_stale_temp_files_do_not_get_in_the_way(tmp_path):
     stale.mkdir()
     (stale / "junk").write_text("x")
     write_cells_csv(tmp_path / "cells.csv", _cells(20))
-    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), 1.0, _DENSITY, 100.0,
-                   REGIONS)
+    write_ome_zarr(tmp_path / "maps.zarr", np.ones((10, 10), np.uint8), mpp_labels=1.0,
+                   density_map=_DENSITY, density_mpp=100.0,
+                   class_names=REGIONS)
     assert len(list(csv.reader(open(tmp_path / "cells.csv")))) == 21
     assert _leftovers(tmp_path) == [".cells.csv.abc123.tmp", "cells.csv", "maps.zarr"]
 
@@ -507,31 +517,37 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         write_cells_csv(tmp_path / "cells.csv", cells, chunk_rows=10)
     with pytest.raises(OSError):
-        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), 1.0, _DENSITY, 100.0,
-                       REGIONS, band_rows=10)
+        write_ome_zarr(tmp_path / "maps.zarr", _FailingSource(), mpp_labels=1.0,
+                       density_map=_DENSITY, density_mpp=100.0,
+                       class_names=REGIONS, band_rows=10)
     with pytest.raises(ValueError):
-        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), 1.0, _DENSITY,
-                       100.0, REGIONS)
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4, 3), np.uint8), mpp_labels=1.0,
+                       density_map=_DENSITY,
+                       density_mpp=100.0, class_names=REGIONS)
     with pytest.raises(ValueError, match="density map"):
-        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4), np.uint8), 1.0, None, None,
-                       REGIONS)
+        write_ome_zarr(tmp_path / "maps.zarr", np.zeros((4, 4), np.uint8), mpp_labels=1.0,
+                       density_map=None, density_mpp=None,
+                       class_names=REGIONS)
     with pytest.raises(ValueError):
         write_overlay_png(tmp_path / "overlay.png", np.zeros((10, 10, 3), np.float32), 8.0,
                           np.zeros((5, 5), np.uint8), 16.0, np.zeros((0, 2)), {}, "t")
     with pytest.raises(ValueError):
         write_regions_geojson(tmp_path / "regions.geojson", np.zeros((2, 2, 2), np.uint8),
-                              1.0, REGIONS, mpp_l0=1.0)
+                              scale_to_l0=1.0, class_names=REGIONS, mpp_l0=1.0)
     assert _leftovers(tmp_path) == []
 
 
 def test_failed_rewrite_keeps_previous_output(tmp_path):
     path = tmp_path / "maps.zarr"
-    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
+    write_ome_zarr(path, np.full((10, 10), 2, np.uint8), mpp_labels=1.0, density_map=_DENSITY,
+                   density_mpp=100.0, class_names=REGIONS)
     with pytest.raises(OSError):
-        write_ome_zarr(path, _FailingSource(), 1.0, _DENSITY, 100.0, REGIONS, band_rows=10)
+        write_ome_zarr(path, _FailingSource(), mpp_labels=1.0, density_map=_DENSITY,
+                       density_mpp=100.0, class_names=REGIONS, band_rows=10)
     assert _leftovers(tmp_path) == ["maps.zarr"]
     assert (_ome(path)["labels/regions/0"][:] == 2).all()
-    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), 1.0, _DENSITY, 100.0, REGIONS)
+    write_ome_zarr(path, np.full((10, 10), 3, np.uint8), mpp_labels=1.0, density_map=_DENSITY,
+                   density_mpp=100.0, class_names=REGIONS)
     assert (_ome(path)["labels/regions/0"][:] == 3).all()  # replaced
     assert _leftovers(tmp_path) == ["maps.zarr"]
 

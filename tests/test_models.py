@@ -23,7 +23,7 @@ def saved(tmp_path):
     torch.manual_seed(0)  # unseeded, a random net near the int8 bound failed once
     card = _card()
     model = create_model(card.architecture, card.out_channels, **card.architecture_kwargs)
-    card = save_model(model, card, tmp_path / "m")
+    card = save_model(model, card, folder=tmp_path / "m")
     return tmp_path / "m", model, card
 
 
@@ -58,7 +58,7 @@ def test_int8_storage_halves_the_file_and_keeps_outputs(saved, tmp_path):
     from tilscore.models.registry import quantize_int8
 
     folder, model, card = saved
-    card8 = save_model(model, card, tmp_path / "m8", storage="int8")
+    card8 = save_model(model, card, folder=tmp_path / "m8", storage="int8")
     assert card8.weights_storage == "int8" and ModelCard.read(tmp_path / "m8" / "card.json")
     size16 = (folder / card.weights_file).stat().st_size
     size8 = (tmp_path / "m8" / card.weights_file).stat().st_size
@@ -73,7 +73,7 @@ def test_int8_storage_halves_the_file_and_keeps_outputs(saved, tmp_path):
     assert ((a - b).norm() / a.norm()) < 0.05  # 0.010 (0.010-0.049 over seeds); he-default 0.006
     assert (a - b).abs().max() > 0  # really quantised
     with pytest.raises(UsageError, match="valid: float32, float16, int8"):
-        save_model(model, card, tmp_path / "bad", storage="int4")
+        save_model(model, card, folder=tmp_path / "bad", storage="int4")
 
 
 def test_unknown_model_name_lists_shipped():
@@ -128,7 +128,7 @@ def test_a_card_without_sha256_is_refused_naming_the_command_that_fixes_it(saved
         load_model(folder)
     assert f"has no sha256 of its weights, so they cannot be checked; add it with: " \
         f"tilscore model-hash {folder}" in str(err.value)
-    from tilscore.pipeline import model_card
+    from tilscore.engine.load import model_card
 
     with pytest.raises(UsageError, match="tilscore model-hash"):  # what batches read first
         model_card(str(folder), "he")

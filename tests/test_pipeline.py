@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_path
-from tilscore.evaluate import detection_score
 from tilscore.models.registry import MODELS_DIR
+from tilscore.training.metrics import detection_score
 
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / "he-default" / "card.json").exists(),
                                 reason="shipped model models/he-default missing")
@@ -28,7 +28,7 @@ def run(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("golden")
     res = write_synthetic_slide(root / "golden.tiff", stain="he", seed=11,
@@ -55,7 +55,7 @@ def test_lymphocyte_detection_f1(scored):
     pred = np.array([[float(r["x_px"]), float(r["y_px"])] for r in rows
                      if r["class"] == "lymphocyte"])
     radius_px = 3.3 / 0.25
-    score = detection_score(pred, truth["xy"][truth["lymph"]], radius_px)
+    score = detection_score(pred, truth["xy"][truth["lymph"]], radius=radius_px)
     assert score.f1 >= 0.9, score.as_dict()
 
 
@@ -139,13 +139,13 @@ def test_density_map_is_per_tissue_area_and_nan_off_tissue(scored):
     map adds up to the summary's count."""
     import zarr
 
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     _, out, summary = scored
     root = zarr.open_group(str(out / "maps.zarr"), mode="r")
     labels, dens = root["labels/regions/0"][:], root["0"][:]
     grid_um = summary["score_config"]["density_grid_um"]
-    tissue = tissue_area_grid(labels, 2.0, grid_um, (1024.0, 1024.0))
+    tissue = tissue_area_grid(labels, 2.0, grid_um=grid_um, extent_um=(1024.0, 1024.0))
     assert (tissue > 0).any() and (tissue == 0).any()  # the slide has tissue and glass
     np.testing.assert_array_equal(np.isnan(dens), tissue == 0)
     counted = summary["counts"]["lymphocyte"]["tissue"]

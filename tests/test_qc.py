@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tilscore.cli import main
-from tilscore.qc import QcConfig, focus_measure, out_of_focus_fraction, qc_flags
+from tilscore.scoring.qc import QcConfig, focus_measure, out_of_focus_fraction, qc_flags
 
 
 def _tiles(blur_sigma_px: float, n: int = 4) -> torch.Tensor:
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
 
     scene = SyntheticScene(4096, 4096, mpp=0.25, stain="he", seed=3,
                            blur_sigma_px=blur_sigma_px)
@@ -66,7 +66,7 @@ def test_flags_have_codes_and_plain_messages():
 
 @pytest.fixture(scope="module")
 def qc_batch(tmp_path_factory):
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("qc")
     kinds = {"clean": {}, "blurred": {"blur_sigma_px": 3.0}, "pen": {"pen_marks": True}}
@@ -93,7 +93,7 @@ def test_qc_flags_fire_on_blur_and_pen_and_stay_quiet_on_clean(qc_batch):
 
 def test_out_of_domain_flags_need_enough_evidence():
     cfg = QcConfig()
-    codes = lambda qc: [f["code"] for f in qc_flags(qc, "he", cfg)]  # noqa: E731
+    codes = lambda qc: [f["code"] for f in qc_flags(qc, "he", cfg=cfg)]  # noqa: E731
     carcinoma = {"region_uncertain_fraction": 0.12, "tumour_cells": 300,
                  "tumour_cells_in_tumour_fraction": 0.9}
     assert codes(carcinoma) == []
@@ -104,7 +104,7 @@ def test_out_of_domain_flags_need_enough_evidence():
     assert codes({**carcinoma, "tumour_cells": 20,
                   "tumour_cells_in_tumour_fraction": 0.1}) == []
     assert [f["code"] for f in qc_flags({**carcinoma, "region_uncertain_fraction": 0.9},
-                                        "cd20", cfg)] == []
+                                        "cd20", cfg=cfg)] == []
 
 
 @pytest.mark.real_data

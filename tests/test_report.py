@@ -56,7 +56,7 @@ def _as_cd20(s: dict) -> dict:
 def cohort(tmp_path_factory):
     """OUT folder with 4 scored slides (alpha, beta scored; gamma, delta copied), an
     incomplete folder, an unreadable summary and one failure; returns (out, summaries)."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("report")
     paths = [str(write_synthetic_slide(root / f"{name}.tiff", stain="he", seed=k,
@@ -146,7 +146,7 @@ def _page(path: Path) -> Page:
 
 @pytest.fixture(scope="module")
 def report(cohort):
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     out, _ = cohort
     path = write_report(out, group_by="sample_type")
@@ -229,7 +229,7 @@ def test_group_by_splits_distributions_with_n_per_group(report):
 
 
 def test_group_by_any_scores_column_and_no_grouping(cohort, tmp_path):
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     out, _ = cohort
     page = _page(write_report(out, group_by="stain", path=tmp_path / "by-stain.html"))
@@ -261,7 +261,7 @@ def test_qc_flags_and_warnings_shown(report):
 
 def test_unknown_group_by_lists_columns_and_exits_2(cohort, capsys):
     from tilscore.cli import main
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     out, _ = cohort
     with pytest.raises(UsageError) as err:
@@ -288,7 +288,7 @@ def test_cli_writes_report_and_prints_path(cohort, tmp_path, capsys):
 
 def test_folder_without_scored_slides_is_usage_error(tmp_path, capsys):
     from tilscore.cli import main
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "overlay.png").write_bytes(b"")
@@ -301,7 +301,7 @@ def test_folder_without_scored_slides_is_usage_error(tmp_path, capsys):
 
 
 def test_damaged_maps_and_overlay_do_not_stop_the_report(cohort, tmp_path):
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     out, _ = cohort
     copy = tmp_path / "out"
@@ -316,7 +316,7 @@ def test_rendered_maps_are_cached_until_the_slide_changes(cohort, tmp_path):
     """Re-reporting a cohort reuses each slide's rendered maps (the report's whole cost)
     exactly as rendered, re-renders a slide whose summary changed (rescored) or whose entry
     is unreadable, and forgets slides no longer there."""
-    from tilscore.report import MAPS_CACHE_DIR, MapsCache, build_report, render_slide_maps
+    from tilscore.report.cohort import MAPS_CACHE_DIR, MapsCache, build_report, render_slide_maps
 
     out, _ = cohort
     copy = tmp_path / "out"
@@ -345,7 +345,7 @@ def test_rendered_maps_are_cached_until_the_slide_changes(cohort, tmp_path):
 
 
 def test_plots_and_colormap_units():
-    from tilscore import report_plots as rp
+    from tilscore.report import plots as rp
 
     assert rp.colormap_rgb(np.array([0.0, 1.0])).tolist() == [[68, 1, 84], [253, 231, 37]]
     assert rp.nice_ticks(42.0) == [0, 10, 20, 30, 40, 50]
@@ -420,7 +420,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_ihc_section_without_a_compartment_model(cohort, tmp_path):
     """--model none: no region map or tumour/stroma/other legend, no "(/mm²)" in empty
     cells, H-score and intensity bins shown, and a model line that says what "none" is."""
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     out, _ = cohort
     copy = tmp_path / "out"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tilscore.score import (
+from tilscore.scoring.score import (
     RegionAreas,
     ScoreConfig,
     counts_by_compartment,
@@ -27,7 +27,7 @@ def _areas(stroma_in_bulk=0.5, nuclei_mm2=0.01):
 def test_stromal_til_percent_by_hand():
     cfg = ScoreConfig(lymphocyte_nucleus_diameter_um=7.0, tiger_cell_area_um2=64.0)
     # 1000 lymphocytes x π·3.5² µm² = 38,484.5 µm² over 0.5 mm² = 500,000 µm² → 7.697 %
-    res = stromal_tils(1000, _areas(), cfg)
+    res = stromal_tils(1000, _areas(), cfg=cfg)
     assert res["stromal_til_percent"] == pytest.approx(100 * 1000 * math.pi * 3.5**2 / 5e5)
     assert res["stromal_til_percent"] == pytest.approx(7.6969, abs=1e-3)
     # TIGER: 100 x 1000 x 64 / 500,000 = 12.8
@@ -36,22 +36,22 @@ def test_stromal_til_percent_by_hand():
     assert res["stromal_til_percent_segmented"] == pytest.approx(2.0)
     assert res["til_parts"]["lymphocytes_in_bulk_stroma"] == 1000
     # a cell model without a nucleus channel measured no nuclear area: null, not 0 %
-    unsegmented = stromal_tils(1000, _areas(), cfg, nuclei_segmented=False)
+    unsegmented = stromal_tils(1000, _areas(), cfg=cfg, nuclei_segmented=False)
     assert unsegmented["stromal_til_percent_segmented"] is None
     assert unsegmented["stromal_til_percent"] == res["stromal_til_percent"]
 
 
 def test_stromal_tils_undefined_without_stroma_and_capped():
     cfg = ScoreConfig()
-    assert stromal_tils(10, _areas(stroma_in_bulk=0.0), cfg)["stromal_til_percent"] is None
-    assert stromal_tils(10**7, _areas(), cfg)["stromal_til_percent"] == 100.0
+    assert stromal_tils(10, _areas(stroma_in_bulk=0.0), cfg=cfg)["stromal_til_percent"] is None
+    assert stromal_tils(10**7, _areas(), cfg=cfg)["stromal_til_percent"] == 100.0
 
 
 def test_counts_and_densities():
     names = ["lymphocyte", "other"]
     cls = np.array([0, 0, 0, 1, 0])
     comp = np.array(["stroma", "stroma", "tumour", "tumour", "other"])
-    counts = counts_by_compartment(names, cls, comp)
+    counts = counts_by_compartment(names, cls, compartment=comp)
     assert counts["lymphocyte"] == {"tumour": 1, "stroma": 2, "other": 1, "tissue": 4}
     assert counts["other"] == {"tumour": 1, "stroma": 0, "other": 0, "tissue": 1}
     dens = densities(counts, _areas())
@@ -75,8 +75,8 @@ def test_fraction_near_tumour():
     tumour = np.zeros((20, 20), bool)
     tumour[:, :5] = True  # tumour in x < 40 µm at 8 µm/px
     pts = np.array([[50.0, 10.0], [85.0, 10.0], [150.0, 10.0]])  # 10, 45, 110 µm away
-    assert fraction_near(pts, tumour, 8.0, 50.0) == pytest.approx(2 / 3)
-    assert fraction_near(np.zeros((0, 2)), tumour, 8.0, 50.0) is None
+    assert fraction_near(pts, tumour, mask_mpp=8.0, distance_um=50.0) == pytest.approx(2 / 3)
+    assert fraction_near(np.zeros((0, 2)), tumour, mask_mpp=8.0, distance_um=50.0) is None
 
 
 def test_density_map_per_mm2_of_tissue_and_nan_without_tissue():
@@ -92,12 +92,12 @@ def test_density_map_per_mm2_of_tissue_and_nan_without_tissue():
 
 
 def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     rng = np.random.default_rng(0)
     pts = rng.uniform(0, 1050.0, (200_000, 2))  # uniform on a 1050 µm square: 181,406 /mm²
     labels = np.ones((525, 525), np.uint8)  # all tissue at 2 µm/px
-    tissue = tissue_area_grid(labels, 2.0, 100.0, (1050.0, 1050.0))
+    tissue = tissue_area_grid(labels, 2.0, grid_um=100.0, extent_um=(1050.0, 1050.0))
     dmap = density_map(pts, tissue, 100.0)
     assert dmap.shape == (11, 11)
     truth = 200_000 / 1.05**2
@@ -105,14 +105,14 @@ def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
 
 
 def test_tissue_area_grid_counts_region_pixels_by_their_centre():
-    from tilscore.aggregate import tissue_area_grid
+    from tilscore.scoring.aggregate import tissue_area_grid
 
     rng = np.random.default_rng(1)
     labels = (rng.random((203, 311)) < 0.4).astype(np.uint8) * rng.integers(1, 4, (203, 311))
     labels[:50, :120] = 0  # glass: these grid cells hold no tissue
     mpp, grid = 2.0, 30.0  # 15 px per grid cell; the last row and column are cut
     extent = (311 * mpp - 1.0, 203 * mpp - 1.5)  # the last pixel straddles the slide edge
-    got = tissue_area_grid(labels, mpp, grid, extent, band_rows=16)
+    got = tissue_area_grid(labels, mpp, grid_um=grid, extent_um=extent, band_rows=16)
     rows, cols = int(np.ceil(extent[1] / grid)), int(np.ceil(extent[0] / grid))
     want = np.zeros((rows, cols))
     for i, j in zip(*np.nonzero(labels), strict=True):
@@ -121,7 +121,7 @@ def test_tissue_area_grid_counts_region_pixels_by_their_centre():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     assert got.sum() == pytest.approx((labels > 0).sum() * (mpp * 1e-3) ** 2)  # as the summary
     assert (got[:3, :4] == 0).all()
-    fine = tissue_area_grid(labels, mpp, 1.0, extent)  # grid finer than a pixel
+    fine = tissue_area_grid(labels, mpp, grid_um=1.0, extent_um=extent)  # grid finer than a pixel
     assert fine.sum() == pytest.approx(got.sum())
 
 
@@ -129,7 +129,7 @@ def test_score_yaml_documents_the_defaults_and_ihc_overrides_are_checked(tmp_pat
     from pathlib import Path
 
     from tilscore.errors import UsageError
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     shipped = load_score_config(Path(__file__).parents[1] / "configs" / "score.yaml")
     assert shipped == ScoreConfig()  # the file states the defaults, nothing else
@@ -179,7 +179,7 @@ def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message)
     model pass (a 233 PiB array): every key has a finite accepted range, named in the
     one-line error with the file."""
     from tilscore.errors import UsageError
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     path = tmp_path / "cfg.yaml"
     path.write_text("score:\n  " + text + "\n", encoding="utf-8")
@@ -193,7 +193,7 @@ def test_every_score_setting_is_range_checked_when_read(tmp_path, text, message)
 def test_score_ranges_hold_the_shipped_defaults():
     import dataclasses
 
-    from tilscore.score import SCORE_RANGES
+    from tilscore.scoring.score import SCORE_RANGES
 
     assert set(SCORE_RANGES) == {f.name for f in dataclasses.fields(ScoreConfig)}
     for name, (low, high, _) in SCORE_RANGES.items():

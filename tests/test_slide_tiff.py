@@ -217,7 +217,7 @@ def test_one_corrupt_svs_tile_does_not_poison_the_slide(tmp_path):
     """OpenSlide leaves a handle in error state after a decode error; the backend reopens
     it, so the loader loses only the tiles that touch the corrupt file tile."""
     from tilscore.errors import SlideReadError
-    from tilscore.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
+    from tilscore.prepare.tiles import LoaderStats, TileSpec, iter_tile_batches, tile_grid
 
     h, w = 1024, 1024
     image = gradient_rgb(h, w)
@@ -239,7 +239,7 @@ def test_one_corrupt_svs_tile_does_not_poison_the_slide(tmp_path):
         with pytest.raises(SlideReadError):
             slide.read(256, 256, 256, 256)
         assert slide.read(768, 768, 64, 64).shape == (64, 64, 3)  # handle works again
-        grid = tile_grid(slide.dimensions, slide.mpp, TileSpec(0.5, 256, 0))
+        grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(0.5, 256, 0))
         stats = LoaderStats()
         n = sum(len(b.index) for b in iter_tile_batches(slide, grid, batch_size=4,
                                                         workers=2, stats=stats))

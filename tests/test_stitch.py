@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tilscore.stitch import RegionCanvas
-from tilscore.tiles import TileGrid, TileSpec
-from tilscore.tissue import TissueMask
+from tilscore.engine.stitch import RegionCanvas
+from tilscore.prepare.tiles import TileGrid, TileSpec
+from tilscore.prepare.tissue import TissueMask
 
 
 def _grid(n_cols: int, n_rows: int) -> TileGrid:

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from tilscore.errors import UsageError
-from tilscore.synth import level_dimensions, write_synthetic_slide
-from tilscore.synth_scene import LYMPH_RADIUS_UM, SyntheticScene
+from tilscore.synth.scene import LYMPH_RADIUS_UM, SyntheticScene
+from tilscore.synth.truth import scene_truth
+from tilscore.synth.writer import level_dimensions, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (3000, 2500)
@@ -131,7 +132,7 @@ def test_truth_counts_match_csv(he_slide):
 
 def test_truth_lymphocyte_density_close_to_knob():
     scene = SyntheticScene(8000, 8000, seed=5, lymphocyte_clustering=0.0)
-    truth = scene.truth()
+    truth = scene_truth(scene)
     dens = truth["densities_per_mm2"]["lymphocyte"]
     assert dens["stroma"] == pytest.approx(1500, rel=0.1)
     assert dens["tumour"] == pytest.approx(300, rel=0.2)
@@ -302,7 +303,7 @@ def test_bad_arguments():
 # -- memory -------------------------------------------------------------------------------
 def _peak_rss_mb(size_px: tuple[int, int], out: Path) -> float:
     code = textwrap.dedent(f"""
-        from tilscore.synth import write_synthetic_slide
+        from tilscore.synth.writer import write_synthetic_slide
         write_synthetic_slide({str(out)!r}, size_px={size_px!r}, seed=1)
         # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) high-water mark
         # across fork+exec into ru_maxrss.

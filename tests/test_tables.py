@@ -125,7 +125,7 @@ def test_scores_csv_has_qc_flags_and_warnings(tmp_path):
     tissue was found; the slide with nothing to say has the columns, empty."""
     from PIL import Image
 
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((600, 600, 3), 245, np.uint8)).save(blank)
@@ -145,7 +145,7 @@ def test_scores_csv_has_qc_flags_and_warnings(tmp_path):
 def test_ihc_scores_csv_has_the_settings_used_and_no_all_empty_columns(tmp_path):
     """score_config.*_dab_* were empty in IHC runs (the values used were elsewhere), and
     --model none left 30 columns empty for every row."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     slide = write_synthetic_slide(tmp_path / "f.tiff", stain="foxp3", seed=5,
                                   size_px=(SIDE_PX, SIDE_PX), mpp=0.25).slide_path
@@ -194,7 +194,7 @@ def test_numbers_and_plain_text_are_unchanged(value):
 
 
 def test_write_csv_keeps_negative_numbers_numbers(tmp_path):
-    write_csv(tmp_path / "t.csv", ["a", "b"], [{"a": -2.5, "b": "=1+2"}])
+    write_csv(tmp_path / "t.csv", ["a", "b"], rows=[{"a": -2.5, "b": "=1+2"}])
     assert (tmp_path / "t.csv").read_text() == "a,b\n-2.5,'=1+2\n"
 
 
@@ -218,6 +218,6 @@ def test_manifest_values_and_errors_cannot_start_a_formula_in_the_tables(he_slid
     assert all(spreadsheet_safe(v) == v for v in row.values())
     (failure,) = _rows(out / "failures.csv")
     assert failure["error"].startswith("'=1+2.svs")
-    from tilscore.report import _read_failures
+    from tilscore.report.cohort import _read_failures
 
     assert _read_failures(out / "failures.csv")[0]["error"].startswith("=1+2.svs")

@@ -7,15 +7,15 @@ import pytest
 import tifffile
 
 from tilscore.errors import SlideReadError, UsageError
-from tilscore.slide import open_slide
-from tilscore.tiles import (
+from tilscore.prepare.tiles import (
     LoaderStats,
     SlideRef,
     TileSpec,
     iter_tile_batches,
     tile_grid,
 )
-from tilscore.tissue import TissueMask
+from tilscore.prepare.tissue import TissueMask
+from tilscore.slide import open_slide
 
 
 def _noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -24,7 +24,7 @@ def _noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def test_cores_tile_the_slide_exactly():
     spec = TileSpec(mpp=0.5, tile_px=128, overlap_px=16)
-    grid = tile_grid((1000, 700), 0.25, spec)  # downsample 2: 500 x 350 grid px
+    grid = tile_grid((1000, 700), 0.25, spec=spec)  # downsample 2: 500 x 350 grid px
     core = spec.core_px
     assert grid.n_cols == int(np.ceil(500 / core)) and grid.n_rows == int(np.ceil(350 / core))
     cover = np.zeros((grid.n_rows * core, grid.n_cols * core), dtype=np.int32)
@@ -39,7 +39,7 @@ def test_tissue_selects_tiles():
     mask = np.zeros((40, 40), dtype=bool)
     mask[:, :10] = True  # tissue only in the left quarter (8 µm px → 80 µm)
     spec = TileSpec(mpp=0.5, tile_px=96, overlap_px=8)  # core 80 px = 40 µm
-    grid = tile_grid((1280, 1280), 0.25, spec, TissueMask(mask, mpp=8.0))
+    grid = tile_grid((1280, 1280), 0.25, spec=spec, mask=TissueMask(mask, mpp=8.0))
     assert set(grid.cols.tolist()) == {0, 1}
     assert len(grid) == 2 * grid.n_rows
 
@@ -54,7 +54,7 @@ def test_loader_yields_every_tile_once_with_exact_pixels(workers):
     img = _noise_image(900, 1100)
     slide = open_slide(img, mpp=0.5)
     spec = TileSpec(mpp=0.5, tile_px=128, overlap_px=16)
-    grid = tile_grid(slide.dimensions, slide.mpp, spec)
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=spec)
     stats = LoaderStats()
     seen = []
     for batch in iter_tile_batches(slide, grid, batch_size=5, workers=workers, block_tiles=3,
@@ -76,7 +76,7 @@ def test_loader_downsampled_tiles_match_direct_reads():
     img = _noise_image(1024, 1024, seed=1)
     slide = open_slide(img, mpp=0.25)
     spec = TileSpec(mpp=0.5, tile_px=64, overlap_px=8)
-    grid = tile_grid(slide.dimensions, slide.mpp, spec)
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=spec)
     batches = list(iter_tile_batches(slide, grid, batch_size=8, workers=2))
     for batch in batches:
         for tile, (x, y) in zip(batch.images.numpy(), batch.origins_px, strict=True):
@@ -87,7 +87,7 @@ def test_loader_downsampled_tiles_match_direct_reads():
 def test_edge_tiles_are_padded_white():
     slide = open_slide(np.zeros((100, 100, 3), dtype=np.uint8), mpp=0.5)
     spec = TileSpec(mpp=0.5, tile_px=64, overlap_px=8)
-    grid = tile_grid(slide.dimensions, slide.mpp, spec)
+    grid = tile_grid(slide.dimensions, slide.mpp, spec=spec)
     first = next(iter_tile_batches(slide, grid, batch_size=1, workers=1)).images[0].numpy()
     assert (first[:8] == 255).all() and (first[:, :8] == 255).all()  # context outside slide
     assert (first[8:, 8:] == 0).all()
@@ -103,7 +103,7 @@ def test_loader_in_worker_processes(tmp_path):
     path = tmp_path / "noise.tiff"
     _write_tiled_tiff(path, img)
     spec = TileSpec(mpp=0.5, tile_px=96, overlap_px=8)
-    grid = tile_grid((512, 512), 0.5, spec)
+    grid = tile_grid((512, 512), 0.5, spec=spec)
     got = {}
     for batch in iter_tile_batches(SlideRef(str(path)), grid, batch_size=4, workers=2,
                                    use_processes=True):
@@ -129,7 +129,7 @@ def test_corrupt_file_tile_loses_only_its_tiles(tmp_path):
     _write_tiled_tiff(path, _noise_image(2048, 2048, seed=4), tile=64)
     _corrupt_tile(path, 5)  # file tile (row 0, col 5): 1 of 1024 file tiles
     spec = TileSpec(mpp=0.5, tile_px=64, overlap_px=0)
-    grid = tile_grid((2048, 2048), 0.5, spec)
+    grid = tile_grid((2048, 2048), 0.5, spec=spec)
     stats = LoaderStats()
     n = sum(len(b.index) for b in iter_tile_batches(SlideRef(str(path)), grid, batch_size=64,
                                                     workers=2, stats=stats))
@@ -142,13 +142,13 @@ def test_mostly_corrupt_slide_fails(tmp_path):
     _write_tiled_tiff(path, _noise_image(256, 256, seed=5), tile=64)
     for k in range(16):
         _corrupt_tile(path, k)
-    grid = tile_grid((256, 256), 0.5, TileSpec(mpp=0.5, tile_px=64, overlap_px=0))
+    grid = tile_grid((256, 256), 0.5, spec=TileSpec(mpp=0.5, tile_px=64, overlap_px=0))
     with pytest.raises(SlideReadError, match="tiles failed to decode"):
-        list(iter_tile_batches(SlideRef(str(path)), grid, workers=1))
+        list(iter_tile_batches(SlideRef(str(path)), grid, batch_size=16, workers=1))
 
 
 def test_prefetch_keeps_order_reraises_and_stops_its_source():
-    from tilscore.tiles import prefetch
+    from tilscore.prepare.tiles import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
     closed = []

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_path
-from tilscore.synth_scene import SyntheticScene
-from tilscore.tissue import TissueMask, pen_mask, tissue_mask, tissue_mask_from_thumbnail
+from tilscore.prepare.tissue import TissueMask, pen_mask, tissue_mask, tissue_mask_from_thumbnail
+from tilscore.synth.scene import SyntheticScene
 
 MASK_MPP = 8.0
 

@@ -9,18 +9,19 @@ import pytest
 import yaml
 
 from tilscore.errors import UsageError
-from tilscore.train_config import load_train_config
+from tilscore.training.train_config import load_train_config
 
 
 @pytest.fixture
 def native_folder(tmp_path):
     """A small labelled set in tilscore's native format, written from synthetic tiles."""
-    from tilscore.data import synthetic_tile
-    from tilscore.importers.native import write_native
-    from tilscore.synth_scene import SyntheticScene
+    from tilscore.synth.scene import SyntheticScene
+    from tilscore.training.data import synthetic_tile
+    from tilscore.training.importers.native import write_native
 
     scene = SyntheticScene(2048, 2048, mpp=0.25, seed=5)
-    tiles = [synthetic_tile(scene, x, y, 160, 2.0) for x, y in ((0, 0), (900, 700), (1500, 300))]
+    tiles = [synthetic_tile(scene, x, y0=y, size_px=160, ds=2.0) for x, y in ((0, 0), (900, 700),
+                                                                              (1500, 300))]
     for k, t in enumerate(tiles):
         t.split = "val" if k == 0 else "train"
     write_native(tmp_path / "native", tiles, name="synthetic-native", licence="generated")
@@ -45,7 +46,7 @@ def _config(tmp_path, native_folder, **extra):
 
 def test_twenty_step_training_and_resume(tmp_path, native_folder):
     from tilscore.models import load_model
-    from tilscore.train import train
+    from tilscore.training.train import train
 
     cfg = load_train_config(_config(tmp_path, native_folder))
     out = tmp_path / "model"
@@ -73,7 +74,7 @@ def test_config_errors_name_file_and_key(tmp_path):
         load_train_config(bad)
     bad.write_text("data: [{kind: auto}]\n")
     cfg = load_train_config(bad)
-    from tilscore.data import build_datasets
+    from tilscore.training.data import build_datasets
 
     with pytest.raises(UsageError, match="needs a path"):
         build_datasets(cfg)
@@ -82,9 +83,9 @@ def test_config_errors_name_file_and_key(tmp_path):
 
 
 def test_region_at_typed_nuclei_is_the_balanced_accuracy():
-    from tilscore.eval_model import region_at_nuclei
-    from tilscore.importers.labelled import CELL_CODES, LabelledTile
     from tilscore.models import ModelCard
+    from tilscore.training.eval_model import region_at_nuclei
+    from tilscore.training.importers.labelled import CELL_CODES, LabelledTile
 
     card = ModelCard(name="x", architecture="unet-resnet18")
     region = np.full((32, 32), 2, np.uint8)  # all stroma ...
@@ -96,20 +97,20 @@ def test_region_at_typed_nuclei_is_the_balanced_accuracy():
     cls = np.array([tumour, tumour, tumour, stromal, stromal, CELL_CODES["lymphocyte"]])
     tile = LabelledTile(image=np.zeros((32, 32, 3), np.uint8), mpp=0.5, region=None,
                         points_xy=pts, point_cls=cls)
-    got = region_at_nuclei([region], [tile], card)
+    got = region_at_nuclei([region], [tile], card=card)
     assert got["region_tumour_nuclei_in_tumour"] == pytest.approx(2 / 3)
     assert got["region_stromal_nuclei_in_stroma"] == pytest.approx(1 / 2)
     assert got["region_balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert region_at_nuclei([region], [LabelledTile(
         image=tile.image, mpp=0.5, region=None, points_xy=pts[:3], point_cls=cls[:3])],
-        card) == {}  # no stromal nuclei: nothing to balance
+        card=card) == {}  # no stromal nuclei: nothing to balance
 
 
 def test_ema_weights_are_validated_and_saved(tmp_path, native_folder):
     """With ``ema_decay`` the saved weights are the moving average, not the last step's:
     at decay 0.999 six steps move them ~0.6 % as far from the start as plain training."""
     from tilscore.models import load_model
-    from tilscore.train import train
+    from tilscore.training.train import train
 
     def run(name, **extra):
         cfg = load_train_config(_config(tmp_path, native_folder, weights_storage="float32",
@@ -127,7 +128,7 @@ def test_ema_weights_are_validated_and_saved(tmp_path, native_folder):
 
 
 def test_region_model_selection_weighs_real_nuclei_and_synthetic_masks():
-    from tilscore.train import _selection_score
+    from tilscore.training.train import _selection_score
 
     val = {"region_balanced_accuracy": 0.8, "dice_tumour": 0.1, "dice_stroma": 0.1,
            "sets": {"synthetic": {"dice_tumour": 0.9, "dice_stroma": 0.7}}}

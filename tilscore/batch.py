@@ -16,11 +16,15 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tilscore.engine.defaults import DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.load import Engine, config_hash, fast_region_model, model_card
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
 from tilscore.interrupt import deferred_signals
-from tilscore.io import atomic
-from tilscore.score import ScoreConfig
+from tilscore.io.publish import remove_stale_work_dirs
+from tilscore.pipeline import score_slide, start_slide
+from tilscore.results import completed_summary, flatten, write_tables
+from tilscore.scoring.score import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +48,14 @@ class BatchOptions:
     read_threads: int | None = None  # None: the device's default (infer.default_read_threads)
     batch_size: int | None = None  # None: the device's default (infer.default_batch_size)
     compile: bool | str = False  # torch.compile the network (a str: its mode)
-    decode: str = "auto"  # JPEG tiles decoded on the device (auto: on CUDA) or the host
+    decode: str = DEFAULT_DECODE  # JPEG tiles decoded on the device (auto: on CUDA) or the host
     mode: str = "full"  # "fast" (H&E): regions at 2 µm/px everywhere, cells in bulk stroma
     region_model: str | None = None  # the fast mode's region model (None: he-regions)
     cluster: str | None = None
     workers: int = 1
     cluster_config: Path | None = None
     report: bool = True  # write or refresh OUT/report.html at the end
+    command: str | None = None  # the command line recorded in each summary (None: none)
     # Finish (aggregate, write) slide N-1 on a thread while slide N uses the device. None:
     # on CUDA only (a CPU's cores are all busy with the model: measured no gain on 2 cores)
     overlap_writes: bool | None = None
@@ -88,8 +93,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     skipped (``overwrite`` redoes them). Keyword `overrides` replace fields of `opts`.
     """
     opts = replace(opts or BatchOptions(), **overrides)
-    from tilscore.infer import DECODE_MODES
-
     if opts.decode not in DECODE_MODES:  # before any slide is touched
         raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
     if opts.mpp is not None:  # before any slide: the option is wrong for all of them
@@ -101,8 +104,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     expanded = expand_inputs(inputs)
     items = [replace(i, stain=i.stain or opts.stain) for i in expanded if not i.problem]
     _ensure_writable(out_dir)
-    from tilscore.pipeline import remove_stale_work_dirs
-
     for path in remove_stale_work_dirs(out_dir):
         log.info("removed %s, left by a killed run", path.name)
     result = RunResult()
@@ -140,7 +141,7 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
 
 def _refresh_report(out_dir: Path) -> None:
     """The cohort report is a convenience: its failure never fails the batch."""
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
 
     try:
         write_report(out_dir)
@@ -220,7 +221,7 @@ def _run_here(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
             item = job.item
             try:
                 if item.stain not in engines:  # UsageError (no model for the stain) raises
-                    engines[item.stain] = load_engine(opts, item.stain, opts.device)
+                    engines[item.stain] = load_engine(opts, item.stain, device=opts.device)
             except BaseException:
                 lock.release()
                 raise
@@ -246,35 +247,31 @@ def _overlaps(opts: BatchOptions, engine) -> bool:
     return engine.device.type == "cuda"
 
 
-def load_engine(opts: BatchOptions, stain: str, device: str, cpu_threads: int | None = None):
-    """The :class:`~tilscore.pipeline.Engine` `opts` asks for, for `stain` on `device`."""
-    from tilscore.pipeline import Engine
-
-    return Engine.load(opts.model, stain, device, cpu_threads=cpu_threads,
+def load_engine(opts: BatchOptions, stain: str, *, device: str,
+                cpu_threads: int | None = None) -> Engine:
+    """The :class:`~tilscore.engine_load.Engine` `opts` asks for, for `stain` on `device`."""
+    return Engine.load(opts.model, stain, device=device, cpu_threads=cpu_threads,
                        compile_model=opts.compile, mode=opts.mode,
                        region_model=opts.region_model)
 
 
 def _slide_kwargs(item: InputSlide, opts: BatchOptions) -> dict:
     return dict(stain=item.stain, mpp=opts.mpp, cfg=opts.cfg, read_threads=opts.read_threads,
-                batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode)
+                batch_size=opts.batch_size, quiet=opts.quiet, decode=opts.decode,
+                command=opts.command)
 
 
 def _score_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock) -> dict:
     """Score one slide (its held `lock` is taken over); a slide's failure is returned as
     data, never raised."""
-    from tilscore.pipeline import score_slide
-
-    return _finish_one(item, lambda: score_slide(item, out_dir, engine, lock=lock,
+    return _finish_one(item, lambda: score_slide(item, out_dir, engine=engine, lock=lock,
                                                  **_slide_kwargs(item, opts)))
 
 
 def _start_one(item: InputSlide, out_dir: Path, engine, opts: BatchOptions, lock):
     """The slide's device pass: its ``finish`` callable, or its failure as data."""
-    from tilscore.pipeline import start_slide
-
     try:
-        return start_slide(item, out_dir, engine, lock=lock, **_slide_kwargs(item, opts))
+        return start_slide(item, out_dir, engine=engine, lock=lock, **_slide_kwargs(item, opts))
     except UsageError:
         raise
     except Exception as exc:  # one bad slide never stops the others
@@ -348,10 +345,10 @@ def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
     kind = opts.cluster or "local"
     n_workers = len(devices) if len(devices) > 1 else opts.workers
     # Local workers share this node's cores; remote workers use all of theirs.
-    from tilscore.infer import usable_cores
+    from tilscore.engine.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
-    with open_client(kind, n_workers, opts.cluster_config) as client, \
+    with open_client(kind, n_workers, cluster_config=opts.cluster_config) as client, \
             _slide_bar(len(jobs), opts.quiet) as bar:
         # Slides another run is scoring come back "busy": they are sent again, to wait
         # for that run, once every other slide is done (as _claims does in one process).
@@ -408,9 +405,12 @@ def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[
     the node's cores; None = all)."""
     item = job.item
     device = _worker_device(devices)
-    key = (opts.model, opts.mode, opts.region_model, item.stain, device)
+    key = engine_key(opts, item.stain, device=device, cpu_threads=cpu_threads)
     if key not in _WORKER_ENGINES:
-        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device, cpu_threads)
+        for old in [k for k in _WORKER_ENGINES if k[:2] == key[:2]]:
+            del _WORKER_ENGINES[old]  # this stain's engine on this device is stale: free it
+        _WORKER_ENGINES[key] = load_engine(opts, item.stain, device=device,
+                                           cpu_threads=cpu_threads)
     kind, got = _claim(job, Path(out_dir), wait)
     if kind == "busy":
         return {"slide_id": item.slide_id, "busy": True}
@@ -418,6 +418,21 @@ def _score_on_worker(job: _Job, out_dir: str, opts: BatchOptions, devices: list[
         return {"slide_id": item.slide_id, "done": got}
     return _score_one(item, Path(out_dir), _WORKER_ENGINES[key], replace(opts, quiet=True),
                       got)
+
+
+def engine_key(opts: BatchOptions, stain: str, *, device: str,
+               cpu_threads: int | None = None) -> tuple:
+    """Everything a loaded engine depends on, so a long-lived worker (a ``tcp://``
+    cluster) reloads when any of it changes: the stain and device first, then the compile
+    mode, the mode, the CPU threads and the model's (and the fast mode's region model's)
+    card as JSON: its weights' sha256 (which loading checks against the weights file) and
+    the model's configuration (tiles, classes, peak threshold). Reads only cards."""
+    region = fast_region_model(opts.mode, stain, region_model=opts.region_model)
+    cards = [model_card(opts.model, stain)]
+    if region is not None:
+        cards.append(model_card(region, stain))
+    return (stain, device, opts.compile, opts.mode, cpu_threads,
+            *(card.model_dump_json() for card in cards))
 
 
 def _worker_device(devices: list[str]) -> str:
@@ -431,108 +446,15 @@ def _worker_device(devices: list[str]) -> str:
     return devices[index % len(devices)]
 
 
-# -- resume and tables ------------------------------------------------------------------
+# -- resume -----------------------------------------------------------------------------
 
 def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
     """(model sha256, config hash) a complete earlier result must match to be reused."""
-    from tilscore.pipeline import config_hash, fast_region_model, model_card
-
-    region = fast_region_model(opts.mode, stain, opts.region_model)  # bad mode: fails here
+    region = fast_region_model(opts.mode, stain,  # a bad mode fails here
+                               region_model=opts.region_model)
     card = model_card(opts.model, stain)
     region_card = None if region is None else model_card(region, stain)
-    return card.sha256, config_hash(card, stain, opts.cfg, region_card)
-
-
-def completed_summary(out_dir: Path, item: InputSlide, model_sha256: str,
-                      cfg_hash: str) -> dict | None:
-    """The existing summary of `item` if its outputs are complete (a valid summary.json,
-    which is written last, and every other output) and were made with the same model,
-    configuration and metadata; None means: score it. A malformed summary or a missing
-    output is logged, naming the file, and the slide is rescored."""
-    from tilscore.summary import SummaryProblem, missing_outputs, read_summary
-
-    folder = out_dir / item.slide_id
-    try:
-        summary = read_summary(folder / "summary.json")
-    except FileNotFoundError:
-        return None
-    except SummaryProblem as exc:
-        log.warning("%s", exc)
-        return None
-    missing = missing_outputs(folder)
-    if missing:
-        log.warning("%s: %s missing; the slide is not complete: rescoring it", folder,
-                    ", ".join(missing))
-        return None
-    same_model = summary["model"].get("sha256") == model_sha256
-    same_config = summary.get("config_hash") == cfg_hash
-    same_metadata = summary.get("metadata", {}) == dict(item.metadata)
-    return summary if same_model and same_config and same_metadata else None
-
-
-def all_summaries(out_dir: Path) -> list[dict]:
-    """Every valid slide summary under `out_dir` (one per slide folder); malformed ones
-    are logged, naming the file, and left out."""
-    from tilscore.summary import SummaryProblem, read_summary
-
-    rows = []
-    for path in sorted(out_dir.glob("*/summary.json")):
-        if path.parent.name.startswith("."):
-            continue  # a work folder, or a replaced one
-        try:
-            rows.append(read_summary(path))
-        except (OSError, SummaryProblem) as exc:
-            log.warning("left out of scores.csv: %s", exc)
-    return rows
-
-
-def write_tables(out_dir: Path, failures: list[dict]) -> None:
-    """scores.csv from every summary in `out_dir`; failures.csv from this run."""
-    write_scores(out_dir)
-    atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
-
-
-def write_scores(out_dir: Path) -> Path:
-    """``scores.csv``: one row per valid slide summary (:func:`all_summaries`), its
-    scalar fields as dotted columns (:func:`flatten`), QC flag codes and warnings as text;
-    a column empty in every row (e.g. tumour and stroma with ``--model none``) is left
-    out."""
-    rows = [flatten(s) for s in all_summaries(out_dir)]
-    fields = sorted({k for row in rows for k, v in row.items() if v not in (None, "")}
-                    | set(ALWAYS_COLUMNS if rows else ()), key=_column_order)
-    atomic.write_csv(out_dir / "scores.csv", fields, rows)
-    return out_dir / "scores.csv"
-
-
-ALWAYS_COLUMNS = ("slide", "qc.flags", "warnings")  # empty QC columns mean: nothing found
-LIST_SEPARATOR = "; "  # joins a list of texts (warnings, QC flag codes) into one cell
-
-
-def flatten(summary: dict, prefix: str = "") -> dict:
-    """Scalar fields of a nested summary as a flat dict with dotted keys; a list of texts
-    (``warnings``) becomes one text joined by "; ", a list of QC flags (``qc.flags``) the
-    joined flag codes; other lists are left out."""
-    flat = {}
-    for key, value in summary.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            flat[name] = LIST_SEPARATOR.join(value)
-        elif isinstance(value, list) and all(isinstance(v, dict) and "code" in v
-                                             for v in value):
-            flat[name] = LIST_SEPARATOR.join(str(v["code"]) for v in value)
-    return flat
-
-
-def _column_order(key: str) -> tuple[int, str]:
-    first = ("slide", "stain", "stromal_til_percent", "til_score_tiger", "percent_positive",
-             "qc.flags", "warnings")
-    if key in first:
-        return (first.index(key), "")
-    return (len(first) + (0 if key.startswith("metadata.") else 1), key)
+    return card.sha256, config_hash(card, stain, cfg=opts.cfg, region_card=region_card)
 
 
 def _ensure_writable(out_dir: Path) -> None:

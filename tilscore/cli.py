@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from tilscore.engine.defaults import BATCH_SIZE, DEFAULT_DECODE
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
 from tilscore.interrupt import Interrupted
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Score tumour-infiltrating lymphocytes on whole-slide images.",
 )
-_state = {"debug": False}
+_state = {"debug": False, "command": None}  # command: the command line main() was given
 log = logging.getLogger("tilscore")
 
 
@@ -46,7 +47,7 @@ def info(
     mpp: Annotated[float | None, typer.Option(help="Override µm/px at level 0.")] = None,
 ):
     """Show a slide's format, size, pyramid levels and pixel size."""
-    from tilscore.slide_info import slide_info
+    from tilscore.slide.info import slide_info
 
     data = slide_info(slide, mpp=mpp)
     if as_json:
@@ -71,7 +72,7 @@ def synth(
     blur: Annotated[float, typer.Option(help="Gaussian blur sigma in px (QC tests).")] = 0.0,
 ):
     """Write a synthetic pyramidal TIFF slide with exact ground truth beside it."""
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     check_stain(stain)
     res = write_synthetic_slide(
@@ -111,10 +112,12 @@ def score(
         min=1, max=1024, help="Tile decoding threads per slide [default: 2 on CPU, the "
                                "cores minus 2 on CUDA].")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, max=4096, help="Tiles per model batch [default: 8 on CPU, 32 on CUDA].")] = None,
+        min=1, max=4096, help="Tiles per model batch [default: "
+                              f"{BATCH_SIZE['cpu']} on CPU, {BATCH_SIZE['cuda']} on CUDA].")
+    ] = None,
     decode: Annotated[str, typer.Option(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
-             "allows it), host or device.")] = "auto",
+             "allows it), host or device.")] = DEFAULT_DECODE,
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the network and its decoding (tens of seconds "
                           "of compilation; no gain measured yet: docs/benchmarks.md).")] = False,
@@ -132,7 +135,7 @@ def score(
     DIR/report.html."""
     from tilscore.batch import BatchOptions, score_inputs
     from tilscore.interrupt import stop_on_signals
-    from tilscore.score_config import load_score_config
+    from tilscore.scoring.score_config import load_score_config
 
     check_stain(stain)
     if log_file is not None:
@@ -144,7 +147,7 @@ def score(
         batch_size=batch_size, compile=compile_model, decode=decode, mode=mode,
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
-        report=report)
+        report=report, command=_state.get("command") or " ".join(sys.argv))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
         result = score_inputs(inputs, out, opts)
     for row in result.rows:
@@ -194,8 +197,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint.")] = False,
 ):
     """Train a model on labelled tiles; writes weights.safetensors + card.json into --out."""
-    from tilscore.train import train as run_training
-    from tilscore.train_config import load_train_config
+    from tilscore.training.train import train as run_training
+    from tilscore.training.train_config import load_train_config
 
     overrides = {}
     if data:
@@ -223,16 +226,16 @@ def evaluate(
 ):
     """Lymphocyte detection P/R/F1, threshold sweep, FROC, region Dice and the region at
     typed nuclei (balanced accuracy) on labelled tiles."""
-    from tilscore.eval_data import eval_tiles
-    from tilscore.eval_model import evaluate_model
-    from tilscore.infer import select_device
+    from tilscore.engine.infer import select_device
     from tilscore.models import load_model
     from tilscore.models.registry import resolve_model_dir
+    from tilscore.training.eval_data import eval_tiles
+    from tilscore.training.eval_model import evaluate_model
 
     net, card = load_model(model)
     dev = select_device(device)
     tiles = eval_tiles(data, card.input_mpp, split=split, mpp=mpp)
-    metrics = evaluate_model(net.to(dev), card, tiles, dev, radius_um)
+    metrics = evaluate_model(net.to(dev), card, tiles=tiles, device=dev, radius_um=radius_um)
     metrics.update({"model": card.name, "data": data, "split": split, "tiles": len(tiles),
                     "radius_um": radius_um})
     cells = "lymphocyte_f1" in metrics  # False for a region-only model
@@ -292,13 +295,13 @@ def demo(
 ):
     """Generate a synthetic H&E slide and score it (the quick-start job)."""
     from tilscore.batch import score_inputs
-    from tilscore.synth import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide
 
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "demo_slide.tiff"
     if not slide_path.exists():
         write_synthetic_slide(slide_path, stain="he", seed=0, size_px=(size, size), mpp=0.25)
-    result = score_inputs([str(slide_path)], out, stain="he")
+    result = score_inputs([str(slide_path)], out, stain="he", command=_state["command"])
     for row in result.rows:
         typer.echo(f"{row['slide']}: {_headline(row)}")
     typer.echo(f"outputs in {(out / 'demo_slide').resolve()}")
@@ -317,8 +320,8 @@ def report(
 ):
     """Write a self-contained HTML report of a scored folder (table, plots, maps) and
     rebuild its scores.csv from the slide summaries."""
-    from tilscore.batch import write_scores
-    from tilscore.report import write_report
+    from tilscore.report.cohort import write_report
+    from tilscore.results import write_scores
 
     path = write_report(out_dir, group_by=group_by, path=out)
     write_scores(out_dir)
@@ -355,6 +358,7 @@ def _interrupted_line(exc: Interrupted) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
+    _state["command"] = " ".join(sys.argv if argv is None else [sys.argv[0], *argv])
     try:
         # With standalone_mode=False, click returns typer.Exit's code instead of raising.
         rc = app(args=argv, standalone_mode=False)

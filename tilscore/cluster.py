@@ -72,7 +72,7 @@ def slurm_cluster(cfg: SlurmConfig):
 
 
 @contextlib.contextmanager
-def open_client(kind: str, n_workers: int = 1, cluster_config: Path | None = None):
+def open_client(kind: str, n_workers: int = 1, *, cluster_config: Path | None = None):
     """A connected ``distributed.Client``: `kind` ``"local"`` (a LocalCluster of
     `n_workers` single-threaded processes), ``"tcp://HOST:PORT"`` (an existing
     scheduler) or ``"slurm"``. Closed (and a started cluster shut down) on exit."""

@@ -75,7 +75,7 @@ def read_csv_value(text: str) -> str:
     return text
 
 
-def write_csv(path: str | Path, fieldnames: list[str], rows: Iterable[dict]) -> None:
+def write_csv(path: str | Path, fieldnames: list[str], *, rows: Iterable[dict]) -> None:
     """A CSV table written atomically; text cells that would start a spreadsheet formula
     are neutralised (:func:`spreadsheet_safe`)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:

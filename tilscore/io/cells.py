@@ -129,7 +129,7 @@ def format_strings(values: np.ndarray, encode=None) -> Field:
     return table[inverse], mask[inverse]
 
 
-def literal(text: str, n: int, rows: np.ndarray | None = None) -> Field:
+def literal(text: str, n: int, *, rows: np.ndarray | None = None) -> Field:
     """The same `text` on each of `n` rows (only where bool `rows` is True, if given)."""
     b = np.frombuffer(text.encode("utf-8"), np.uint8)
     chars = np.broadcast_to(b, (n, len(b)))

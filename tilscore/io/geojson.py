@@ -33,7 +33,7 @@ BAND_ROWS = 1024  # region map rows traced at a time (the tracer's grid is 4× a
 
 
 def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
-                        radius_px: float | dict[str, float],
+                        *, radius_px: float | dict[str, float],
                         colors: dict[str, tuple[int, int, int]] | None = None,
                         measurements: dict[str, np.ndarray] | None = None,
                         properties: dict[str, np.ndarray] | None = None) -> None:
@@ -83,7 +83,7 @@ def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
             vx = x[sl, None] + radius[sl, None] * cos
             vy = y[sl, None] + radius[sl, None] * sin
             ok = np.isfinite(score[sl])
-            sep = literal(",\n", m, np.arange(start, start + m) > 0)
+            sep = literal(",\n", m, rows=np.arange(start, start + m) > 0)
             pieces: list[Field] = [sep, literal('{"type":"Feature","id":"', m),
                                    _uuid4_field(rng, m),
                                    literal('","geometry":{"type":"Polygon","coordinates":[[', m)]
@@ -94,7 +94,7 @@ def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
             pieces += [literal(']]},"properties":{"objectType":"detection","isLocked":false,'
                                '"classification":', m),
                        format_strings(cls[sl], classification),
-                       literal(',"measurements":{', m), literal('"score":', m, ok),
+                       literal(',"measurements":{', m), literal('"score":', m, rows=ok),
                        (s_chars, s_valid & ok[:, None])]
             first = ~ok  # no score written: the next measurement needs no comma
             for name, values in extra.items():
@@ -102,7 +102,8 @@ def write_cells_geojson(path: str | Path, cells: dict[str, np.ndarray],
                 fine = np.isfinite(v)
                 chars, valid = format_fixed(np.where(fine, v, 0.0), 4)
                 key = json.dumps(name) + ":"
-                pieces += [literal("," + key, m, fine & ~first), literal(key, m, fine & first),
+                pieces += [literal("," + key, m, rows=fine & ~first), literal(key, m,
+                                                                              rows=fine & first),
                            (chars, valid & fine[:, None])]
                 first = first & ~fine
             pieces.append(literal("}", m))
@@ -130,9 +131,9 @@ def _uuid4_field(rng: np.random.Generator, n: int) -> Field:
     return chars, np.ones_like(chars, bool)
 
 
-def write_regions_geojson(path: str | Path, labels, scale_to_l0: float,
+def write_regions_geojson(path: str | Path, labels, *, scale_to_l0: float,
                           class_names: dict[int, str],
-                          colors: dict[str, tuple[int, int, int]] | None = None, *,
+                          colors: dict[str, tuple[int, int, int]] | None = None,
                           mpp_l0: float, image_size_l0: tuple[float, float] | None = None,
                           simplify_px: float | None = None,
                           band_rows: int = BAND_ROWS) -> None:

@@ -52,7 +52,7 @@ DENSITY_DENOMINATOR = ("the tissue area of each grid cell (region codes > 0 in t
                        "map); NaN where a grid cell holds no tissue")
 
 
-def write_ome_zarr(path: str | Path, labels_source, mpp_labels: float,
+def write_ome_zarr(path: str | Path, labels_source, *, mpp_labels: float,
                    density_map: np.ndarray, density_mpp: float,
                    class_names: dict[int, str],
                    colors: dict[str, tuple[int, int, int]] | None = None,

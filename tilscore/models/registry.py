@@ -17,7 +17,7 @@ MODELS_DIR = Path(os.environ.get("TILSCORE_MODELS_DIR")
                   or Path(__file__).resolve().parents[2] / "models")
 
 
-def create_model(name: str, out_channels: int, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
+def create_model(name: str, out_channels: int, *, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs):
     """Build architecture `name` (random init) wrapped to take uint8 NCHW input.
 
     Returns a :class:`tilscore.models.net.TilNet`; its output is float logits
@@ -40,7 +40,7 @@ def create_model(name: str, out_channels: int, mean=(0.5,) * 3, std=(0.25,) * 3,
 
 
 def model_from_card(card: ModelCard):
-    return create_model(card.architecture, card.out_channels, card.mean, card.std,
+    return create_model(card.architecture, card.out_channels, mean=card.mean, std=card.std,
                         **card.architecture_kwargs)
 
 
@@ -180,7 +180,7 @@ def dequantize(state: dict) -> dict:
     return out
 
 
-def save_model(model, card: ModelCard, folder: str | Path, half: bool = True,
+def save_model(model, card: ModelCard, *, folder: str | Path, half: bool = True,
                storage: str | None = None) -> ModelCard:
     """Write weights.safetensors and card.json with its sha256. `storage`: "float32",
     "float16" or "int8" (see :func:`quantize_int8`); None: float16 when `half`."""

@@ -74,7 +74,7 @@ def validate_mpp(mpp: float, source: str) -> float:
     return value
 
 
-def resize_rgb(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_rgb(image: np.ndarray, width: int, *, height: int) -> np.ndarray:
     """Resize uint8 RGB to (height, width, 3): area averaging when shrinking (antialiased),
     bilinear when enlarging."""
     import cv2
@@ -169,7 +169,7 @@ class Slide:
         lw = max(1, int(round(width * downsample / level_ds)))
         lh = max(1, int(round(height * downsample / level_ds)))
         region = self._read_level_padded(level, lx0, ly0, lw, lh)
-        return resize_rgb(region, width, height)
+        return resize_rgb(region, width, height=height)
 
     def _read_level_padded(self, level: int, lx: int, ly: int, lw: int, lh: int) -> np.ndarray:
         """Read level pixels [lx, lx+lw) x [ly, ly+lh), padding outside with white."""
@@ -215,7 +215,7 @@ class Slide:
         for (ly0, ly1), (oy0, oy1) in y_edges:
             for (lx0, lx1), (ox0, ox1) in x_edges:
                 block = self._backend.read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
-                out[oy0:oy1, ox0:ox1] = resize_rgb(block, ox1 - ox0, oy1 - oy0)
+                out[oy0:oy1, ox0:ox1] = resize_rgb(block, ox1 - ox0, height=oy1 - oy0)
         return out
 
     # -- lifetime ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError, SlideReadError
-from tilscore.slide.tiff_backend import composite_on_white, one_line
+from tilscore.slide.common import composite_on_white, one_line
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import SlideOpenError, SlideReadError
-from tilscore.slide.tiff_backend import one_line
+from tilscore.slide.common import one_line
 
 log = logging.getLogger(__name__)
 

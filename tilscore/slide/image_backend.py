@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError
-from tilscore.slide.tiff_backend import composite_on_white, mpp_from_resolution, one_line
+from tilscore.slide.common import composite_on_white, mpp_from_resolution, one_line
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ layouts: 8-bit RGB interleaved (Y, X, 3), RGBA (alpha composited on white), plan
 NotBrightfieldError. Aperio JPEG 2000 tiles in YCbCr (compression 33003) are converted
 to RGB here, as OpenSlide does.
 
-Also home of two helpers shared by the other backends: :func:`composite_on_white` and
-:func:`mpp_from_resolution`.
+The helpers it shares with the other backends are in :mod:`tilscore.slide.common`.
 """
 
 from __future__ import annotations
@@ -21,17 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError, SlideReadError
+from tilscore.slide.common import (
+    RESUNIT_NAMES,
+    UNIT_UM,
+    composite_on_white,
+    mpp_from_resolution,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
-# Lengths in one unit, in µm (OME PhysicalSizeXUnit and TIFF ResolutionUnit names).
-_UNIT_UM = {
-    "m": 1e6, "cm": 1e4, "centimeter": 1e4, "mm": 1e3, "millimeter": 1e3,
-    "µm": 1.0, "μm": 1.0, "um": 1.0, "micrometer": 1.0, "micron": 1.0,
-    "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6, "å": 1e-4, "inch": 25400.0, "in": 25400.0,
-}  # fmt: skip
-# TIFF ResolutionUnit codes (2, 3 are baseline TIFF; 4, 5 are tifffile's extensions).
-_RESUNIT_NAMES = {1: "none", 2: "inch", 3: "centimeter", 4: "millimeter", 5: "micrometer"}
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
 _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
 _COMPRESSION_APERIO_JP2K_YCBCR = 33003
@@ -40,37 +38,6 @@ _TIFF_TAGS_AS_PROPERTIES = (
     "ImageDescription", "Make", "Model", "Software", "DateTime", "Artist", "Copyright",
     "HostComputer", "DocumentName", "XResolution", "YResolution", "ResolutionUnit",
 )  # fmt: skip
-
-
-def composite_on_white(rgba: np.ndarray, premultiplied: bool = False) -> np.ndarray:
-    """uint8 (H, W, 4) RGBA -> uint8 (H, W, 3) RGB over a white background.
-
-    Straight alpha: ``(rgb*a + 255*(255-a)) / 255`` (rounded); premultiplied (TIFF
-    associated alpha): ``rgb + 255 - a``.
-    """
-    alpha = rgba[..., 3:4]
-    if bool((alpha == 255).all()):
-        return np.ascontiguousarray(rgba[..., :3])
-    rgb = rgba[..., :3].astype(np.uint16)
-    a = alpha.astype(np.uint16)
-    if premultiplied:
-        out = np.minimum(rgb + (255 - a), 255)
-    else:
-        out = (rgb * a + 255 * (255 - a) + 127) // 255  # max 65152: fits uint16
-    return out.astype(np.uint8)
-
-
-def mpp_from_resolution(pixels_per_unit: float, unit: str | int | None) -> float | None:
-    """µm/px from a TIFF X/YResolution value and its ResolutionUnit (name or code).
-
-    Returns None for unit "none"/unknown or a non-positive resolution.
-    """
-    if isinstance(unit, int):
-        unit = _RESUNIT_NAMES.get(unit)
-    um_per_unit = _UNIT_UM.get(str(unit).strip().lower()) if unit is not None else None
-    if um_per_unit is None or not pixels_per_unit or pixels_per_unit <= 0:
-        return None
-    return um_per_unit / float(pixels_per_unit)
 
 
 def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
@@ -218,7 +185,7 @@ class TiffBackend:
             if tag_name.endswith("Resolution") and isinstance(value, tuple):
                 value = value[0] / value[1] if value[1] else 0.0
             elif tag_name == "ResolutionUnit":
-                value = _RESUNIT_NAMES.get(int(value), str(value))
+                value = RESUNIT_NAMES.get(int(value), str(value))
             props[f"tiff.{tag_name}"] = str(value)
         others = [s for k, s in enumerate(self._tf.series) if k != series_index]
         props["tilscore.associated_images"] = ",".join(
@@ -277,11 +244,6 @@ class TiffBackend:
             tf.close()
 
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
-
-
 def _area(page_series) -> int:
     width, height = _width_height(page_series)
     return width * height
@@ -313,7 +275,7 @@ def _ome_mpp(ome_xml: str | None, series_index: int) -> float | None:
     for axis in ("X", "Y"):
         value = pixels.get(f"PhysicalSize{axis}")
         unit = pixels.get(f"PhysicalSize{axis}Unit", "µm").strip().lower()
-        if value is None or unit not in _UNIT_UM:
+        if value is None or unit not in UNIT_UM:
             return None
-        sizes.append(float(value) * _UNIT_UM[unit])
+        sizes.append(float(value) * UNIT_UM[unit])
     return (sizes[0] + sizes[1]) / 2.0

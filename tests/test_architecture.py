@@ -1,0 +1,128 @@
+"""The package's shape (docs/architecture.md): no import cycles, between modules or between
+the rooms of the layout (a folder per stage, the top-level modules), and the library never
+reads the command line (the CLI passes it in).
+
+Imports are read from the source (ast), every one of them: those inside functions
+(deferred for start-up time or an optional dependency) are arrows all the same.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tilscore"
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name → file, for every module of the package."""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module → the package modules it imports (``from a.b import c`` imports a.b.c when
+    that is a module, else a.b; the package root itself is left out)."""
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges: dict[str, set[str]] = defaultdict(set)
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] != "tilscore":
+                    continue
+                found = resolve(target)
+                if found not in (None, name, "tilscore"):
+                    edges[name].add(found)
+    return edges
+
+
+def _room(module: str) -> str:
+    """The room of a module: its folder under tilscore/, or the top-level module itself
+    (the package's own ``__init__`` is the room ``tilscore``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_between_modules():
+    assert _cycles(_imports(_modules())) == []
+
+
+def test_no_import_cycle_between_rooms():
+    """Folders by stage: no arrow runs from a room back up to one that imports it."""
+    rooms: dict[str, set[str]] = defaultdict(set)
+    for module, targets in _imports(_modules()).items():
+        for target in targets:
+            if _room(module) != _room(target):
+                rooms[_room(module)].add(_room(target))
+    assert _cycles(rooms) == []
+
+
+def test_rooms_are_the_stages():
+    """The layout of docs/architecture.md: a folder per stage of the data flow."""
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert folders == {"slide", "prepare", "engine", "scoring", "io", "models", "training",
+                       "report", "synth"}
+
+
+def test_only_the_cli_reads_the_command_line():
+    """summary.json records the command line the CLI passes in: a library that read
+    sys.argv would record a Dask or Slurm worker's command line instead."""
+    readers = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr == "argv"
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+                readers.append(name)
+    assert set(readers) <= {"tilscore.cli"}
