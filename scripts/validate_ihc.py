@@ -8,7 +8,7 @@ itself, which flatters it); per synthetic marker the same plus the count ratio
 on real IHC with no stained lymphocytes; and the lymphocyte gate on typed H&E nuclei.
 
     .venv/bin/python scripts/validate_ihc.py [--data ../shared/data] [--device cpu]
-        [--sweep] [--per-image] [--overlays DIR]
+        [--sweep] [--per-image] [--overlays DIR] [--edge-crops]
 
 Datasets (under ``--data``; see its README):
 - ihc-ki67-deepliif: Ki67 (nuclear, "foxp3" rules), 0.25 µm/px; truth positives are the
@@ -28,6 +28,9 @@ Datasets (under ``--data``; see its README):
   membranes and cytoplasm, no stained lymphocytes; ~0.5 µm/px) scored end to end by
   ``tilscore score --model none`` as CD20 and as FOXP3: percent positive, and the rate
   within 10 px of the image edge against the interior's.
+- edge effect (``--edge-crops``): sliding crops of the real images above, the positive
+  rate within 5 µm of a crop's edge against further in, with exact and bootstrap
+  intervals, and the whole image's positives centred near a crop's edge kept or not.
 - he-consep (the gate alone): CoNSeP's typed nuclei (H&E, haematoxylin only), the share
   of inflammatory, epithelial and spindle nuclei the lymphocyte gate lets through.
 
@@ -339,6 +342,110 @@ def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float
             for cls, parts in passed.items()}
 
 
+EDGE_BAND_UM, EDGE_FAR_UM = 5.0, 10.0  # the crop-edge band; cells this far from the image's edge
+
+
+def _clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) 1 - alpha interval of a binomial proportion k / n."""
+    from scipy.stats import beta
+
+    lo = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    hi = beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return float(lo), float(hi)
+
+
+def edge_effect_on_crops(images, marker: str, crop_um: float, step_um: float,
+                         device: str = "cpu", n_boot: int = 2000, seed: int = 0) -> dict:
+    """The positive rate against the distance to an image's edge, measured on sliding
+    crops of larger real images (`images`: [(rgb, mpp)]): each crop is scored by the
+    detector with its whole image's stain vectors, and only cells at least EDGE_FAR_UM
+    from the whole image's edge count (so the same cells have full context there).
+
+    Returns {crops, edge_cells, edge_pos, inner_cells, inner_pos, ratio (edge rate /
+    inner rate), ratio_ci (bootstrap over crops, 95 %; crops overlap, so it is narrower
+    than independent crops would give), edge_ci (Clopper-Pearson of the edge rate),
+    paired_cells, paired_pos_whole, paired_kept, paired_new} where the paired figures
+    are the whole image's cells centred within EDGE_BAND_UM of a crop's edge: positive
+    in the whole image, still positive in the crop, and negative in the whole image but
+    positive in the crop."""
+    rng = np.random.default_rng(seed)
+    per_crop, paired = [], np.zeros(4, int)
+    for rgb, mpp in images:
+        stains = estimate_stain_vectors(rgb)
+        whole = detect_cells(torch.from_numpy(np.array(rgb))[None].to(device), mpp, marker,
+                             None, stains)[0]
+        wxy = torch.stack([whole.x_px, whole.y_px], 1).cpu().numpy()
+        wpos = whole.positive.cpu().numpy()
+        h, w = rgb.shape[:2]
+        size, step = int(round(crop_um / mpp)), int(round(step_um / mpp))
+        band, far = EDGE_BAND_UM / mpp, EDGE_FAR_UM / mpp
+        w_ok = ((wxy >= far).all(1) & (wxy[:, 0] < w - far) & (wxy[:, 1] < h - far))
+        origins = [(x0, y0) for y0 in range(0, h - size + 1, step)
+                   for x0 in range(0, w - size + 1, step)]
+        batch = torch.from_numpy(np.stack([np.ascontiguousarray(rgb[y0:y0 + size,
+                                                                    x0:x0 + size])
+                                           for x0, y0 in origins])).to(device)
+        for (x0, y0), cells in zip(origins, detect_cells(batch, mpp, marker, None, stains),
+                                   strict=True):
+            xy = torch.stack([cells.x_px, cells.y_px], 1).cpu().numpy()
+            pos = cells.positive.cpu().numpy()
+            g = xy + [x0, y0]
+            ok = (g >= far).all(1) & (g[:, 0] < w - far) & (g[:, 1] < h - far)
+            dist = np.minimum(xy.min(1), (size - xy).min(1))
+            edge, inner = ok & (dist < band), ok & (dist >= band)
+            per_crop.append((edge.sum(), pos[edge].sum(), inner.sum(), pos[inner].sum()))
+            local = wxy - [x0, y0]
+            wdist = np.minimum(local.min(1), (size - local).min(1))
+            sel = w_ok & (wdist >= 0) & (wdist < band)
+            if sel.any():
+                m = match_points(local[sel], xy, MATCH_RADIUS_UM / mpp)
+                now = (m >= 0) & pos[np.maximum(m, 0)]
+                paired += [sel.sum(), wpos[sel].sum(), (wpos[sel] & now).sum(),
+                           (~wpos[sel] & now).sum()]
+    a = np.array(per_crop, float)
+    t = a.sum(0)
+    ratio = (t[1] / t[0]) / (t[3] / t[2]) if t[0] and t[3] else float("nan")
+    boots = []
+    for _ in range(n_boot):
+        s = a[rng.integers(0, len(a), len(a))].sum(0)
+        if s[0] and s[2] and s[3]:
+            boots.append((s[1] / s[0]) / (s[3] / s[2]))
+    ci = tuple(np.percentile(boots, [2.5, 97.5])) if boots else (float("nan"),) * 2
+    return {"crops": len(a), "edge_cells": int(t[0]), "edge_pos": int(t[1]),
+            "inner_cells": int(t[2]), "inner_pos": int(t[3]), "ratio": ratio,
+            "ratio_ci": ci, "edge_ci": _clopper_pearson(int(t[1]), int(t[0])),
+            "paired_cells": int(paired[0]), "paired_pos_whole": int(paired[1]),
+            "paired_kept": int(paired[2]), "paired_new": int(paired[3])}
+
+
+def edge_table(data: Path, device: str = "cpu") -> list[str]:
+    """Markdown rows of :func:`edge_effect_on_crops` on the real IHC images at hand."""
+    from skimage.data import immunohistochemistry
+
+    sets = [("scikit-image sample", "foxp3", [(immunohistochemistry(), SKIMAGE_MPP)], 100, 25),
+            ("scikit-image sample", "cd20", [(immunohistochemistry(), SKIMAGE_MPP)], 100, 25)]
+    if (data / "ihc-ki67-deepliif").exists():
+        sets.append(("Ki67 DeepLIIF (4 tiles)", "foxp3",
+                     [(it.rgb, it.mpp) for it in load_ki67(data / "ihc-ki67-deepliif")], 64, 16))
+    if (data / "ihc-cd3cd8-nuclick").exists():
+        sets.append(("CD3/CD8 NuClick (16 crops)", "cd20",
+                     [(it.rgb, it.mpp) for it in load_nuclick(data / "ihc-cd3cd8-nuclick")],
+                     36, 8))
+    rows = []
+    for label, marker, images, crop_um, step_um in sets:
+        r = edge_effect_on_crops(images, marker, crop_um, step_um, device)
+        rows.append(
+            f"| {label}, {marker}, {r['crops']} crops of {crop_um} µm | "
+            f"{r['edge_pos']}/{r['edge_cells']} = "
+            f"{100 * r['edge_pos'] / max(r['edge_cells'], 1):.2f} % "
+            f"({100 * r['edge_ci'][0]:.2f}-{100 * r['edge_ci'][1]:.2f}) | "
+            f"{r['inner_pos']}/{r['inner_cells']} = "
+            f"{100 * r['inner_pos'] / max(r['inner_cells'], 1):.2f} % | {r['ratio']:.2f} "
+            f"({r['ratio_ci'][0]:.2f}-{r['ratio_ci'][1]:.2f}) | {r['paired_pos_whole']} → "
+            f"{r['paired_kept']} kept, {r['paired_new']} new (of {r['paired_cells']}) |")
+    return rows
+
+
 OVERLAY_COLOURS = {0: (0, 160, 255), 1: (150, 150, 150), 2: (255, 150, 0), 3: (200, 0, 200),
                    4: (0, 200, 0)}  # by gate code; positives red
 
@@ -413,7 +520,16 @@ def main(argv=None) -> int:
                     help="only write the docs/ihc.md overlay of scikit-image's IHC sample "
                          "(CD20), with --before-cells CSV drawn beside it")
     ap.add_argument("--before-cells", type=Path, metavar="CSV")
+    ap.add_argument("--edge-crops", action="store_true",
+                    help="only measure the positive rate against the distance to an edge "
+                         "on sliding crops of the real images")
     args = ap.parse_args(argv)
+    if args.edge_crops:
+        print(f"| crops (band: within {EDGE_BAND_UM:g} µm of the crop's edge) | band: positive "
+              "(95 % exact CI) | further in | ratio (bootstrap 95 %) | the whole image's "
+              "positives centred in the band: kept in the crop, new |\n|---|---|---|---|---|")
+        print("\n".join(edge_table(args.data, args.device)))
+        return 0
     if args.docs_figure is not None:
         with tempfile.TemporaryDirectory() as tmp:
             specificity_skimage(Path(tmp), args.device)

@@ -359,6 +359,51 @@ def test_mirror_outside_and_cells_only_inside_the_valid_box():
     assert cells.x_px.item() == pytest.approx(24.0, abs=0.6)
 
 
+@pytest.mark.parametrize("marker,dab", [("cd20", "ring"), ("foxp3", "nucleus")])
+def test_a_nucleus_near_the_edge_is_not_measured_with_its_mirror_image(marker, dab):
+    """A lymphocyte whose centre lies 3 µm inside the image's edge (or the valid box's, as
+    in the engine) is segmented up to the edge, not together with its reflection: its
+    area is the interior's (before: the cell and its mirror image, 1.7x the area, and
+    the FOXP3 cell rejected as `nucleus_size`; on NuClick CD3/CD8 11 of the 36 annotated
+    cells within 8 µm of a crop's edge were lost, against 4 of the 38 further in)."""
+    inner = _detect(_cell_image(0.5, dab), 0.5, marker)
+    assert len(inner) == 1 and bool(inner.positive)
+    area = inner.nucleus_area_um2.item()
+    at_edge = _detect(_cell_image(0.5, dab, centre_um=(3.0, 20.0)), 0.5, marker)
+    # a padded tile: the cell 3 µm inside the valid box's left edge, white beyond it
+    rgb = _cell_image(0.5, dab, centre_um=(13.0, 20.0))
+    rgb[:, :20] = 255
+    in_box = detect_cells(torch.from_numpy(rgb)[None], 0.5, marker,
+                          valid_px=torch.tensor([[20, 0, 80, 80]]))[0]
+    for cells, x_px in ((at_edge, 6.0), (in_box, 26.0)):
+        near = torch.hypot(cells.x_px - x_px, cells.y_px - 40.0) < 7.0  # within 3.5 µm
+        assert int(near.sum()) == 1, (cells.x_px, cells.y_px)
+        assert GATES[int(cells.gate[near])] == "passed" and bool(cells.positive[near])
+        assert cells.nucleus_area_um2[near].item() == pytest.approx(area, rel=0.25)
+        # reported at its visible nucleus's centroid, not on the edge pixel where the cell
+        # and its mirror image peak together (CD20: x 0.5 px before)
+        assert cells.x_px[near].item() == pytest.approx(x_px, abs=1.5)
+
+
+def test_a_nucleus_cut_by_the_edge_is_not_judged_by_its_visible_shape():
+    """An oval FOXP3+ nucleus (7 x 5 µm) along the image's edge, its centre 0.25 µm inside:
+    the visible part reads axis ratio ~0.4 (the cut, not the nucleus), below the shape
+    gate's 0.45; the cell is counted (its centre is inside) and its shape not judged. (On
+    sliding crops of the DeepLIIF Ki67 tiles, the gate then keeps 57 of the 65 positive
+    cells centred within 5 µm of a crop's edge, against 50 when it judged their shape.)"""
+    n = 80
+    c = (np.arange(n) + 0.5) * 0.5
+    x, y = c[None, :] - 20.0, c[:, None] - 0.25
+    inside = (x / 3.5) ** 2 + (y / 2.5) ** 2 < 1
+    conc = np.zeros((n, n, 2))
+    conc[..., 0] = np.where(inside, 0.4, 0.02)
+    conc[..., 1] = np.where(inside, 2.0, 0.0)
+    cells = _detect(_render(conc), 0.5, "foxp3")
+    assert len(cells) == 1
+    assert cells.nucleus_axis_ratio.item() < ihc_params("foxp3").nuclei.min_axis_ratio
+    assert GATES[int(cells.gate)] == "passed" and bool(cells.positive)
+
+
 @pytest.mark.parametrize("marker", ["cd20", "foxp3"])
 def test_cells_at_the_edge_are_called_as_with_context(marker):
     """A crop's cells near its edge, measured on mirrored context, get the calls they get
@@ -378,10 +423,10 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
         return ((xy < 10) | (xy >= 502)).any(axis=1) & ((xy >= 0) & (xy < 512)).all(axis=1)
 
     edge, edge_whole = band(xy_part), band(xy_whole)
-    # Nuclei cut by the crop's edge count whichever side their centre lies (measured: 43
-    # cells in the band against 20 centred there in the larger image; most of the extra
-    # negatives on the outermost pixel): the rate must not climb, the cells may.
-    assert edge_whole.sum() <= edge.sum() <= 2.5 * edge_whole.sum()
+    # Nuclei cut by the crop's edge count whichever side their centre lies (measured: 42
+    # cells in the band against 16 in the larger image (CD20); most of the extra are
+    # negatives on the outermost pixels): the rate must not climb, the cells may.
+    assert edge_whole.sum() <= edge.sum() <= 3.0 * edge_whole.sum()
     match = match_points(xy_part, xy_whole, radius=8.0)  # 4 µm
     ok = match >= 0
     assert ok[edge].mean() >= 0.75
@@ -533,15 +578,19 @@ def test_real_ki67_threshold_choice_generalises():
 def test_real_cd3cd8_membranous_positives(real_results):
     strict, calls, _ = real_results["nuclick"]
     n_true = strict.tp + strict.fn
-    # CD20 rules with the lymphocyte gate. Measured: recall 0.80 at 2.38 positive calls
-    # per annotated cell (before the gate and the shared detection: 0.89 at 2.32; the
-    # naive baseline: 0.86 at 2.8 in the issue). Many DAB+ cells are not annotated.
-    assert strict.recall >= 0.77 and calls / n_true <= 2.5
+    # CD20 rules with the lymphocyte gate. Measured: recall 0.905 at 2.74 positive calls
+    # per annotated cell (0.80 at 2.38 before nuclei at the edge were segmented without
+    # their mirror image, not judged by the shape of their visible part, and cells
+    # reported at their nucleus's centroid: 11 of the 36 annotated cells within 8 µm of
+    # an edge were lost; before the gate and the shared detection: 0.89 at 2.32; the
+    # naive baseline: 0.86 at 2.8 in the issue). Many DAB+ cells are not annotated
+    # (docs/ihc.md), which keeps the calls per annotated cell high.
+    assert strict.recall >= 0.89 and calls / n_true <= 2.85
 
 
 @pytest.mark.real_data
-@pytest.mark.xfail(reason="requested NuClick bar not met: recall 0.80 at 2.38 calls per "
-                          "annotated cell (see docs/ihc.md)", strict=False)
+@pytest.mark.xfail(reason="requested NuClick bar not met: recall 0.905 at 2.74 calls "
+                          "per annotated cell (see docs/ihc.md)", strict=False)
 def test_real_membranous_requested_bar(real_results):
     nuclick, calls, _ = real_results["nuclick"]
     assert nuclick.recall >= 0.90 and calls / (nuclick.tp + nuclick.fn) <= 1.77

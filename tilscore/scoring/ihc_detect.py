@@ -343,10 +343,14 @@ def mirror_outside(rgb_nhwc: torch.Tensor, valid_px: torch.Tensor) -> torch.Tens
     return rgb_nhwc[batch, ry[:, :, None], rx[:, None, :]]
 
 
-def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusParams):
+def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusParams,
+                valid: torch.Tensor | None = None):
     """Nuclei of (N, 1, H, W) haematoxylin and DAB concentrations at `wmpp` µm/px, the
     same for every marker: (peaks float (n, 4) rows (image, x, y, response) in working
-    px, pixel centres at +0.5, :class:`~tilscore.ihc_nuclei.NucleusShape`)."""
+    px, pixel centres at +0.5, :class:`~tilscore.ihc_nuclei.NucleusShape`). valid: None
+    (the whole image is real) or float (N, 4) boxes (x0, y0, x1, y1) in working px of the
+    real part of each image; a nucleus is segmented within it (not into its mirror
+    image), so one cut by the edge is measured by its visible part."""
     from tilscore.scoring.ihc_nuclei import merge_without_saddle, nucleus_shape, segment_nuclei
 
     dev = hx.device
@@ -361,8 +365,20 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusPara
     b, iy, ix = peaks[:, 0].long(), peaks[:, 2].long(), peaks[:, 1].long()
     window = max(1, int(round(p.window_um / wmpp)))
     seg_stain = stain if p.segment_dab_weight == p.dab_weight else hx + p.segment_dab_weight * dab
-    seg, contrast = segment_nuclei(seg_stain, b, iy, ix, window, p.core_um / wmpp, p.level)
-    return peaks, nucleus_shape(seg, wmpp, contrast)
+    if valid is None:
+        h, w = hx.shape[-2:]
+        valid = torch.tensor([[0.0, 0.0, w, h]], device=dev).expand(hx.shape[0], 4)
+    bounds = valid.to(dev).float()[b]
+    seg, contrast = segment_nuclei(seg_stain, b, iy, ix, window, p.core_um / wmpp, p.level,
+                                   bounds=bounds)
+    # segments that reach the first or last real row or column: cut by the edge
+    t = torch.arange(-window, window + 1, device=dev, dtype=torch.float32)
+    cols, rows = ix[:, None].float() + t[None], iy[:, None].float() + t[None]
+    rim_x = (cols == bounds[:, 0:1].ceil()) | (cols == bounds[:, 2:3].ceil() - 1)
+    rim_y = (rows == bounds[:, 1:2].ceil()) | (rows == bounds[:, 3:4].ceil() - 1)
+    rim = rim_y[:, :, None] | rim_x[:, None, :]
+    shape = nucleus_shape(seg, wmpp, contrast)
+    return peaks, replace(shape, cut_by_edge=(seg & rim).flatten(1).any(1))
 
 
 def _inside_stronger_blob(blob: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -412,7 +428,11 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     conc = deconvolve(rgb, stain_matrix)
     hx, dab = conc[:, 0:1].clamp_min(0.0), conc[:, 1:2].clamp_min(0.0)
     dev = dab.device
-    peaks, shape = find_nuclei(hx, dab, wmpp, nuc)
+    valid_w = None  # the valid boxes in working px
+    if valid_px is not None:
+        scale = torch.tensor([sx, sy, sx, sy], device=dev, dtype=torch.float32)
+        valid_w = valid_px.to(dev).float() / scale
+    peaks, shape = find_nuclei(hx, dab, wmpp, nuc, valid_w)
     b = peaks[:, 0].long()
     xw, yw = peaks[:, 1], peaks[:, 2]
     # Cells centred on the mirrored margin are not real. (A nucleus cut by the edge and
@@ -463,11 +483,19 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     # at least "weak" (1), whatever the bin limits are against the threshold.
     graded = torch.bucketize(excess, bins, right=True).clamp_min(1)
     intensity = torch.where(positive, graded, torch.zeros_like(graded)).to(torch.int8)
+    # A cell is reported at its nucleus's centroid (as QuPath places a detection, and as
+    # labelled sets give the centroid of each mask), not at the peak of the centre-surround
+    # response: that peak sits on the darkest part of the cell (a thick crescent of a
+    # ring-stained cell's membrane) and, at an image's edge, on the edge pixel (a cut
+    # nucleus and its mirror image are symmetric about it), while the segment holds only
+    # the visible part. Which cells exist (and `inside`) still follows the peak.
+    xc = xw + shape.centroid_dx_px.to(xw.dtype)
+    yc = yw + shape.centroid_dy_px.to(yw.dtype)
     out = []
     for i in range(rgb.shape[0]):
         sel = (b == i) & inside
         out.append(CellsOnTile(
-            x_px=(xw[sel] * sx).float(), y_px=(yw[sel] * sy).float(),
+            x_px=(xc[sel] * sx).float(), y_px=(yc[sel] * sy).float(),
             dab_od=dab_od[sel].float(), dab_background_od=background[sel].float(),
             positive=positive[sel], score=peaks[sel, 3], intensity_bin=intensity[sel],
             dab_nucleus_od=dab_nucleus[sel].float(), dab_membrane_od=dab_membrane[sel].float(),

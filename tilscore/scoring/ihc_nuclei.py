@@ -25,7 +25,12 @@ class NucleusShape:
     ``major_um``, ``minor_um``: full axes of the ellipse with the same second moments;
     ``contrast_od``: nuclear stain of the core minus the window's background (OD);
     ``touches_window``: the segment reaches the window's edge (the nucleus is at least
-    that large); ``mask``: bool (n, k, k) the segments (k = 2 window + 1).
+    that large); ``mask``: bool (n, k, k) the segments (k = 2 window + 1);
+    ``centroid_dx_px``, ``centroid_dy_px``: the segment's centroid relative to the
+    candidate's pixel (window px; 0 for an empty segment).
+    ``cut_by_edge``: bool, the segment reaches the edge of the image's real part (None:
+    not known): the nucleus may go on beyond it, so its visible part's shape is not its
+    own.
     """
 
     area_um2: torch.Tensor
@@ -35,6 +40,9 @@ class NucleusShape:
     contrast_od: torch.Tensor
     touches_window: torch.Tensor
     mask: torch.Tensor
+    centroid_dx_px: torch.Tensor | None = None
+    centroid_dy_px: torch.Tensor | None = None
+    cut_by_edge: torch.Tensor | None = None
 
     @property
     def axis_ratio(self) -> torch.Tensor:
@@ -93,7 +101,8 @@ def nearer_than_neighbours(b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
                    ix: torch.Tensor, window_px: int, core_px: float, level: float = 0.5,
                    separate: bool = True, background_quantile: float = 0.1,
-                   flood: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   flood: bool = False, bounds: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment each candidate's nucleus in its window.
 
     stain: float (N, 1, H, W) nuclear stain (OD); (b, iy, ix): long (n,) candidate pixels;
@@ -103,7 +112,12 @@ def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
     pixels nearer to this candidate than to the others; flood: keep the pixels connected
     to the centre (8-connected flood fill), else those whose straight line to the centre
     stays above the threshold (star-shaped, as nuclei are; one gather, much faster: for
-    every candidate). Returns (bool (n, k, k) segments,
+    every candidate); bounds: None, or float (n, 4) (x0, y0, x1, y1), end exclusive, in
+    `stain` pixels: the real part of each candidate's image, outside which no pixel joins
+    its segment (a nucleus at the edge would otherwise take in its own mirror image from
+    the reflect padding, or from a mirrored margin, and read up to twice its size: the
+    edge is the bisector between a cell and its mirror image, as the Voronoi split draws
+    between two cells). Returns (bool (n, k, k) segments,
     k = 2 window + 1; float (n,) core minus background, OD).
     """
     win = patches(stain, b, iy, ix, window_px)
@@ -117,6 +131,13 @@ def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
     mask = win >= threshold[:, None, None]
     if separate:
         mask &= nearer_than_neighbours(b, ix, iy, window_px)
+    if bounds is not None:
+        bx = ix[:, None].float() + t[None]  # (n, k) window pixel columns, rows
+        by = iy[:, None].float() + t[None]
+        bnd = bounds.to(stain.device).float()
+        in_x = (bx >= bnd[:, 0:1]) & (bx < bnd[:, 2:3])
+        in_y = (by >= bnd[:, 1:2]) & (by < bnd[:, 3:4])
+        mask &= in_y[:, :, None] & in_x[:, None, :]
     if flood:  # geodesic dilation from the centre pixel
         m = mask[:, None].to(win.dtype)
         seed = torch.zeros_like(m)
@@ -178,7 +199,8 @@ def nucleus_shape(masks: torch.Tensor, mpp: float, contrast: torch.Tensor) -> Nu
     area_um2 = area * mpp * mpp
     return NucleusShape(area_um2=area_um2, diameter_um=2 * torch.sqrt(area_um2 / math.pi),
                         major_um=4 * torch.sqrt(l1) * mpp, minor_um=4 * torch.sqrt(l2) * mpp,
-                        contrast_od=contrast, touches_window=touches, mask=masks)
+                        contrast_od=contrast, touches_window=touches, mask=masks,
+                        centroid_dx_px=cx, centroid_dy_px=cy)
 
 
 def merge_without_saddle(smooth: torch.Tensor, peaks: torch.Tensor, radius_px: float,
@@ -235,12 +257,19 @@ def lymphocyte_gate(response: torch.Tensor, shape: NucleusShape, params,
     ``min_contrast_od``: not a dark lymphocyte nucleus); 2 ``nucleus_size`` (equivalent
     diameter outside ``min_diameter_um``..``max_diameter_um`` + `extra_diameter_um` (a
     stained membrane taken into the segment), or larger than the window); 3 ``shape``
-    (axis ratio below ``min_axis_ratio``). The first reason that applies, in that order."""
+    (axis ratio below ``min_axis_ratio``; not judged for a nucleus cut by the image's
+    edge, ``shape.cut_by_edge``). The first reason that applies, in that order."""
     code = torch.zeros(len(response), dtype=torch.int8, device=response.device)
     bad_shape = shape.axis_ratio < params.min_axis_ratio
     bad_size = ((shape.diameter_um < params.min_diameter_um)
                 | (shape.diameter_um > params.max_diameter_um + extra_diameter_um)
                 | shape.touches_window)
+    if shape.cut_by_edge is not None:
+        # a nucleus cut by the image's edge: the axis ratio of its visible part measures
+        # the cut, not the nucleus (half a round nucleus reads 0.5, a sliver less), so
+        # its shape is not judged; its size still is (a visible part too large for a
+        # lymphocyte is too large)
+        bad_shape &= ~shape.cut_by_edge
     faint = response < params.min_contrast_od
     for reason, bad in ((3, bad_shape), (2, bad_size), (1, faint)):
         code = torch.where(bad, torch.full_like(code, reason), code)
