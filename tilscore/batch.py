@@ -54,6 +54,7 @@ class BatchOptions:
     # Finish (aggregate, write) slide N-1 on a thread while slide N uses the device. None:
     # on CUDA only (a CPU's cores are all busy with the model: measured no gain on 2 cores)
     overlap_writes: bool | None = None
+    sample_columns: tuple[str, str] = ("patient_id", "sample_id")  # samples.csv ids
 
 
 @dataclass
@@ -128,11 +129,11 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
         exc.result = result  # what was done, for the message
         with deferred_signals():
-            write_tables(out_dir, result.failures)  # what was scored is recorded
+            write_tables(out_dir, result.failures, opts.sample_columns)  # what was scored
             remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
         raise
     with deferred_signals():
-        write_tables(out_dir, result.failures)
+        write_tables(out_dir, result.failures, opts.sample_columns)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)
     return result
@@ -486,9 +487,14 @@ def all_summaries(out_dir: Path) -> list[dict]:
     return rows
 
 
-def write_tables(out_dir: Path, failures: list[dict]) -> None:
-    """scores.csv from every summary in `out_dir`; failures.csv from this run."""
+def write_tables(out_dir: Path, failures: list[dict],
+                 sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
+    """scores.csv and samples.csv from every summary in `out_dir`; failures.csv from this
+    run. `sample_columns`: the manifest columns naming a slide's patient and sample."""
+    from tilscore.samples import SampleColumns, write_samples
+
     write_scores(out_dir)
+    write_samples(out_dir, SampleColumns(*sample_columns))
     atomic.write_csv(out_dir / "failures.csv", ["input", "error"], failures)
 
 

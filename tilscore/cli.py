@@ -127,6 +127,10 @@ def score(
         help="Append a timestamped log of every slide (for cluster jobs).")] = None,
     report: Annotated[bool, typer.Option(
         "--report/--no-report", help="Write or refresh DIR/report.html at the end.")] = True,
+    patient_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's patient (samples.csv).")] = "patient_id",
+    sample_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's sample (samples.csv).")] = "sample_id",
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
     DIR/report.html."""
@@ -144,7 +148,7 @@ def score(
         batch_size=batch_size, compile=compile_model, decode=decode, mode=mode,
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
-        report=report)
+        report=report, sample_columns=(patient_column, sample_column))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
         result = score_inputs(inputs, out, opts)
     for row in result.rows:
@@ -314,14 +318,33 @@ def report(
         help="Split distributions by this column (metadata or scores.csv).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="HTML file (default DIR/report.html).")] = None,
+    survival: Annotated[str | None, typer.Option(
+        metavar="TIME_COL,EVENT_COL",
+        help="Survival analysis on these columns (manifest metadata, or --clinical).")] = None,
+    clinical: Annotated[Path | None, typer.Option(
+        help="CSV with the survival columns, joined on sample_id if it has one, else on "
+             "patient_id.")] = None,
+    level: Annotated[str, typer.Option(
+        help="Unit of the statistics: patient (mean of its samples) or sample.")] = "patient",
+    patient_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's patient.")] = "patient_id",
+    sample_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's sample.")] = "sample_id",
 ):
-    """Write a self-contained HTML report of a scored folder (table, plots, maps) and
-    rebuild its scores.csv from the slide summaries."""
+    """Write a self-contained HTML report of a scored folder (table, plots, maps, study
+    statistics) and rebuild its scores.csv and samples.csv from the slide summaries;
+    the statistics also go to DIR/cohort_stats.csv."""
     from tilscore.batch import write_scores
     from tilscore.report import write_report
+    from tilscore.samples import SampleColumns, write_samples
+    from tilscore.survival import StudyOptions
 
-    path = write_report(out_dir, group_by=group_by, path=out)
+    cols = SampleColumns(patient_column, sample_column)
+    study = StudyOptions.parse(survival, clinical=str(clinical) if clinical else None,
+                               level=level, columns=cols)
+    path = write_report(out_dir, group_by=group_by, path=out, study=study)
     write_scores(out_dir)
+    write_samples(out_dir, cols)
     typer.echo(str(path))
 
 

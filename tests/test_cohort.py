@@ -1,0 +1,333 @@
+"""From slides to the study: samples.csv, the survival statistics (checked against
+lifelines' documented Rossi example), cohort_stats.csv and the report's study section.
+
+Summaries are built in code (no scoring), so the module runs in seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilscore.errors import UsageError
+from tilscore.samples import SampleColumns, build_samples, write_samples
+
+pytest.importorskip("lifelines")
+
+
+def _he(slide, patient, sample, til, lymph_stroma=1000.0, **meta):
+    return {"slide": slide, "stain": "he", "model": {"name": "he-default"},
+            "metadata": {"patient_id": patient, "sample_id": sample, **meta},
+            "areas_mm2": {"tissue": 1.0, "tumour": 0.4, "stroma": 0.5},
+            "counts": {"lymphocyte": {"tumour": 40, "stroma": int(lymph_stroma * 0.5),
+                                      "tissue": 40 + int(lymph_stroma * 0.5)}},
+            "densities_per_mm2": {"lymphocyte": {"tumour": 100.0, "stroma": lymph_stroma,
+                                                 "tissue": 40 + lymph_stroma * 0.5}},
+            "stromal_til_percent": til, "til_score_tiger": til * 0.8,
+            "qc": {"flags": []}, "warnings": []}
+
+
+def _ihc(slide, stain, patient, sample, pos_stroma, pos_tumour=50.0, stroma_mm2=0.5,
+         **meta):
+    cls = f"{stain}_positive"
+    n_s, n_t = round(pos_stroma * stroma_mm2), round(pos_tumour * 0.4)
+    return {"slide": slide, "stain": stain, "model": {"name": "he-default"},
+            "metadata": {"patient_id": patient, "sample_id": sample, **meta},
+            "areas_mm2": {"tissue": 1.0, "tumour": 0.4, "stroma": stroma_mm2},
+            "counts": {cls: {"tumour": n_t, "stroma": n_s, "tissue": n_t + n_s},
+                       "negative": {"tumour": 1000, "stroma": 500, "tissue": 1500}},
+            "densities_per_mm2": {cls: {"tumour": pos_tumour, "stroma": pos_stroma,
+                                        "tissue": n_t + n_s}},
+            "percent_positive": 100 * (n_t + n_s) / (n_t + n_s + 1500),
+            "qc": {"flags": []}, "warnings": []}
+
+
+# -- samples.csv --------------------------------------------------------------------------
+
+def test_samples_rows_state_missing_stains_and_pool_duplicates():
+    s1 = _he("A-he", "P1", "A", 20.0)
+    s1["qc"]["flags"] = [{"code": "blur", "message": "out of focus"}]
+    summaries = [
+        s1, _ihc("A-cd20", "cd20", "P1", "A", 400.0), _ihc("A-foxp3", "foxp3", "P1", "A", 80.0),
+        # sample B: no FOXP3 slide, two CD20 slides (stroma 0.5 and 1.5 mm²)
+        _he("B-he", "P1", "B", 30.0),
+        _ihc("B-cd20a", "cd20", "P1", "B", 100.0, stroma_mm2=0.5),
+        _ihc("B-cd20b", "cd20", "P1", "B", 300.0, stroma_mm2=1.5),
+    ]
+    summaries[-1]["warnings"] = ["no stroma inside the tumour bulk"]
+    rows = {r["sample_id"]: r for r in build_samples(summaries)}
+    a, b = rows["A"], rows["B"]
+    assert a["patient_id"] == b["patient_id"] == "P1"
+    assert a["n_slides"] == 3 and b["n_slides"] == 3
+    assert a["slides.he"] == "A-he" and a["slides.cd20"] == "A-cd20"
+    assert a["stains_missing"] == "" and a["duplicates"] == ""
+    assert a["he.stromal_til_percent"] == 20.0
+    assert a["cd20.densities_per_mm2.cd20_positive.stroma"] == pytest.approx(400.0)
+    assert a["foxp3.densities_per_mm2.foxp3_positive.stroma"] == pytest.approx(80.0)
+    assert a["qc.flags"] == "A-he: blur"
+    assert b["stains_missing"] == "foxp3"
+    assert b["slides.foxp3"] == "" and "foxp3.percent_positive" not in b
+    assert b["slides.cd20"] == "B-cd20a; B-cd20b"
+    assert b["duplicates"] == "cd20: 2 slides (B-cd20a, B-cd20b), pooled"
+    # pooled density: (100 × 0.5 + 300 × 1.5) / (0.5 + 1.5) = 250, not the mean 200
+    assert b["cd20.densities_per_mm2.cd20_positive.stroma"] == pytest.approx(250.0)
+    assert b["warnings"] == "B-cd20b: no stroma inside the tumour bulk"
+
+
+def test_slide_without_sample_id_is_its_own_sample_and_metadata_conflicts_are_warned():
+    s = _he("lonely", "", "", 10.0)
+    s["metadata"] = {}
+    a = _he("x-he", "P2", "X", 5.0, sample_type="primary")
+    b = _ihc("x-cd20", "cd20", "P2", "X", 10.0, sample_type="metastasis")
+    rows = {r["sample_id"]: r for r in build_samples([s, a, b])}
+    assert rows["lonely"]["patient_id"] == "lonely"
+    assert "no sample_id" in rows["lonely"]["warnings"]
+    assert rows["X"]["metadata.sample_type"] == ""
+    assert "slides disagree on sample_type" in rows["X"]["warnings"]
+
+
+def test_sample_column_names_are_settable(tmp_path):
+    s = _he("s1", "", "", 12.0)
+    s["metadata"] = {"case": "C9", "block": "B1"}
+    rows = build_samples([s], SampleColumns("case", "block"))
+    assert rows[0]["case"] == "C9" and rows[0]["block"] == "B1"
+
+
+def test_write_samples_reads_the_slide_folders(tmp_path):
+    for s in (_he("A-he", "P1", "A", 20.0), _ihc("A-cd20", "cd20", "P1", "A", 400.0)):
+        (tmp_path / s["slide"]).mkdir()
+        (tmp_path / s["slide"] / "summary.json").write_text(json.dumps(s))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{")
+    path = write_samples(tmp_path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and rows[0]["stains_missing"] == "foxp3"
+    assert float(rows[0]["he.stromal_til_percent"]) == 20.0
+    header = list(rows[0])
+    assert header[:3] == ["patient_id", "sample_id", "n_slides"]
+
+
+# -- statistics: correctness against lifelines' documented Rossi example -------------------
+
+# lifelines docs, "Survival regression", cph.fit(rossi, duration_col='week',
+# event_col='arrest'); cph.print_summary() (2 decimals as printed there):
+# covariate: coef, exp(coef), se(coef), coef lower 95%, coef upper 95%,
+#            exp(coef) lower 95%, exp(coef) upper 95%, z, p
+ROSSI_PRINTED = {
+    "fin": (-0.38, 0.68, 0.19, -0.75, -0.00, 0.47, 1.00, -1.98, 0.05),
+    "age": (-0.06, 0.94, 0.02, -0.10, -0.01, 0.90, 0.99, -2.61, 0.01),
+    "race": (0.31, 1.37, 0.31, -0.29, 0.92, 0.75, 2.50, 1.02, 0.31),
+    "wexp": (-0.15, 0.86, 0.21, -0.57, 0.27, 0.57, 1.30, -0.71, 0.48),
+    "mar": (-0.43, 0.65, 0.38, -1.18, 0.31, 0.31, 1.37, -1.14, 0.26),
+    "paro": (-0.08, 0.92, 0.20, -0.47, 0.30, 0.63, 1.35, -0.43, 0.66),
+    "prio": (0.09, 1.10, 0.03, 0.04, 0.15, 1.04, 1.16, 3.19, None),  # p printed "<0.005"
+}
+
+
+def test_cox_matches_lifelines_documented_rossi_summary():
+    from lifelines.datasets import load_rossi
+
+    from tilscore.survival import fit_cox
+
+    model = fit_cox(load_rossi(), "week", "arrest")
+    assert model.n == 432 and model.events == 114
+    terms = {t.name: t for t in model.terms}
+    assert list(terms) == list(ROSSI_PRINTED)
+    for name, printed in ROSSI_PRINTED.items():
+        t = terms[name]
+        got = (t.coef, t.hr, t.se, t.coef_low, t.coef_high, t.hr_low, t.hr_high, t.z, t.p)
+        for value, want in zip(got, printed, strict=True):
+            if want is not None:
+                assert round(value, 2) == pytest.approx(want, abs=1e-9), (name, got)
+    assert terms["prio"].p < 0.005
+    assert round(model.log_likelihood, 2) == -658.75  # "partial log-likelihood = -658.75"
+    assert round(model.lr_statistic, 2) == 33.27 and model.lr_df == 7  # "33.27 on 7 df"
+    assert round(model.concordance, 2) == 0.64
+    assert round(-math.log2(model.lr_p), 2) == 15.37  # "-log2(p) of ll-ratio test = 15.37"
+
+
+def test_logrank_on_rossi_and_waltons():
+    from lifelines.datasets import load_rossi, load_waltons
+
+    from tilscore.survival import logrank
+
+    w = load_waltons()
+    chi2, df, p = logrank(w["T"], w["E"], w["group"])
+    # lifelines docs, "Survival analysis with lifelines": logrank_test between the two
+    # Waltons groups, test_statistic 122.25, p < 0.005
+    assert round(chi2, 2) == 122.25 and df == 1 and p < 0.005
+    r = load_rossi()
+    chi2, df, p = logrank(r["week"], r["arrest"], r["fin"])
+    # financial aid vs none: chi² 3.84 on 1 df, p 0.050 (lifelines logrank_test)
+    assert round(chi2, 2) == 3.84 and round(p, 3) == 0.050
+
+
+# -- statistics on a cohort ---------------------------------------------------------------
+
+def _simulated_cohort(n=60, hr_per_sd=0.5, seed=1):
+    """n patients, one sample each (H&E + CD20), CD20 stroma density log-normal; survival
+    exponential with HR `hr_per_sd` per SD of log(density + 1); censoring at 10."""
+    rng = np.random.default_rng(seed)
+    dens = np.exp(rng.normal(5.5, 1.0, n))
+    z = (np.log(dens + 1) - np.log(dens + 1).mean()) / np.log(dens + 1).std(ddof=1)
+    beta = math.log(hr_per_sd)
+    t = rng.exponential(1.0 / (0.15 * np.exp(beta * z)))
+    event = (t < 10).astype(int)
+    t = np.minimum(t, 10.0)
+    summaries = []
+    for i in range(n):
+        meta = {"os_months": f"{t[i]:.4f}", "os_event": str(event[i]),
+                "sample_type": "primary" if i % 2 else "metastasis"}
+        summaries += [_he(f"p{i}-he", f"P{i}", f"S{i}", float(rng.uniform(1, 60)), **meta),
+                      _ihc(f"p{i}-cd20", "cd20", f"P{i}", f"S{i}", float(dens[i]), **meta)]
+    return summaries
+
+
+def _row(stats, analysis, variable):
+    return next(r for r in stats.rows if r.analysis == analysis and r.variable == variable)
+
+
+def test_cohort_stats_recover_a_known_hazard_ratio():
+    from tilscore.survival import cohort_stats
+
+    rows = build_samples(_simulated_cohort(n=120))
+    stats = cohort_stats(rows, "os_months", "os_event", level="patient",
+                         group_col="metadata.sample_type")
+    var = "cd20.densities_per_mm2.cd20_positive.stroma"
+    assert var in stats.variables and "he.stromal_til_percent" in stats.variables
+    cox = _row(stats, "cox_per_sd_log", var)
+    assert cox.n == 120 and cox.events > 40
+    assert cox.ci_low < 0.5 < cox.ci_high and cox.estimate < 0.75 and cox.p < 1e-3
+    assert _row(stats, "cox_high_vs_low", var).estimate < 1
+    assert _row(stats, "km_logrank_median", var).p < 0.05
+    assert _row(stats, "km_logrank_tertiles", var).df == 2
+    ph = _row(stats, "ph_test_per_sd_log", var)
+    assert 0 <= ph.p <= 1 and ph.statistic >= 0
+    til = _row(stats, "cox_per_sd_log", "he.stromal_til_percent")  # no effect simulated
+    assert til.ci_low < 1 < til.ci_high or til.p > 0.001
+    sp = next(r for r in stats.rows if r.analysis == "spearman")
+    assert sp.n == 120 and -1 <= sp.estimate <= 1
+    mw = _row(stats, "mann_whitney", var)
+    assert mw.n == 120 and 0 <= mw.p <= 1
+    km = [k for k in stats.km if k.variable == var]
+    assert {k.split for k in km} == {"median", "tertiles"}
+    assert sum(c.n for c in km[0].curves) == 120
+
+
+def test_too_few_events_constant_marker_and_missing_survival_are_notes():
+    from tilscore.survival import cohort_stats
+
+    s = _simulated_cohort(n=12)
+    for x in s:
+        if x["stain"] == "cd20":
+            x["densities_per_mm2"]["cd20_positive"]["stroma"] = 5.0  # constant
+            x["counts"]["cd20_positive"]["stroma"] = 2
+        x["metadata"]["os_event"] = "0"
+    for x in s[:2]:
+        x["metadata"]["os_event"] = "1"  # 1 event, both slides of sample S0
+    for x in s[2:6]:
+        x["metadata"]["os_months"] = ""  # two samples without survival
+    stats = cohort_stats(build_samples(s), "os_months", "os_event")
+    assert any("2 of 12 patients lack survival data" in n for n in stats.notes)
+    cox = _row(stats, "cox_per_sd_log", "he.stromal_til_percent")
+    assert cox.estimate is None and "1 events (< 3)" in cox.note
+    none = cohort_stats(build_samples(_simulated_cohort(n=8)), None, None)
+    assert not [r for r in none.rows if r.analysis.startswith("cox")]
+    s2 = _simulated_cohort(n=12)
+    for x in s2:
+        if x["stain"] == "cd20":
+            x["densities_per_mm2"]["cd20_positive"]["stroma"] = 5.0
+    stats2 = cohort_stats(build_samples(s2), "os_months", "os_event")
+    assert "constant marker" in _row(stats2, "cox_per_sd_log",
+                                     "cd20.densities_per_mm2.cd20_positive.stroma").note
+
+
+def test_wilcoxon_on_matched_primary_metastasis_pairs():
+    from tilscore.survival import cohort_stats
+
+    summaries = []
+    for i in range(8):  # each patient: a primary and a metastasis, metastasis lower
+        for k, kind in enumerate(("primary", "metastasis")):
+            d = 400.0 + 30 * i - 150.0 * k
+            summaries.append(_ihc(f"p{i}{kind}", "cd20", f"P{i}", f"P{i}-{kind}", d,
+                                  sample_type=kind))
+    stats = cohort_stats(build_samples(summaries), None, None,
+                         group_col="metadata.sample_type")
+    var = "cd20.densities_per_mm2.cd20_positive.stroma"
+    w = _row(stats, "wilcoxon_paired", var)
+    # groups sorted: "metastasis" vs "primary": every difference is −150
+    assert w.n == 8 and w.estimate == pytest.approx(-150.0) and w.p < 0.01
+    from scipy.stats import wilcoxon
+
+    assert w.p == pytest.approx(wilcoxon(np.full(8, -150.0)).pvalue)
+
+
+def test_bad_survival_input_is_a_one_line_usage_error(tmp_path):
+    from tilscore.survival import StudyOptions, attach_survival, read_clinical
+
+    rows = build_samples(_simulated_cohort(n=5))
+    with pytest.raises(UsageError, match="no column survival_m"):
+        attach_survival(rows, "survival_m", "os_event")
+    rows[0]["metadata.os_months"] = "ten"
+    with pytest.raises(UsageError, match="survival time 'ten' is not a number"):
+        attach_survival(rows, "os_months", "os_event")
+    with pytest.raises(UsageError, match="TIME_COL,EVENT_COL"):
+        StudyOptions.parse("os_months")
+    clin = tmp_path / "clin.csv"
+    clin.write_text("patient_id,os,dead\nP0,12,maybe\n")
+    with pytest.raises(UsageError, match="event 'maybe'"):
+        attach_survival(rows, "os", "dead", clinical=read_clinical(clin))
+
+
+def test_clinical_csv_joined_on_patient(tmp_path):
+    from tilscore.survival import attach_survival, read_clinical
+
+    rows = build_samples(_simulated_cohort(n=5))
+    clin = tmp_path / "clin.csv"
+    clin.write_text("patient_id,os,dead\nP0,12.5,1\nP1,3,0\n")
+    got = {r["patient_id"]: (r["__time"], r["__event"])
+           for r in attach_survival(rows, "os", "dead", clinical=read_clinical(clin))}
+    assert got["P0"] == (12.5, 1) and got["P1"] == (3.0, 0) and got["P2"] == (None, None)
+
+
+# -- report and CLI -------------------------------------------------------------------------
+
+def _out_folder(tmp_path: Path, summaries: list[dict]) -> Path:
+    out = tmp_path / "out"
+    for s in summaries:
+        (out / s["slide"]).mkdir(parents=True)
+        (out / s["slide"] / "summary.json").write_text(json.dumps(s))
+    return out
+
+
+def test_report_cli_writes_study_section_stats_and_samples(tmp_path, capsys):
+    from tilscore.cli import main
+
+    out = _out_folder(tmp_path, _simulated_cohort(n=30))
+    rc = main(["report", str(out), "--survival", "os_months,os_event", "--group-by",
+               "sample_type"])
+    assert rc == 0, capsys.readouterr().err
+    html = (out / "report.html").read_text()
+    assert 'id="study-section"' in html and html.count('<svg class="km"') >= 4
+    with open(out / "cohort_stats.csv", newline="") as fh:
+        stats = list(csv.DictReader(fh))
+    analyses = {r["analysis"] for r in stats}
+    assert {"km_logrank_median", "km_logrank_tertiles", "cox_per_sd_log", "cox_high_vs_low",
+            "ph_test_per_sd_log", "spearman", "mann_whitney", "wilcoxon_paired"} <= analyses
+    with open(out / "samples.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 30
+
+
+def test_report_cli_bad_survival_column_exits_2_with_one_line(tmp_path, capsys):
+    from tilscore.cli import main
+
+    out = _out_folder(tmp_path, _simulated_cohort(n=5))
+    rc = main(["report", str(out), "--survival", "nope,os_event"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no column nope" in err
+    assert not (out / "cohort_stats.csv").exists()
