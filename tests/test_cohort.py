@@ -151,20 +151,25 @@ def test_cox_matches_lifelines_documented_rossi_summary():
     assert round(-math.log2(model.lr_p), 2) == 15.37  # "-log2(p) of ll-ratio test = 15.37"
 
 
-def test_logrank_on_rossi_and_waltons():
-    from lifelines.datasets import load_rossi, load_waltons
+def test_logrank_matches_lifelines_documented_example():
+    from lifelines.datasets import load_rossi
+    from lifelines.statistics import logrank_test
 
     from tilscore.survival import logrank
 
-    w = load_waltons()
-    chi2, df, p = logrank(w["T"], w["E"], w["group"])
-    # lifelines docs, "Survival analysis with lifelines": logrank_test between the two
-    # Waltons groups, test_statistic 122.25, p < 0.005
-    assert round(chi2, 2) == 122.25 and df == 1 and p < 0.005
+    # lifelines docs, "More examples and recipes" > Logrank test: multivariate_logrank_test
+    # on these 12 durations in 3 groups prints test_statistic 1.0800, p 0.5827 (df = 2)
+    chi2, df, p = logrank([5, 3, 9, 8, 7, 4, 4, 3, 2, 5, 6, 7],
+                          [1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0],
+                          [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])
+    assert round(chi2, 4) == 1.0800 and df == 2 and round(p, 4) == 0.5827
+    # two groups: the same as lifelines' logrank_test (Rossi, financial aid or not)
     r = load_rossi()
     chi2, df, p = logrank(r["week"], r["arrest"], r["fin"])
-    # financial aid vs none: chi² 3.84 on 1 df, p 0.050 (lifelines logrank_test)
-    assert round(chi2, 2) == 3.84 and round(p, 3) == 0.050
+    a, b = r[r.fin == 1], r[r.fin == 0]
+    ref = logrank_test(a.week, b.week, a.arrest, b.arrest)
+    assert df == 1 and round(chi2, 2) == 3.84 and round(p, 3) == 0.050
+    assert chi2 == pytest.approx(ref.test_statistic) and p == pytest.approx(ref.p_value)
 
 
 # -- statistics on a cohort ---------------------------------------------------------------
