@@ -336,3 +336,119 @@ def test_report_cli_bad_survival_column_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no column nope" in err
     assert not (out / "cohort_stats.csv").exists()
+
+
+def _browser() -> str | None:
+    import shutil
+
+    names = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome",
+             "headless_shell")
+    return next((shutil.which(n) for n in names if shutil.which(n)), None)
+
+
+def test_study_section_renders_in_headless_chromium(tmp_path):
+    """The report in a real browser: the KM plots are laid out with drawn curves, and the
+    page logs nothing to the console (no script error)."""
+    import re
+    import subprocess
+
+    exe = _browser()
+    if exe is None:
+        pytest.skip("no Chromium found (chromium-headless-shell, chromium, google-chrome): "
+                    "apt-get install chromium-headless-shell")
+    from tilscore.report import write_report
+    from tilscore.survival import StudyOptions
+
+    out = _out_folder(tmp_path, _simulated_cohort(n=30))
+    path = write_report(out, group_by="sample_type",
+                        study=StudyOptions("os_months", "os_event"))
+    probe = path.with_name("probe.html")
+    probe.write_text(path.read_text().replace("<body>", (
+        "<body><script>window.__errors = [];"
+        "window.addEventListener('error', function(e){window.__errors.push(e.message);});"
+        "</script>"), 1).replace("</body>", (
+        "<script>var svgs = document.querySelectorAll('#study-section svg.km');"
+        "var drawn = 0, laidOut = 0; svgs.forEach(function(s){"
+        " var r = s.getBoundingClientRect(); if (r.width > 100 && r.height > 100) laidOut++;"
+        " s.querySelectorAll('path.curve').forEach(function(p){"
+        "  if (p.getTotalLength() > 50) drawn++;});});"
+        "document.body.setAttribute('data-km', svgs.length + ' ' + laidOut + ' ' + drawn + "
+        "' ' + window.__errors.length);</script></body>")))
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+             "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000"]
+    res = subprocess.run([*flags, "--dump-dom", probe.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_svg, laid_out, drawn, errors = (int(v) for v in
+                                      res.stdout.split('data-km="', 1)[1].split('"')[0].split())
+    n_km = (path.read_text().count('<svg class="km"'))
+    # median + tertiles of sTIL % and CD20+ stroma (CD20+ tumour is constant here: a note)
+    assert n_svg == n_km == 4 and laid_out == n_svg
+    assert drawn >= 2 * n_svg  # every plot has at least two drawn curves
+    assert errors == 0
+    console = [ln for ln in res.stderr.splitlines() if re.search(r":CONSOLE[:(]\d+", ln)]
+    assert not console, console
+
+
+def test_manifest_end_to_end_missing_stain_duplicate_and_missing_survival(tmp_path, capsys):
+    """Score a manifest (a sample with two CD20 slides, one with H&E only, one patient
+    without survival data), then report with --survival: samples.csv states the missing
+    stains and the duplicate, the summaries and cells.csv carry the spatial measures, and
+    the statistics say what they could not compute."""
+    from tilscore.cli import main
+    from tilscore.models.registry import MODELS_DIR
+    from tilscore.synth import write_synthetic_slide
+
+    if not (MODELS_DIR / "he-default" / "card.json").exists():
+        pytest.skip("shipped model models/he-default missing")
+    rows = [("a-he", "he", "P1", "A", "12", "1"), ("a-cd20-1", "cd20", "P1", "A", "12", "1"),
+            ("a-cd20-2", "cd20", "P1", "A", "12", "1"), ("b-he", "he", "P2", "B", "", "")]
+    lines = ["path,stain,patient_id,sample_id,os_months,os_event"]
+    for k, (name, stain, pid, sid, t, e) in enumerate(rows):
+        write_synthetic_slide(tmp_path / f"{name}.tiff", stain=stain, seed=k,
+                              size_px=(768, 768), mpp=0.5, workers=1)
+        lines.append(f"{name}.tiff,{stain},{pid},{sid},{t},{e}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "m.csv"), "--out", str(out), "--device", "cpu",
+                 "--quiet", "--no-report"]) == 0, capsys.readouterr().err
+    with open(out / "samples.csv", newline="") as fh:
+        samples = {r["sample_id"]: r for r in csv.DictReader(fh)}
+    assert samples["A"]["stains_missing"] == "foxp3"
+    assert samples["A"]["duplicates"].startswith("cd20: 2 slides (a-cd20-1, a-cd20-2)")
+    assert samples["B"]["stains_missing"] == "cd20; foxp3"
+    assert float(samples["A"]["he.stromal_til_percent"]) >= 0
+    assert float(samples["A"]["cd20.densities_per_mm2.cd20_positive.stroma"]) >= 0
+    for name, stain in (("a-he", "he"), ("a-cd20-1", "cd20")):
+        s = json.loads((out / name / "summary.json").read_text())
+        sp = s["spatial"]
+        counted = "lymphocyte" if stain == "he" else "cd20_positive"
+        assert sp["counted_class"] == counted
+        # every counted cell on tumour or stroma lies in one band
+        assert sum(sp["counts"].values()) == (s["counts"][counted]["tumour"]
+                                              + s["counts"][counted]["stroma"])
+        assert sum(sp["area_mm2"].values()) == pytest.approx(
+            s["areas_mm2"]["tumour"] + s["areas_mm2"]["stroma"], rel=1e-6)
+        with open(out / name / "cells.csv", newline="") as fh:
+            cells = list(csv.DictReader(fh))
+        # the compartment is the region around the cell (24 µm): the sign of the
+        # distance agrees with it beyond that
+        d = {k: [float(c["tumour_distance_um"]) for c in cells if c["compartment"] == k
+                 and c["tumour_distance_um"] != "nan"] for k in ("tumour", "stroma")}
+        assert d["tumour"] and all(x < 0 for x in d["tumour"] if abs(x) > 30)
+        assert all(x > 0 for x in d["stroma"] if abs(x) > 30)
+        assert np.mean(np.array(d["tumour"]) < 0) > 0.8
+    assert main(["report", str(out), "--survival", "os_months,os_event"]) == 0
+    with open(out / "cohort_stats.csv", newline="") as fh:
+        stats = list(csv.DictReader(fh))
+    cox = [r for r in stats if r["analysis"] == "cox_per_sd_log"]
+    assert cox and all(r["estimate"] == "" and "not analysed" in r["note"] for r in cox)
+    html = (out / "report.html").read_text()
+    assert "1 of 2 patients lack survival data" in html
+
+
+def test_group_by_a_slide_column_gives_a_note_not_an_error():
+    from tilscore.survival import cohort_stats
+
+    stats = cohort_stats(build_samples(_simulated_cohort(n=6)), None, None, group_col="stain")
+    assert any("stain is not a samples.csv column" in n for n in stats.notes)

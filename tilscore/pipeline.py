@@ -267,8 +267,18 @@ def _start_locked(item: InputSlide, out_dir: Path, engine: Engine, stain: str,
             names = rule.class_names if rule else tuple(card.cell_classes)
             cells = _cell_table(pred.cells, names, slide_mpp, regions,
                                 with_compartments=card.name != NO_MODEL)
+            spatial = None  # not in the fast mode (cells searched in bulk stroma only)
+            if plan is None and card.name != NO_MODEL:
+                from tilscore.spatial import slide_spatial
+
+                cells["tumour_distance_um"], spatial = slide_spatial(
+                    pred.canvas, cells, stain, (slide.dimensions[0] * slide_mpp,
+                                                slide.dimensions[1] * slide_mpp),
+                    (cfg.spatial_band_inner_um, cfg.spatial_band_outer_um))
             summary = _summary(item, stain, slide, engine, thumb, mask, grid, pred, regions,
                                cells, cfg, rule, plan)
+            if spatial is not None:
+                summary["spatial"] = spatial
             summary["timings_s"].update(tissue=round(t_tissue, 3),
                                         aggregate=round(time.perf_counter() - t_agg, 3))
             extent_um = (slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp)
@@ -599,7 +609,8 @@ def _write_outputs(work: Path, summary, cells, regions, overlay, slide_mpp, exte
     # without a compartment model (--model none) all tissue is "other": nothing to tint
     tinted = {} if summary["areas_mm2"]["tumour"] is None else dict(region_names)
     image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
-    extra = _ihc_columns(cells)
+    extra = _ihc_columns(cells) + (("tumour_distance_um",) if "tumour_distance_um" in cells
+                                   else ())
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     counted = counted_class(stain)
     mine = cells["class"] == counted

@@ -547,13 +547,15 @@ def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | Non
             stats.km += k
     stats.rows += spearman_rows(units, variables, level)
     if group_col:
-        key = group_col if group_col in (samples[0] if samples else {}) else \
-            f"metadata.{group_col}"
-        if not any(key in s for s in samples):
-            raise UsageError(f"--group-by {group_col}: not a samples.csv column")
-        r, n = group_rows(samples, variables, key, cols)
-        stats.rows += r
-        stats.notes += n
+        key = next((k for k in (group_col, f"metadata.{group_col}")
+                    if any(k in s for s in samples)), None)
+        if key is None:  # e.g. --group-by stain: a slide's column, not a sample's
+            stats.notes.append(f"{group_col} is not a samples.csv column (a manifest column "
+                               "on which a sample's slides agree): no group comparisons")
+        else:
+            r, n = group_rows(samples, variables, key, cols)
+            stats.rows += r
+            stats.notes += n
     return stats
 
 
