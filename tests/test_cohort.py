@@ -452,3 +452,24 @@ def test_group_by_a_slide_column_gives_a_note_not_an_error():
 
     stats = cohort_stats(build_samples(_simulated_cohort(n=6)), None, None, group_col="stain")
     assert any("stain is not a samples.csv column" in n for n in stats.notes)
+
+
+@pytest.mark.slow
+def test_demo_cohort_end_to_end(tmp_path, capsys):
+    """``tilscore demo --cohort`` on 4 small patients: slides, scores, samples.csv with a
+    missing stain, cohort_stats.csv and the report with its Kaplan–Meier plots."""
+    from tilscore.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--cohort", "--patients", "5", "--size", "768", "--out", str(out),
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    truth = json.loads((out / "cohort" / "cohort_truth.json").read_text())
+    assert truth["hr_per_sd_of_log_cd20_stroma_density"] == 0.5
+    with open(out / "samples.csv", newline="") as fh:
+        samples = list(csv.DictReader(fh))
+    assert len(samples) == 5 + 3
+    assert {s["stains_missing"] for s in samples} == {"", "foxp3"}
+    with open(out / "cohort_stats.csv", newline="") as fh:
+        analyses = {r["analysis"] for r in csv.DictReader(fh)}
+    assert {"cox_per_sd_log", "spearman", "mann_whitney", "wilcoxon_paired"} <= analyses
+    assert 'id="study-section"' in (out / "report.html").read_text()

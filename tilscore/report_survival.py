@@ -10,7 +10,8 @@ from tilscore.report_plots import nice_ticks
 from tilscore.survival import CohortStats, KMPlot, StatRow
 
 CURVE_COLORS = ("#1f4e9c", "#d1495b", "#2a9d4b")  # low / high, or T1 / T2 / T3
-W, H, ML, MR, MT, MB = 340, 230, 44, 10, 26, 52  # plot size and margins (px)
+W, PH, ML, MR, MT = 340, 150, 44, 10, 26  # width, plot height and margins (px)
+LEGEND_LINE = 13  # px per legend entry, under the time axis and its label
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -35,7 +36,8 @@ def km_svg(plot: KMPlot, time_label: str) -> str:
     t_max = t_max or 1.0
     ticks = nice_ticks(t_max, 5)
     t_top = max(ticks[-1], t_max)
-    pw, ph = W - ML - MR, H - MT - MB
+    pw, ph = W - ML - MR, PH
+    H = MT + ph + 38 + LEGEND_LINE * len(plot.curves)
 
     def sx(t: float) -> float:
         return ML + pw * t / t_top
@@ -74,7 +76,7 @@ def km_svg(plot: KMPlot, time_label: str) -> str:
         for t, s in zip(c.censor_times, c.censor_survival, strict=True):
             parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{sy(s) - 4:.1f}" '
                          f'y2="{sy(s) + 4:.1f}" stroke="{color}"/>')
-        ly = H - 8 - 12 * (len(plot.curves) - 1 - k)
+        ly = MT + ph + 48 + LEGEND_LINE * k
         parts.append(f'<rect x="{ML}" y="{ly - 8}" width="10" height="3" fill="{color}"/>'
                      f'<text x="{ML + 14}" y="{ly - 4}">{escape(c.label)}: n {c.n}, '
                      f'{c.events} events</text>')

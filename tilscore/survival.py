@@ -390,7 +390,7 @@ def survival_of_variable(units: list[dict], variable: str, level: str
             km_curve(t[high], e[high], f"high (> {median:.3g})")], p))
     q1, q2 = (float(q) for q in np.quantile(x, [1 / 3, 2 / 3]))
     tert = np.where(x <= q1, 0, np.where(x <= q2, 1, 2))
-    names = (f"T1 (≤ {q1:.3g})", "T2", f"T3 (> {q2:.3g})")
+    names = (f"T1 (≤ {q1:.3g})", f"T2 ({q1:.3g}–{q2:.3g}]", f"T3 (> {q2:.3g})")
     if len(set(tert.tolist())) < 3:
         rows.append(StatRow("km_logrank_tertiles", variable, level=level, n=n, events=events,
                             cutoff=f"{q1:.6g}; {q2:.6g}", note="fewer than 3 tertile groups "
