@@ -328,7 +328,7 @@ def test_a_stop_signal_writes_the_tables_and_says_one_line(slides, tmp_path, sig
     assert (out / "failures.csv").read_text() == "input,error\n"
     assert all(not missing_outputs(out / d) for d in done)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*done, "scores.csv", "failures.csv"])  # no work folder, lock file or report
+        [*done, "scores.csv", "samples.csv", "failures.csv"])  # no work folder, lock, report
     if signum != signal.SIGTERM:
         return
     rerun = subprocess.run(_cli("score", *slides, "--out", out, "--device", "cpu",

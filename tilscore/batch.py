@@ -23,7 +23,9 @@ from tilscore.inputs import InputSlide, check_stain, expand_inputs
 from tilscore.interrupt import deferred_signals
 from tilscore.io.publish import remove_stale_work_dirs
 from tilscore.pipeline import score_slide, start_slide
-from tilscore.results import completed_summary, flatten, write_tables
+from tilscore.results import completed_summary, flatten
+from tilscore.results import write_tables as _write_scores_and_failures
+from tilscore.samples import SampleColumns, write_samples
 from tilscore.scoring.score import ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class BatchOptions:
     # Finish (aggregate, write) slide N-1 on a thread while slide N uses the device. None:
     # on CUDA only (a CPU's cores are all busy with the model: measured no gain on 2 cores)
     overlap_writes: bool | None = None
+    sample_columns: tuple[str, str] = ("patient_id", "sample_id")  # samples.csv ids
 
 
 @dataclass
@@ -129,11 +132,11 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
         exc.result = result  # what was done, for the message
         with deferred_signals():
-            write_tables(out_dir, result.failures)  # what was scored is recorded
+            write_tables(out_dir, result.failures, opts.sample_columns)  # what was scored
             remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
         raise
     with deferred_signals():
-        write_tables(out_dir, result.failures)
+        write_tables(out_dir, result.failures, opts.sample_columns)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)
     return result
@@ -468,3 +471,11 @@ def _ensure_writable(out_dir: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"output folder {out_dir} is not writable: {exc.strerror}") from exc
+
+
+def write_tables(out_dir: Path, failures: list[dict],
+                 sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
+    """scores.csv and samples.csv from every summary in `out_dir`; failures.csv from this
+    run. `sample_columns`: the manifest columns naming a slide's patient and sample."""
+    _write_scores_and_failures(out_dir, failures)
+    write_samples(out_dir, SampleColumns(*sample_columns))

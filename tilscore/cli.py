@@ -130,6 +130,10 @@ def score(
         help="Append a timestamped log of every slide (for cluster jobs).")] = None,
     report: Annotated[bool, typer.Option(
         "--report/--no-report", help="Write or refresh DIR/report.html at the end.")] = True,
+    patient_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's patient (samples.csv).")] = "patient_id",
+    sample_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's sample (samples.csv).")] = "sample_id",
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
     DIR/report.html."""
@@ -147,7 +151,8 @@ def score(
         batch_size=batch_size, compile=compile_model, decode=decode, mode=mode,
         region_model=region_model, cluster=cluster, workers=workers,
         cluster_config=cluster_config,
-        report=report, command=_state.get("command") or " ".join(sys.argv))
+        report=report, command=_state.get("command") or " ".join(sys.argv),
+        sample_columns=(patient_column, sample_column))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
         result = score_inputs(inputs, out, opts)
     for row in result.rows:
@@ -291,17 +296,43 @@ def model_hash(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
-    size: Annotated[int, typer.Option(help="Side of the synthetic slide in px.")] = 4096,
+    size: Annotated[int | None, typer.Option(
+        help="Side of the synthetic slide(s) in px [default: 4096; 1024 with --cohort].")
+    ] = None,
+    cohort: Annotated[bool, typer.Option(
+        "--cohort", help="A small synthetic study instead: patients with H&E, CD20 and "
+                         "FOXP3 slides and simulated survival, scored, with the study "
+                         "statistics in the report.")] = False,
+    patients: Annotated[int, typer.Option(min=3, max=200,
+                                          help="Patients of --cohort.")] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ):
-    """Generate a synthetic H&E slide and score it (the quick-start job)."""
+    """Generate a synthetic H&E slide and score it (the quick-start job); with --cohort a
+    synthetic study, scored and reported."""
     from tilscore.batch import score_inputs
     from tilscore.synth.writer import write_synthetic_slide
+
+    if cohort:
+        from tilscore.synth_cohort import run_demo_cohort
+
+        path, made, result = run_demo_cohort(out, patients, size or 1024, device)
+        typer.echo(f"{made.n_patients} patients, {made.n_slides} slides "
+                   f"({len(result.scored)} scored, {len(result.skipped)} already done, "
+                   f"{len(result.failures)} failed); simulated HR {made.hr_per_sd:g} per SD "
+                   f"of log CD20+ stromal density (truth: {made.truth})")
+        typer.echo(f"report: {path}; tables: {out / 'samples.csv'}, "
+                   f"{out / 'cohort_stats.csv'}")
+        if result.failures:
+            raise TilscoreError(result.failures[0]["error"])
+        return
+    size = size or 4096
 
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "demo_slide.tiff"
     if not slide_path.exists():
         write_synthetic_slide(slide_path, stain="he", seed=0, size_px=(size, size), mpp=0.25)
-    result = score_inputs([str(slide_path)], out, stain="he", command=_state["command"])
+    result = score_inputs([str(slide_path)], out, stain="he", device=device,
+                          command=_state["command"])
     for row in result.rows:
         typer.echo(f"{row['slide']}: {_headline(row)}")
     typer.echo(f"outputs in {(out / 'demo_slide').resolve()}")
@@ -317,14 +348,33 @@ def report(
         help="Split distributions by this column (metadata or scores.csv).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="HTML file (default DIR/report.html).")] = None,
+    survival: Annotated[str | None, typer.Option(
+        metavar="TIME_COL,EVENT_COL",
+        help="Survival analysis on these columns (manifest metadata, or --clinical).")] = None,
+    clinical: Annotated[Path | None, typer.Option(
+        help="CSV with the survival columns, joined on sample_id if it has one, else on "
+             "patient_id.")] = None,
+    level: Annotated[str, typer.Option(
+        help="Unit of the statistics: patient (mean of its samples) or sample.")] = "patient",
+    patient_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's patient.")] = "patient_id",
+    sample_column: Annotated[str, typer.Option(
+        help="Manifest column naming a slide's sample.")] = "sample_id",
 ):
-    """Write a self-contained HTML report of a scored folder (table, plots, maps) and
-    rebuild its scores.csv from the slide summaries."""
+    """Write a self-contained HTML report of a scored folder (table, plots, maps, study
+    statistics) and rebuild its scores.csv and samples.csv from the slide summaries;
+    the statistics also go to DIR/cohort_stats.csv."""
     from tilscore.report.cohort import write_report
+    from tilscore.report.survival import StudyOptions
     from tilscore.results import write_scores
+    from tilscore.samples import SampleColumns, write_samples
 
-    path = write_report(out_dir, group_by=group_by, path=out)
+    cols = SampleColumns(patient_column, sample_column)
+    study = StudyOptions.parse(survival, clinical=str(clinical) if clinical else None,
+                               level=level, columns=cols)
+    path = write_report(out_dir, group_by=group_by, path=out, study=study)
     write_scores(out_dir)
+    write_samples(out_dir, cols)
     typer.echo(str(path))
 
 

@@ -79,7 +79,8 @@ def write_outputs(work: Path, summary: dict, *, cells: CellTable, regions: Regio
     # without a compartment model (--model none) all tissue is "other": nothing to tint
     tinted = {} if summary["areas_mm2"]["tumour"] is None else dict(region_names)
     image_size_l0 = (extent_um[0] / slide_mpp, extent_um[1] / slide_mpp)
-    extra = _ihc_columns(cells)
+    extra = _ihc_columns(cells) + (("tumour_distance_um",) if "tumour_distance_um" in cells
+                                   else ())
     radius_px = cfg.lymphocyte_nucleus_diameter_um / 2 / slide_mpp
     counted = counted_class(stain)
     mine = cells["class"] == counted

@@ -36,6 +36,7 @@ from tilscore.scoring.ihc import estimate_stain_vectors
 from tilscore.scoring.ihc_cells import IhcCellRule
 from tilscore.scoring.score import ScoreConfig
 from tilscore.scoring.slide_score import QcInputs, cell_table, ihc_rule_params, slide_score
+from tilscore.scoring.spatial import slide_spatial
 from tilscore.scoring.tissue_only import NO_MODEL
 from tilscore.slide import open_slide
 from tilscore.slide.base import mpp_problem
@@ -175,6 +176,12 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
             names = rule.class_names if rule else tuple(card.cell_classes)
             cells = cell_table(pred.cells, names, slide_mpp=slide_mpp, regions=regions,
                                with_compartments=not no_model)
+            spatial = None  # not in the fast mode (cells searched in bulk stroma only)
+            if plan is None and not no_model:
+                cells["tumour_distance_um"], spatial = slide_spatial(
+                    pred.canvas, cells, stain, (slide.dimensions[0] * slide_mpp,
+                                                slide.dimensions[1] * slide_mpp),
+                    (cfg.spatial_band_inner_um, cfg.spatial_band_outer_um))
             score = slide_score(
                 cells, regions, measured=measured, stain=stain, class_names=names, cfg=cfg,
                 ihc_params=None if rule is None else rule.params,
@@ -185,6 +192,8 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
                 nuclei_segmented=card.nucleus_mask, extra_warnings=mpp_warnings)
             summary = summary_record(item, score, engine=engine, cfg=cfg, slide_mpp=slide_mpp,
                                      prediction=pred, plan=plan, command=command)
+            if spatial is not None:
+                summary["spatial"] = spatial
             summary["timings_s"].update(tissue=round(t_tissue, 3),
                                         aggregate=round(time.perf_counter() - t_agg, 3))
             write_outputs(work, summary, cells=cells, regions=regions,

@@ -62,6 +62,7 @@ class SlideSummary(_Open):
     fast: dict = Field(default_factory=dict)
     positive_rule: dict = Field(default_factory=dict)
     score_config: dict = Field(default_factory=dict)
+    spatial: dict = Field(default_factory=dict)  # tilscore.scoring.spatial.SpatialSummary
     timings_s: dict = Field(default_factory=dict)
     qc: Qc = Field(default_factory=Qc)
     warnings: list[str] = Field(default_factory=list)

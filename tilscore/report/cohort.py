@@ -195,9 +195,11 @@ def _level_at_most(group, ome: dict, max_px: int, level: int | None = None
 
 
 def build_report(out_dir: str | Path, group_by: str | None = None,
-                 report_dir: Path | None = None) -> str:
+                 report_dir: Path | None = None, study=None) -> str:
     """The report HTML for `out_dir`; links are relative to `report_dir` (default
-    `out_dir`). UsageError when no slide is scored or `group_by` is unknown."""
+    `out_dir`). UsageError when no slide is scored or `group_by` is unknown. `study`
+    (a :class:`tilscore.report.survival.StudyOptions`): add the study statistics section and
+    write ``cohort_stats.csv``."""
     from tilscore.report.html import render_report
 
     cohort = load_cohort(out_dir)
@@ -205,10 +207,17 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
         raise UsageError(f"no scored slides in {cohort.out_dir} (no <slide>/summary.json); "
                          "run `tilscore score ... --out DIR` first")
     column = resolve_group_column(cohort, group_by) if group_by else None
+    study_html = ""
+    if study is not None:  # before the maps: bad survival input fails fast
+        from tilscore.report.study import run_study
+
+        study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored], column,
+                               study)
     cache = MapsCache(cohort.out_dir / MAPS_CACHE_DIR)
     maps = {e.folder.name: cache.get(e.folder) for e in cohort.scored}
     cache.prune(keep={e.folder.name for e in cohort.scored})
-    return render_report(cohort, column, maps, Path(report_dir or cohort.out_dir))
+    return render_report(cohort, column, maps, Path(report_dir or cohort.out_dir),
+                         study_html)
 
 
 MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
@@ -265,12 +274,13 @@ class MapsCache:
                 path.unlink(missing_ok=True)
 
 
-def write_report(out_dir: Path, group_by: str | None = None, path: Path | None = None) -> Path:
+def write_report(out_dir: Path, group_by: str | None = None, path: Path | None = None,
+                 study=None) -> Path:
     """Write the report of `out_dir` to `path` (default ``out_dir/report.html``) atomically
     and return that path. Raises UsageError as :func:`build_report`."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / "report.html"
-    html = build_report(out_dir, group_by, report_dir=path.resolve().parent)
+    html = build_report(out_dir, group_by, report_dir=path.resolve().parent, study=study)
     atomic.write_text(path, html)
     log.info("wrote %s", path)
     return path

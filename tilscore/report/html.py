@@ -78,13 +78,14 @@ document.querySelectorAll('table.sortable').forEach(function(table){
 
 
 def render_report(cohort: Cohort, group_column: str | None, maps: dict[str, SlideMaps],
-                  report_dir: Path) -> str:
+                  report_dir: Path, study_html: str = "") -> str:
     """The whole report page. `maps`: slide folder name → rendered maps; `report_dir`:
-    where the page will live (file links are relative to it)."""
+    where the page will live (file links are relative to it); `study_html`: the study
+    statistics section (tilscore.report.study), after the distributions."""
     anchors = {e.folder.name: _anchor(e.folder.name) for e in cohort.scored}
     links = {e.folder.name: _file_links(e, report_dir) for e in cohort.scored}
     body = [_header(cohort, group_column), _cohort_table(cohort, group_column, anchors, links),
-            _distributions(cohort, group_column, anchors), _not_scored(cohort)]
+            _distributions(cohort, group_column, anchors), study_html, _not_scored(cohort)]
     body += [_slide_section(e, maps[e.folder.name], anchors[e.folder.name],
                             links[e.folder.name], group_column) for e in cohort.scored]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -49,6 +49,8 @@ SCORE_RANGES = {
     "near_tumour_um": (0.0, 2000.0, "µm"),
     "density_grid_um": (10.0, 10000.0, "µm"),
     "coarse_mpp": (2.0, 64.0, "µm/px"),  # the region map is 2 µm/px
+    "spatial_band_inner_um": (1.0, 5000.0, "µm"),  # tilscore.scoring.spatial stroma bands
+    "spatial_band_outer_um": (2.0, 10000.0, "µm"),
     # natural-log OD: an 8-bit pixel reaches at most ln 255 = 5.5, so nothing above 6
     "foxp3_dab_threshold_od": (0.01, 6.0, "OD"),
     "cd20_dab_threshold_od": (0.01, 6.0, "OD"),
@@ -92,6 +94,8 @@ class ScoreConfig:
     near_tumour_um: float = 50.0
     density_grid_um: float = 100.0
     coarse_mpp: float = COARSE_MPP
+    spatial_band_inner_um: float = 100.0
+    spatial_band_outer_um: float = 500.0
     foxp3_dab_threshold_od: float | None = None
     cd20_dab_threshold_od: float | None = None
     dab_bin_weak_od: float | None = None
@@ -110,6 +114,9 @@ class ScoreConfig:
             if not _in_range(value, low, high):
                 raise UsageError(f"{name} must be a number from {low:g} to {high:g} {unit}, "
                                  f"got {value!r}")
+        if not self.spatial_band_inner_um < self.spatial_band_outer_um:
+            raise UsageError(f"spatial_band_inner_um ({self.spatial_band_inner_um}) must be "
+                             f"below spatial_band_outer_um ({self.spatial_band_outer_um})")
         lo, hi = self.lymphocyte_min_diameter_um, self.lymphocyte_max_diameter_um
         if lo is not None and hi is not None and not lo < hi:
             raise UsageError(f"lymphocyte_min_diameter_um ({lo}) must be below "
