@@ -56,7 +56,8 @@ def real_tiles(shared: Path) -> dict[str, list[np.ndarray]]:
 
         with open_slide(svs) as s:
             w, h = s.dimensions
-            out["CMU svs"] = [s.read(x, y, TILE, TILE, 0.5) for y in range(400, h - 600, 500)
+            out["CMU svs"] = [s.read(x, y, width=TILE, height=TILE, mpp=0.5)
+                              for y in range(400, h - 600, 500)
                               for x in range(200, w - 600, 500)]
     ihc = sorted((shared / "ihc-ki67-deepliif" / "images").glob("*.png"))
     if ihc:  # 0.25 µm/px → 0.5

@@ -16,7 +16,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 __all__ = ["__version__", "open_slide"]
 
 
-def open_slide(path, mpp=None, backend=None):
+def open_slide(path, mpp=None, *, backend=None):
     """Open a whole-slide image or plain image; see :func:`tilscore.slide.open_slide`."""
     from tilscore.slide import open_slide as _open
 

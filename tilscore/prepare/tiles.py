@@ -257,7 +257,7 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     try:
         block = slide.read(
             int(round(x0 * downsample)), int(round(y0 * downsample)),
-            int(x1 - x0), int(y1 - y0), mpp=spec.mpp,
+            width=int(x1 - x0), height=int(y1 - y0), mpp=spec.mpp,
         )
         for k, (ox, oy) in enumerate(origins_px - (x0, y0)):
             tiles[k] = block[oy : oy + t, ox : ox + t]
@@ -267,7 +267,8 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     for k, (ox, oy) in enumerate(origins_px):
         try:
             tiles[k] = slide.read(
-                int(round(ox * downsample)), int(round(oy * downsample)), t, t, mpp=spec.mpp
+                int(round(ox * downsample)), int(round(oy * downsample)),
+                width=t, height=t, mpp=spec.mpp,
             )
         except SlideReadError:
             failed[k] = True

@@ -46,7 +46,7 @@ SUPPORTED = (
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def open_slide(path, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(path, mpp: float | None = None, *, backend: str | None = None) -> Slide:
     """Open `path` (a file, or a uint8 (H, W, 3) numpy array) as a :class:`Slide`.
 
     `mpp` (µm/px at level 0) overrides the file metadata and is required for arrays.

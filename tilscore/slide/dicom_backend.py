@@ -113,7 +113,7 @@ class DicomBackend:
         self.properties["tilscore.associated_images"] = ",".join(associated)
         log.debug("%s: %d DICOM files, levels %s", name, len(files), self.level_dimensions)
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y)."""
         try:
             data = self._wsi.read_region(

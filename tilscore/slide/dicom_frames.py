@@ -92,7 +92,7 @@ class DicomFrameBackend:
         self._fds = {lv.path: os.open(lv.path, os.O_RDONLY) for lv in self._levels}
         log.debug("%s: pydicom frame reader, levels %s", name, self.level_dimensions)
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y): only the frames
         the region touches are read and decoded; absent frames are white."""
         lv = self._levels[level]

@@ -94,7 +94,7 @@ class ImageBackend:
             "tilscore.associated_images": "",
         }
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) copy of the in-memory image at pixel (x, y)."""
         return self._pixels[y : y + height, x : x + width].copy()
 

@@ -49,7 +49,7 @@ class OpenSlideBackend:
             self._osr.close()
             raise SlideOpenError(f"{self._name}: bad slide metadata ({one_line(exc)})") from exc
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y), alpha on white.
 
         OpenSlide takes the origin in level-0 pixels: (x, y) * level downsample, rounded.

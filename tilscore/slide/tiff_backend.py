@@ -216,7 +216,7 @@ class TiffBackend:
         return (mpps[0] + mpps[1]) / 2.0
 
     # -- reading ----------------------------------------------------------------------
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) at level pixel (x, y); decodes only touched tiles."""
         index = tuple(
             slice(y, y + height) if a == "Y"

@@ -93,7 +93,7 @@ def read_rgb(path: Path, stats: LoadStats) -> np.ndarray | None:
     try:
         backend = ImageBackend(path)
         width, height = backend.level_dimensions[0]
-        return backend.read_level(0, 0, 0, width, height)
+        return backend.read_level(0, x=0, y=0, width=width, height=height)
     except TilscoreError as exc:
         log.warning("skipping %s: %s", path, exc)
         stats.skipped_images.append((str(path), str(exc)))
