@@ -72,7 +72,7 @@ class DeviceTileReader:
         head = self.tables if self.tables else data[:2]
         return head[:2] + self.adobe + head[2:] + data[2:]
 
-    def read_region(self, lx: int, ly: int, lw: int, lh: int, device):
+    def read_region(self, lx: int, ly: int, *, lw: int, lh: int, device):
         """uint8 (3, lh, lw) on `device`: level px [lx, lx+lw) x [ly, ly+lh), white
         outside the level."""
         import torch
@@ -193,7 +193,7 @@ def _device_block(reader: DeviceTileReader, grid, o: np.ndarray, device):
     x1, y1 = o.max(axis=0) + t
     # grid px → level px: × ds (level-0 px) ÷ level_ds; exact, since ds / level_ds = f.
     lx, ly = int(round(x0 * ds / reader.level_ds)), int(round(y0 * ds / reader.level_ds))
-    region = reader.read_region(lx, ly, int(x1 - x0) * f, int(y1 - y0) * f, device)
+    region = reader.read_region(lx, ly, lw=int(x1 - x0) * f, lh=int(y1 - y0) * f, device=device)
     crops = torch.stack([region[:, (oy - y0) * f : (oy - y0 + t) * f,
                                 (ox - x0) * f : (ox - x0 + t) * f] for ox, oy in o])
     if f > 1:  # area averaging, as Slide.read does (cv2 INTER_AREA) for integer factors

@@ -155,7 +155,7 @@ class Predictor:
         # NHWC memory permuted to NCHW is exactly channels_last: no copy.
         return images.permute(0, 3, 1, 2)
 
-    def launch(self, images: torch.Tensor, cell_rule=None,
+    def launch(self, images: torch.Tensor, *, cell_rule=None,
                origins_px: np.ndarray | None = None) -> PendingBatch:
         """Queue a batch on the device and start copying its results to the host;
         :meth:`collect` turns it into :class:`TilePredictions`.
@@ -396,8 +396,8 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
         pred = predictor.collect(pending)
         t1 = time.perf_counter()
         timings["model"] += t1 - t0
-        canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,
-                     pred.nucleus_fraction)
+        canvas.write(grid.cols[batch.index], grid.rows[batch.index], regions=pred.regions,
+                     nucleus_fraction=pred.nucleus_fraction)
         collector.add(batch.origins_px, pred.cells)
         focus[batch.index] = pred.focus
         if pred.uncertain is not None:
@@ -443,7 +443,7 @@ def _run_batches(batches, predictor: Predictor, cell_rule, finish, timings: dict
     for batch in batches:
         t_model = time.perf_counter()
         timings["read"] += t_model - t_wait
-        pending = predictor.launch(batch.images, cell_rule, batch.origins_px)
+        pending = predictor.launch(batch.images, cell_rule=cell_rule, origins_px=batch.origins_px)
         timings["model"] += time.perf_counter() - t_model
         if in_flight is not None:
             finish(*in_flight)

@@ -52,7 +52,7 @@ class RegionCanvas:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvas")
         self._writes: list = []
 
-    def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
+    def write(self, cols: np.ndarray, rows: np.ndarray, *, regions: np.ndarray,
               nucleus_fraction: np.ndarray | None) -> None:
         """Write per-tile blocks: regions uint8 (B, block, block) for tiles (cols, rows).
 

@@ -19,9 +19,9 @@ MAX_SIDE_PX = 2048
 TINT_ALPHA = 0.35
 
 
-def write_overlay_png(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float,
+def write_overlay_png(path: str | Path, thumbnail: np.ndarray, *, thumb_mpp: float,
                       labels: np.ndarray, labels_mpp: float, cells_xy_um: np.ndarray,
-                      legend: dict[str, tuple[int, int, int]], title: str, *,
+                      legend: dict[str, tuple[int, int, int]], title: str,
                       class_names: dict[int, str] | None = None,
                       max_side_px: int = MAX_SIDE_PX, dot_px: int | None = None) -> None:
     """Write the overlay PNG atomically.
