@@ -34,8 +34,9 @@ def test_focus_measure_separates_sharp_from_defocused_tissue():
     assert torch.isnan(focus_measure(glass)).all()
     both = torch.cat([sharp, blurred, focus_measure(glass)]).numpy()
     weights = np.array([1, 1, 1, 1, 1, 1, 1, 0.75, 1.0])
-    assert out_of_focus_fraction(both, weights, threshold) == pytest.approx(3.75 / 7.75)
-    assert out_of_focus_fraction(both, np.full(9, 0.2), threshold) is None  # little tissue
+    assert out_of_focus_fraction(both, weights, threshold=threshold) == pytest.approx(3.75 / 7.75)
+    little_tissue = np.full(9, 0.2)
+    assert out_of_focus_fraction(both, little_tissue, threshold=threshold) is None
 
 
 def test_flags_have_codes_and_plain_messages():

@@ -135,7 +135,7 @@ def _density(canvas: RegionCanvas, points_xy_um: np.ndarray, extent_um: tuple[fl
     (NaN where a cell holds none; :func:`tilscore.score.density_map`)."""
     tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um=grid_um,
                               extent_um=extent_um)
-    return density_map(points_xy_um, tissue, grid_um)
+    return density_map(points_xy_um, tissue, grid_um=grid_um)
 
 
 def _ihc_columns(cells: CellTable) -> tuple[str, ...]:

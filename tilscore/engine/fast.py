@@ -66,7 +66,7 @@ def cell_search_mask(canvas, cfg):
     from tilscore.scoring.score import tumour_bulk
 
     fractions, coarse_mpp = coarse_fractions(canvas, cfg)
-    bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
+    bulk = tumour_bulk(fractions[1], coarse_mpp=coarse_mpp, radius_um=cfg.bulk_closing_radius_um)
     r = max(1, math.ceil(CELL_MARGIN_UM / coarse_mpp))
     near_stroma = ndi.binary_dilation(fractions[2] > 0, structure=np.ones((2 * r + 1,) * 2))
     return TissueMask(near_stroma & bulk, coarse_mpp)

@@ -82,7 +82,7 @@ class RegionSummary:
     fractions: np.ndarray
 
     def compartment_at(self, x_um: np.ndarray, y_um: np.ndarray,
-                       window_um: float = 24.0) -> np.ndarray:
+                       *, window_um: float = 24.0) -> np.ndarray:
         """Region code (1 tumour, 2 stroma, 3 other; 0 outside tissue) of the
         neighbourhood of each point: class fractions averaged over `window_um`.
 
@@ -108,7 +108,7 @@ def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
     blocks' pixel counts."""
     counts, nuclei, f, coarse_mpp = coarse_stats(canvas, cfg)
     fractions = (counts / (f * f)).astype(np.float32)
-    bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
+    bulk = tumour_bulk(fractions[1], coarse_mpp=coarse_mpp, radius_um=cfg.bulk_closing_radius_um)
     px_mm2 = (canvas.mpp * 1e-3) ** 2
     n = counts.astype(np.int64)
     areas = RegionAreas(

@@ -67,8 +67,9 @@ class IhcCellRule:
 
         valid = self.valid_boxes(origins_px, images_nhwc.shape[2])
         rows = []
-        for b, cells in enumerate(detect_cells(images_nhwc, self.mpp, self.marker,
-                                               self.params, self.stain, valid)):
+        for b, cells in enumerate(detect_cells(images_nhwc, self.mpp, marker=self.marker,
+                                               params=self.params, stain_matrix=self.stain,
+                                               valid_px=valid)):
             x, y = cells.x_px.float(), cells.y_px.float()
             keep = (x >= core[0]) & (x < core[1]) & (y >= core[0]) & (y < core[1])
             cols = [torch.full_like(x, float(b)), (~cells.positive).float(), x, y,

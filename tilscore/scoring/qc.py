@@ -97,7 +97,7 @@ def tissue_weighted_mean(values, tissue_fraction) -> float | None:
     return float((v[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else None
 
 
-def out_of_focus_fraction(focus, tissue_fraction, threshold: float) -> float | None:
+def out_of_focus_fraction(focus, tissue_fraction, *, threshold: float) -> float | None:
     """Tissue-weighted fraction of judged tiles whose `focus` is below `threshold`.
 
     `focus`: (N,) per tile (NaN: not measured); `tissue_fraction`: (N,) share of each

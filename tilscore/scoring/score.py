@@ -153,7 +153,7 @@ class ScoreConfig:
         return out
 
 
-def tumour_bulk(tumour_fraction: np.ndarray, coarse_mpp: float, radius_um: float) -> np.ndarray:
+def tumour_bulk(tumour_fraction: np.ndarray, *, coarse_mpp: float, radius_um: float) -> np.ndarray:
     """bool (H, W) tumour bulk on a coarse grid from the tumour fraction (float (H, W)) per
     coarse pixel: pixels ≥ 25 % tumour, closed with a disc of `radius_um`, holes filled."""
     from scipy import ndimage as ndi
@@ -262,7 +262,7 @@ def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, *, mask_mpp
     return float((dist_um[i, j] <= distance_um).mean())
 
 
-def density_map(points_xy_um: np.ndarray, tissue_mm2: np.ndarray, grid_um: float
+def density_map(points_xy_um: np.ndarray, tissue_mm2: np.ndarray, *, grid_um: float
                 ) -> np.ndarray:
     """float32 (rows, cols) points per mm² of tissue on a `grid_um` grid: the points in each
     grid cell ÷ that cell's tissue area, `tissue_mm2` (float (rows, cols) mm², e.g.
