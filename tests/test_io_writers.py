@@ -463,7 +463,7 @@ def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
                           labels=np.zeros((10, 10), np.uint8), labels_mpp=1000.0,
                           cells_xy_um=xy, legend=legend, title="CD20+", class_names={})
         full = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
-        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, "JPEG")
+        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, fmt="JPEG")
         shown.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1])))
                                 .convert("RGB")).astype(int))
     scale = shown[0].shape[1] / 1536

@@ -88,7 +88,7 @@ class _Job:
     stamp: tuple[int, int, int] | None
 
 
-def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | None = None,
+def score_inputs(inputs: list[str], out_dir: str | Path, *, opts: BatchOptions | None = None,
                  **overrides) -> RunResult:
     """Score every input; failures are collected, not raised (UsageError still raises).
 
@@ -116,9 +116,11 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     hashes = {s: _model_and_config(opts, s) for s in sorted({i.stain for i in items})}
     todo = []
     for item in items:
-        done = None if opts.overwrite else completed_summary(out_dir, item, *hashes[item.stain])
+        model_sha256, cfg_hash = hashes[item.stain]
+        done = None if opts.overwrite else completed_summary(
+            out_dir, item, model_sha256=model_sha256, cfg_hash=cfg_hash)
         if done is None:
-            todo.append(_Job(item, *hashes[item.stain], _summary_stamp(out_dir, item)))
+            todo.append(_Job(item, model_sha256, cfg_hash, _summary_stamp(out_dir, item)))
         else:
             result.skipped.append(item.slide_id)
             result.rows.append(flatten(done))
@@ -132,11 +134,12 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
         exc.result = result  # what was done, for the message
         with deferred_signals():
-            write_tables(out_dir, result.failures, opts.sample_columns)  # what was scored
+            # what was scored
+            write_tables(out_dir, result.failures, sample_columns=opts.sample_columns)
             remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
         raise
     with deferred_signals():
-        write_tables(out_dir, result.failures, opts.sample_columns)
+        write_tables(out_dir, result.failures, sample_columns=opts.sample_columns)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)
     return result
@@ -172,7 +175,8 @@ def _claim(job: _Job, out_dir: Path, wait: bool) -> tuple[str, object]:
     if not lock.acquire(wait=wait):
         return "busy", None
     if _summary_stamp(out_dir, job.item) != job.stamp:
-        done = completed_summary(out_dir, job.item, job.model_sha256, job.cfg_hash)
+        done = completed_summary(out_dir, job.item, model_sha256=job.model_sha256,
+                                 cfg_hash=job.cfg_hash)
         if done is not None:
             lock.release()
             return "done", done
@@ -474,7 +478,7 @@ def _ensure_writable(out_dir: Path) -> None:
 
 
 def write_tables(out_dir: Path, failures: list[dict],
-                 sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
+                 *, sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
     """scores.csv and samples.csv from every summary in `out_dir`; failures.csv from this
     run. `sample_columns`: the manifest columns naming a slide's patient and sample."""
     _write_scores_and_failures(out_dir, failures)

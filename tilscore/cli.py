@@ -154,7 +154,7 @@ def score(
         report=report, command=_state.get("command") or " ".join(sys.argv),
         sample_columns=(patient_column, sample_column))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
-        result = score_inputs(inputs, out, opts)
+        result = score_inputs(inputs, out, opts=opts)
     for row in result.rows:
         done = (" (scored by another run)" if row["slide"] in result.elsewhere
                 else " (already scored; --overwrite redoes it)"

@@ -138,7 +138,7 @@ def _stain_values(stain: str, summaries: list[dict]) -> dict:
 
 
 def build_samples(summaries: list[dict], cols: SampleColumns = DEFAULT_COLUMNS,
-                  stains: tuple[str, ...] = STAIN_ORDER) -> list[dict]:
+                  *, stains: tuple[str, ...] = STAIN_ORDER) -> list[dict]:
     """One row per sample (sorted by patient, then sample) from slide summaries.
 
     Columns: patient and sample ids (named as in the manifest), ``n_slides``,

@@ -97,7 +97,7 @@ def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMa
 
             with Image.open(overlay) as im:
                 side = min(max_px, OVERLAY_LONG_SIDE_PX)
-                maps.overlay_uri = image_data_uri(np.asarray(im.convert("RGB")), side, "JPEG")
+                maps.overlay_uri = image_data_uri(np.asarray(im.convert("RGB")), side, fmt="JPEG")
         except (OSError, ValueError) as exc:
             maps.problem.append(f"overlay.png unreadable: {exc}")
     else:
@@ -152,7 +152,7 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     vmax = float(np.percentile(finite, DENSITY_PERCENTILE)) if finite.size else 0.0
     maps.density_vmax = vmax if vmax > 0 else 1.0
     if density.size:
-        maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue),
+        maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue=tissue),
                                           max_px, min_long_side_px=DENSITY_MIN_SIDE_PX)
     maps.density_title = ("TIL density" if name == "til_density"
                           else name.replace("_", " ").removesuffix(" density") + " density")
@@ -194,7 +194,7 @@ def _level_at_most(group, ome: dict, max_px: int, level: int | None = None
         float(scale[-1]) * step
 
 
-def build_report(out_dir: str | Path, group_by: str | None = None,
+def build_report(out_dir: str | Path, *, group_by: str | None = None,
                  report_dir: Path | None = None, study=None) -> str:
     """The report HTML for `out_dir`; links are relative to `report_dir` (default
     `out_dir`). UsageError when no slide is scored or `group_by` is unknown. `study`
@@ -211,13 +211,14 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
     if study is not None:  # before the maps: bad survival input fails fast
         from tilscore.report.study import run_study
 
-        study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored], column,
-                               study)
+        study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored],
+                               group_column=column, opts=study)
     cache = MapsCache(cohort.out_dir / MAPS_CACHE_DIR)
     maps = {e.folder.name: cache.get(e.folder) for e in cohort.scored}
     cache.prune(keep={e.folder.name for e in cohort.scored})
-    return render_report(cohort, column, maps, Path(report_dir or cohort.out_dir),
-                         study_html)
+    return render_report(cohort, group_column=column, maps=maps,
+                         report_dir=Path(report_dir or cohort.out_dir),
+                         study_html=study_html)
 
 
 MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
@@ -274,13 +275,13 @@ class MapsCache:
                 path.unlink(missing_ok=True)
 
 
-def write_report(out_dir: Path, group_by: str | None = None, path: Path | None = None,
+def write_report(out_dir: Path, *, group_by: str | None = None, path: Path | None = None,
                  study=None) -> Path:
     """Write the report of `out_dir` to `path` (default ``out_dir/report.html``) atomically
     and return that path. Raises UsageError as :func:`build_report`."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / "report.html"
-    html = build_report(out_dir, group_by, report_dir=path.resolve().parent, study=study)
+    html = build_report(out_dir, group_by=group_by, report_dir=path.resolve().parent, study=study)
     atomic.write_text(path, html)
     log.info("wrote %s", path)
     return path

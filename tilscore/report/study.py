@@ -161,7 +161,7 @@ def survival_section(stats: CohortStats) -> str:
     return f'<section id="study-section">{"".join(parts)}</section>'
 
 
-def run_study(out_dir, summaries: list[dict], group_column: str | None, opts) -> str:
+def run_study(out_dir, summaries: list[dict], *, group_column: str | None, opts) -> str:
     """Build samples.csv rows from `summaries`, compute the statistics of `opts` (a
     :class:`~tilscore.report.survival.StudyOptions`), write ``OUT/cohort_stats.csv`` and return
     the report section. UsageError on bad input (raised before anything is written)."""
@@ -172,7 +172,8 @@ def run_study(out_dir, summaries: list[dict], group_column: str | None, opts) ->
 
     rows = build_samples(summaries, opts.columns)
     clinical = read_clinical(opts.clinical) if opts.clinical else None
-    stats = cohort_stats(rows, opts.time_col, opts.event_col, opts.columns, opts.level,
-                         group_column, clinical)
+    stats = cohort_stats(rows, time_col=opts.time_col, event_col=opts.event_col,
+                         cols=opts.columns, level=opts.level, group_col=group_column,
+                         clinical=clinical)
     write_stats(Path(out_dir) / "cohort_stats.csv", stats)
     return survival_section(stats)
