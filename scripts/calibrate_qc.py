@@ -40,7 +40,8 @@ def synthetic(stain: str, blur_sigma_l0: float, n: int = 12) -> list[np.ndarray]
                            blur_sigma_px=blur_sigma_l0)
     rng = np.random.default_rng(0)
     return [scene.render(float(rng.uniform(0, 8192 - 2 * TILE)),
-                         float(rng.uniform(0, 8192 - 2 * TILE)), TILE, TILE, downsample=2.0)
+                         float(rng.uniform(0, 8192 - 2 * TILE)),
+                         width=TILE, height=TILE, downsample=2.0)
             for _ in range(n)]
 
 

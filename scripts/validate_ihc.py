@@ -140,9 +140,9 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
         x0 = y0 = (scene_px - size_px * downsample) / 2
         x1 = y1 = x0 + size_px * downsample
         m = margin_um / 0.25
-        rgb = scene.render(x0, y0, size_px, size_px, downsample=downsample,
+        rgb = scene.render(x0, y0, width=size_px, height=size_px, downsample=downsample,
                            supersample_um=supersample_um)
-        cells = scene.cells(x0 - m, y0 - m, x1 + m, y1 + m)
+        cells = scene.cells(x0 - m, y0 - m, x1=x1 + m, y1=y1 + m)
         xy = np.stack([(cells["x_px"] - x0) / downsample, (cells["y_px"] - y0) / downsample], 1)
         inside = ((cells["x_px"] >= x0) & (cells["x_px"] < x1)
                   & (cells["y_px"] >= y0) & (cells["y_px"] < y1))

@@ -413,7 +413,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     from tilscore.training.metrics import match_points
 
     scene = SyntheticScene(3072, 3072, mpp=0.25, stain=marker, seed=11)
-    big = scene.render(512, 512, 1024, 1024, downsample=2, supersample_um=0.5)
+    big = scene.render(512, 512, width=1024, height=1024, downsample=2, supersample_um=0.5)
     crop = np.ascontiguousarray(big[256:768, 256:768])
     whole, part = _detect(big, 0.5, marker), _detect(crop, 0.5, marker)
     xy_whole = torch.stack([whole.x_px, whole.y_px], 1).numpy() - 256.0
@@ -481,7 +481,7 @@ def test_cuda_matches_cpu():
     from tilscore.training.metrics import match_points
 
     rgb = SyntheticScene(2048, 2048, mpp=0.25, stain="cd20", seed=5).render(
-        512, 512, 256, 256, downsample=2)
+        512, 512, width=256, height=256, downsample=2)
     for marker in ("cd20", "foxp3"):
         a = _detect(rgb, 0.5, marker)
         b = _detect(rgb, 0.5, marker, device="cuda")

@@ -18,7 +18,8 @@ def _tiles(blur_sigma_px: float, n: int = 4) -> torch.Tensor:
 
     scene = SyntheticScene(4096, 4096, mpp=0.25, stain="he", seed=3,
                            blur_sigma_px=blur_sigma_px)
-    tiles = [scene.render(600.0 + 700 * k, 1500.0, 128, 128, downsample=2.0) for k in range(n)]
+    tiles = [scene.render(600.0 + 700 * k, 1500.0, width=128, height=128,
+                          downsample=2.0) for k in range(n)]
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -315,7 +315,8 @@ def demo(
     if cohort:
         from tilscore.synth_cohort import run_demo_cohort
 
-        path, made, result = run_demo_cohort(out, patients, size or 1024, device)
+        path, made, result = run_demo_cohort(out, n_patients=patients, size_px=size or 1024,
+                                             device=device)
         typer.echo(f"{made.n_patients} patients, {made.n_slides} slides "
                    f"({len(result.scored)} scored, {len(result.skipped)} already done, "
                    f"{len(result.failures)} failed); simulated HR {made.hr_per_sd:g} per SD "

@@ -43,7 +43,7 @@ class DemoCohort:
     n_slides: int
 
 
-def write_demo_cohort(folder: Path, n_patients: int = 10, n_metastases: int = 3,
+def write_demo_cohort(folder: Path, *, n_patients: int = 10, n_metastases: int = 3,
                       size_px: int = 1024, mpp: float = 0.5, seed: int = 0,
                       hr_per_sd: float = 0.5) -> DemoCohort:
     """Write the slides (``folder/slides/*.tiff`` with their truth files), ``manifest.csv``
@@ -108,7 +108,7 @@ def write_demo_cohort(folder: Path, n_patients: int = 10, n_metastases: int = 3,
     return DemoCohort(manifest, truth_path, hr_per_sd, n_patients, len(rows))
 
 
-def run_demo_cohort(out: Path, n_patients: int = 10, size_px: int = 1024,
+def run_demo_cohort(out: Path, *, n_patients: int = 10, size_px: int = 1024,
                     device: str = "auto", seed: int = 0) -> tuple[Path, DemoCohort, object]:
     """Write the cohort under ``out/cohort``, score it into ``out`` and write the report
     with the survival section; returns (report path, the cohort, the batch result)."""

@@ -39,7 +39,7 @@ def _axis(pos: np.ndarray, n: int, wrap: bool, dtype) -> tuple:
     return i0, i0 + 1, np.clip(pos - i0, 0.0, 1.0).astype(dtype)
 
 
-def sample_grid(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
+def sample_grid(field: np.ndarray, *, ypos: np.ndarray, xpos: np.ndarray,
                 wrap: bool = False) -> np.ndarray:
     """Bilinear samples of `field` on the grid ypos x xpos (fractional indices):
     (len(ypos), len(xpos)) in the field's dtype. Separable (x first, then y) with the same
@@ -54,7 +54,7 @@ def sample_grid(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
     return g[inv[:m]] * (1 - ty)[:, None] + g[inv[m:]] * ty[:, None]
 
 
-def sample_points(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
+def sample_points(field: np.ndarray, *, ypos: np.ndarray, xpos: np.ndarray,
                   wrap: bool = False) -> np.ndarray:
     """Bilinear samples of `field` at points (fractional indices, same shape)."""
     y0, y1, ty = _axis(ypos, field.shape[0], wrap, field.dtype)
@@ -160,8 +160,8 @@ def stain_od_matrix(stain: str) -> np.ndarray:
 
 def _tex_grid(tex: dict, name: str, slot: int, offsets, ys_um, xs_um) -> np.ndarray:
     t = tex[name]
-    return sample_grid(t.data, ys_um / t.res_um + offsets[slot, 0],
-                       xs_um / t.res_um + offsets[slot, 1], wrap=True)
+    return sample_grid(t.data, ypos=ys_um / t.res_um + offsets[slot, 0],
+                       xpos=xs_um / t.res_um + offsets[slot, 1], wrap=True)
 
 
 def paint_regions(stain, labels, *, necrosis, fibre, ys_um, xs_um, tex, offsets) -> np.ndarray:

@@ -180,7 +180,7 @@ def write_pyramid_tiff(scene: SyntheticScene, path: Path, *, tile_px: int = 512,
     tile = tile_px
 
     def render_tile(r: int, c: int) -> np.ndarray:
-        return scene.render(c * tile, r * tile, tile, tile)
+        return scene.render(c * tile, r * tile, width=tile, height=tile)
 
     read_tile: Callable = render_tile
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp, \

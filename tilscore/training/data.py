@@ -210,9 +210,10 @@ def synthetic_tile(scene, x0: float, *, y0: float, size_px: int, ds: float) -> L
     most the scene's own resolution): at 0.5 µm/px that is the full 0.25 µm/px scene, at
     2 µm/px it renders 1 µm/px (16x fewer pixels than rendering level 0 and averaging)."""
     supersample_um = max(scene.mpp, scene.mpp * ds / 2)
-    image = scene.render(x0, y0, size_px, size_px, downsample=ds, supersample_um=supersample_um)
-    region = scene.region_labels(x0, y0, size_px, size_px, downsample=ds)
-    cells = scene.cells(x0, y0, x0 + size_px * ds, y0 + size_px * ds)
+    image = scene.render(x0, y0, width=size_px, height=size_px, downsample=ds,
+                         supersample_um=supersample_um)
+    region = scene.region_labels(x0, y0, width=size_px, height=size_px, downsample=ds)
+    cells = scene.cells(x0, y0, x1=x0 + size_px * ds, y1=y0 + size_px * ds)
     pts = np.stack([(cells["x_px"] - x0) / ds, (cells["y_px"] - y0) / ds], axis=1)
     cls = np.array([CELL_CODES[c] for c in cells["type"]], dtype=np.int64)
     lymph = cls == CELL_CODES["lymphocyte"]
