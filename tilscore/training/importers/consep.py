@@ -64,7 +64,7 @@ def lymphocyte_nuclei(instances: np.ndarray, lymph_xy: np.ndarray) -> np.ndarray
     return np.isin(instances, ids[dist <= MATCH_PX]).astype(np.uint8)
 
 
-def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_consep(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles with typed points, weak regions and lymphocyte-nucleus masks (module doc)."""
     from tilscore.training.importers.native import read_mask

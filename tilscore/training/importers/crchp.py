@@ -125,7 +125,7 @@ def _unclassified(all_xy: np.ndarray, class_xy: np.ndarray) -> np.ndarray:
     return all_xy[dist > MATCH_PX]
 
 
-def load_crchp(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_crchp(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Tiles with class points, UNCLASSIFIED extra nuclei and weak regions (see module doc).
 

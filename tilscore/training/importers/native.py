@@ -210,7 +210,7 @@ def _read_cells(path: Path) -> tuple[list, list, float | None]:
     return xy, cls, data.get("mpp")
 
 
-def load_native(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_native(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles of a native folder (layout in the module docstring), sorted by id."""
     folder, stats = begin(folder, mpp, stats=stats)

@@ -158,7 +158,7 @@ def parse_features(features: list[dict], shape_hw, *, path: Path, stats: LoadSta
     return region, xy, cls, has_cells
 
 
-def load_qupath(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_qupath(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles from QuPath GeoJSON (rules in the module docstring)."""
     folder, stats = begin(folder, mpp, stats=stats)
