@@ -43,6 +43,7 @@ def _main(
 @app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    *,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     mpp: Annotated[float | None, typer.Option(help="Override µm/px at level 0.")] = None,
 ):
@@ -64,6 +65,7 @@ def info(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output .tiff path.")],
+    *,
     stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
     seed: Annotated[int, typer.Option(help="Random seed (layout and cells).")] = 0,
     size: Annotated[tuple[int, int], typer.Option(help="Width and height in px.")] = (8192, 8192),
@@ -85,6 +87,7 @@ def synth(
 def score(
     inputs: Annotated[list[str], typer.Argument(
         help="Slides, images, folders, globs ('slides/*.svs') or CSV manifests.")],
+    *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
     stain: Annotated[str, typer.Option(help="he, cd20 or foxp3 (a manifest may set it "
                                             "per slide).")] = "he",
@@ -192,6 +195,7 @@ def _log_to_file(path: Path) -> None:
 def train(
     config: Annotated[Path, typer.Option(help="Training config YAML.")] = Path(
         "configs/train_he.yaml"),
+    *,
     data: Annotated[list[str] | None, typer.Option(
         help="Labelled-tile folder(s) (any supported format); replaces the config's data.")
     ] = None,
@@ -220,6 +224,7 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model name or folder.")] = "he-default",
+    *,
     data: Annotated[str, typer.Option(help="Labelled-tile folder, or 'synthetic'.")] = "synthetic",
     split: Annotated[str, typer.Option(help="val, train or all (val needs a split).")] = "val",
     radius_um: Annotated[float, typer.Option(help="Match radius in µm.")] = 3.3,
@@ -296,6 +301,7 @@ def model_hash(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+    *,
     size: Annotated[int | None, typer.Option(
         help="Side of the synthetic slide(s) in px [default: 4096; 1024 with --cohort].")
     ] = None,
@@ -345,6 +351,7 @@ def demo(
 def report(
     out_dir: Annotated[Path, typer.Argument(metavar="DIR",
                                             help="Output folder of `tilscore score`.")],
+    *,
     group_by: Annotated[str | None, typer.Option(
         help="Split distributions by this column (metadata or scores.csv).")] = None,
     out: Annotated[Path | None, typer.Option(
