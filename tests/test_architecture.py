@@ -1,6 +1,7 @@
 """The package's shape (docs/architecture.md): no import cycles, between modules or between
 the rooms of the layout (a folder per stage, the top-level modules), and the library never
-reads the command line (the CLI passes it in).
+reads the command line (the CLI passes it in), and public functions take at most two
+positional parameters (the rest by keyword).
 
 Imports are read from the source (ast), every one of them: those inside functions
 (deferred for start-up time or an optional dependency) are arrows all the same.
@@ -126,3 +127,52 @@ def test_only_the_cli_reads_the_command_line():
                     and isinstance(node.value, ast.Name) and node.value.id == "sys"):
                 readers.append(name)
     assert set(readers) <= {"tilscore.cli"}
+
+
+# Public functions or methods allowed more than two positional parameters, as
+# "module.qualname": "why" -- only where something outside tilscore calls them positionally
+# (a method overriding a library's API, a callback with a fixed signature). Empty: nothing
+# needs it today.
+POSITIONAL_ALLOWED: dict[str, str] = {}
+
+
+def _positional_params(node: ast.FunctionDef | ast.AsyncFunctionDef, *, method: bool
+                       ) -> list[str]:
+    """Names of the parameters `node` takes by position (positional-only and
+    positional-or-keyword), without the self or cls of a method."""
+    names = [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
+    return names[1:] if method and not static and names else names
+
+
+def _public_functions(body: list[ast.stmt], prefix: str, *, method: bool = False):
+    """(qualified name, node) of the public functions and methods in `body`: names not
+    starting with ``_`` (so no dunders), in public classes (a private class's methods are
+    not public), nested classes included; functions inside functions are not public."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not node.name.startswith("_"):
+                yield f"{prefix}{node.name}", node, method
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            yield from _public_functions(node.body, f"{prefix}{node.name}.", method=True)
+
+
+def test_public_functions_take_at_most_two_positional_parameters():
+    """Every public function with more than two parameters takes the rest by keyword
+    (``*`` after the first one or two): a call says what each argument is, and a
+    parameter can be added or reordered without silently shifting the callers'."""
+    offenders, found = [], set()
+    for name, path in sorted(_modules().items()):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for qualname, node, method in _public_functions(tree.body, f"{name}."):
+            params = _positional_params(node, method=method)
+            if len(params) <= 2:
+                continue
+            found.add(qualname)
+            if qualname not in POSITIONAL_ALLOWED:
+                offenders.append(f"{qualname}({', '.join(params)})  "
+                                 f"[{path.relative_to(PACKAGE.parent)}:{node.lineno}]")
+    assert not offenders, ("public functions with more than two positional parameters "
+                           "(add `*` after the first one or two):\n" + "\n".join(offenders))
+    assert set(POSITIONAL_ALLOWED) <= found, (
+        f"allow-list entries that no longer need it: {set(POSITIONAL_ALLOWED) - found}")
