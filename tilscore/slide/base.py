@@ -77,7 +77,7 @@ def validate_mpp(mpp: float, source: str) -> float:
 def resize_rgb(image: np.ndarray, width: int, *, height: int) -> np.ndarray:
     """Resize uint8 RGB to (height, width, 3): area averaging when shrinking (antialiased),
     bilinear when enlarging."""
-    import cv2
+    import cv2  # lazy: `import tilscore.slide` loads no OpenCV (test_slide.py)
 
     if image.shape[1] == width and image.shape[0] == height:
         return image
