@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from tilscore.engine.defaults import BATCH_SIZE, DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
+from tilscore.engine.stitch import CellCollector, RegionCanvas
 from tilscore.errors import UsageError
-from tilscore.scoring.qc import focus_measure, region_uncertainty
+from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
+from tilscore.scoring.qc import focus_measure, region_uncertainty, tissue_weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +382,6 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
     ``host`` (the CPU loader), ``device`` (JPEG file tiles decoded on the predictor's
     device where the slide allows it, :mod:`tilscore.device_decode`) or ``auto``
     (device on CUDA, host on CPU)."""
-    import time
-
-    from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
-    from tilscore.engine.stitch import CellCollector, RegionCanvas
-    from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
-
     canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
     collector = CellCollector(grid.downsample, getattr(cell_rule, "extra_columns", ()))
     stats = LoaderStats()
@@ -427,7 +425,6 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
         canvas.flush()
     finally:  # on failure too: no band write may outlive the slide's work folder
         canvas.close()
-    from tilscore.scoring.qc import tissue_weighted_mean
 
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
                            timings, focus,
@@ -436,8 +433,6 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
 
 def _run_batches(batches, predictor: Predictor, cell_rule, finish, timings: dict) -> None:
     """Launch each batch before finishing the previous one (one batch in flight)."""
-    import time
-
     in_flight = None
     t_wait = time.perf_counter()
     for batch in batches:
