@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from tilscore.scoring.score import RegionAreas, ScoreConfig, tumour_bulk
 
@@ -90,8 +91,6 @@ class RegionSummary:
         pixels under a lymphocyte nucleus as stroma-like even inside a tumour nest, so
         we look at the surrounding ~24 µm instead of the point itself.
         """
-        from scipy import ndimage as ndi
-
         size = max(1, int(round(window_um / self.coarse_mpp)))
         smooth = ndi.uniform_filter(self.fractions, size=(1, size, size), mode="nearest")
         i = np.clip((y_um / self.coarse_mpp).astype(int), 0, smooth.shape[1] - 1)

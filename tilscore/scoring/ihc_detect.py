@@ -40,6 +40,13 @@ import torch.nn.functional as F
 
 from tilscore.errors import UsageError
 from tilscore.scoring.ihc import deconvolve
+from tilscore.scoring.ihc_nuclei import (
+    lymphocyte_gate,
+    merge_without_saddle,
+    nucleus_shape,
+    patches,
+    segment_nuclei,
+)
 from tilscore.scoring.score import DAB_BINS_OD
 
 MARKERS = ("foxp3", "cd20")
@@ -351,8 +358,6 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, *, wmpp: float, p: NucleusP
     (the whole image is real) or float (N, 4) boxes (x0, y0, x1, y1) in working px of the
     real part of each image; a nucleus is segmented within it (not into its mirror
     image), so one cut by the edge is measured by its visible part."""
-    from tilscore.scoring.ihc_nuclei import merge_without_saddle, nucleus_shape, segment_nuclei
-
     dev = hx.device
     stain = hx + p.dab_weight * dab
     response = _region_mean(stain, _centre_surround_kernels(p, wmpp, dev)).amax(
@@ -415,8 +420,6 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, *, marker: str,
     pixels of the part of each image that is real: outside it the image is mirrored and
     no cell is reported. Returns one :class:`CellsOnTile` per image.
     """
-    from tilscore.scoring.ihc_nuclei import lymphocyte_gate, nucleus_shape, patches, segment_nuclei
-
     params = params or ihc_params(marker)
     if params.marker != marker:
         raise UsageError(f"IhcParams are for {params.marker!r}, not {marker!r}")

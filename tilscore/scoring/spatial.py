@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import cv2
 import numpy as np
+from scipy.spatial import cKDTree
 
 TUMOUR, STROMA = 1, 2  # region codes (tilscore.score.COMPARTMENT_OF_REGION)
 DEFAULT_BAND_EDGES_UM = (100.0, 500.0)
@@ -58,8 +60,6 @@ class SpatialSummary:
     tumour_cells: int = 0
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -83,8 +83,6 @@ def check_edges(edges_um) -> tuple[float, ...]:
 def _window_distance(window: np.ndarray, halo_px: int) -> np.ndarray:
     """Signed distance in px (float32) of every pixel of `window` (region codes), NaN
     where farther than `halo_px` from the border."""
-    import cv2
-
     tumour = window == TUMOUR
     if not tumour.any() or tumour.all():  # no border within the window: all > halo
         return np.full(window.shape, np.nan, np.float32)
@@ -215,8 +213,6 @@ def nearest_distance_median(points_um: np.ndarray, reference_um: np.ndarray) -> 
     `reference_um` (m, 2) (a k-d tree; a point in both sets is ignored as its own
     neighbour only when `points` and `reference` are the same cells, which they are not
     here: positive cells vs tumour cells)."""
-    from scipy.spatial import cKDTree
-
     if not len(points_um) or not len(reference_um):
         return None
     d, _ = cKDTree(reference_um).query(points_um, k=1)
