@@ -15,14 +15,23 @@ readable ``summary.json`` it is shown as incomplete, never an error.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import zarr
+from PIL import Image
 
+from tilscore import __version__
 from tilscore.errors import UsageError
 from tilscore.io import atomic
+from tilscore.io.ome_zarr import LABELS_NAME
+from tilscore.report.html import render_report
+from tilscore.report.plots import density_rgba, image_data_uri, labels_rgba
+from tilscore.report.study import run_study
 from tilscore.report.types import METADATA_PREFIX, Cohort, SlideEntry, SlideMaps
 from tilscore.summary import OUTPUT_FILES, SummaryProblem, read_summary
 
@@ -87,14 +96,10 @@ def resolve_group_column(cohort: Cohort, group_by: str) -> str:
 
 def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMaps:
     """Overlay, region map and density heatmap of a slide folder as embedded images."""
-    from tilscore.report.plots import image_data_uri
-
     maps = SlideMaps()
     overlay = folder / "overlay.png"
     if overlay.exists():
         try:
-            from PIL import Image
-
             with Image.open(overlay) as im:
                 side = min(max_px, OVERLAY_LONG_SIDE_PX)
                 maps.overlay_uri = image_data_uri(np.asarray(im.convert("RGB")), side, fmt="JPEG")
@@ -117,11 +122,6 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     """Region map and density map, both cropped to the same box around the tissue (the
     maps cover whole tiles, often well beyond the slide's tissue). The density map is the
     root image of ``maps.zarr``, the regions its label image ``labels/regions``."""
-    import zarr
-
-    from tilscore.io.ome_zarr import LABELS_NAME
-    from tilscore.report.plots import density_rgba, image_data_uri, labels_rgba
-
     root = zarr.open_group(str(path), mode="r")
     regions = root[f"labels/{LABELS_NAME}"]
     ome = regions.attrs["ome"]
@@ -200,8 +200,6 @@ def build_report(out_dir: str | Path, *, group_by: str | None = None,
     `out_dir`). UsageError when no slide is scored or `group_by` is unknown. `study`
     (a :class:`tilscore.report.survival.StudyOptions`): add the study statistics section and
     write ``cohort_stats.csv``."""
-    from tilscore.report.html import render_report
-
     cohort = load_cohort(out_dir)
     if not cohort.scored:
         raise UsageError(f"no scored slides in {cohort.out_dir} (no <slide>/summary.json); "
@@ -209,7 +207,6 @@ def build_report(out_dir: str | Path, *, group_by: str | None = None,
     column = resolve_group_column(cohort, group_by) if group_by else None
     study_html = ""
     if study is not None:  # before the maps: bad survival input fails fast
-        from tilscore.report.study import run_study
 
         study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored],
                                group_column=column, opts=study)
@@ -237,18 +234,12 @@ class MapsCache:
         self.folder = folder
 
     def _key(self, slide_folder: Path) -> str:
-        import hashlib
-
-        from tilscore import __version__
-
         h = hashlib.sha256((slide_folder / "summary.json").read_bytes())
         h.update(f"{__version__}|{RENDER_VERSION}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
                  f"{DENSITY_MIN_SIDE_PX}|{DENSITY_PERCENTILE}".encode())
         return h.hexdigest()
 
     def get(self, slide_folder: Path) -> SlideMaps:
-        from dataclasses import asdict
-
         key = self._key(slide_folder)
         path = self.folder / f"{slide_folder.name}.json"
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from html import escape
 
 import numpy as np
+from PIL import Image
 
 # Viridis at 9 stops (perceptually uniform, readable in greyscale and by colour-blind
 # readers); values in between are linearly interpolated.
@@ -59,8 +60,6 @@ def image_data_uri(image: np.ndarray, max_long_side_px: int = 800, *, fmt: str =
     """``data:image/...;base64,...`` of a uint8 (h, w, 3|4) image, shrunk (area average) to at
     most `max_long_side_px` on the long side, or enlarged by an integer factor (nearest, so
     grid cells stay crisp) towards `min_long_side_px`. `fmt`: "PNG" or "JPEG"."""
-    from PIL import Image
-
     img = Image.fromarray(np.ascontiguousarray(image))
     long_px = max(img.size)
     if long_px > max_long_side_px:

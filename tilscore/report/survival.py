@@ -13,14 +13,18 @@ rows from a CSV), dataclasses out. lifelines, pandas and scipy are imported wher
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from tilscore.errors import UsageError
+from tilscore.io import atomic
+from tilscore.io.atomic import read_csv_value
 from tilscore.samples import DEFAULT_COLUMNS, SampleColumns
 
 log = logging.getLogger(__name__)
@@ -132,7 +136,7 @@ class CohortStats:
 def fit_cox(df, *, duration_col: str, event_col: str) -> CoxModel:
     """Cox proportional hazards on every other column of `df` (lifelines' CoxPHFitter,
     Efron ties, no penalty); raises what lifelines raises on a failed fit."""
-    from lifelines import CoxPHFitter
+    from lifelines import CoxPHFitter  # lazy: lifelines (~2 s), only with survival columns
 
     cph = CoxPHFitter()
     with warnings.catch_warnings():
@@ -152,6 +156,7 @@ def fit_cox(df, *, duration_col: str, event_col: str) -> CoxModel:
 def ph_test(model: CoxModel, df) -> dict[str, tuple[float, float]]:
     """Proportional-hazards check of each covariate: (chi², p) of lifelines'
     ``proportional_hazard_test`` (scaled Schoenfeld residuals against rank(time))."""
+    # lazy: lifelines (~2 s), only with survival columns
     from lifelines.statistics import proportional_hazard_test
 
     with warnings.catch_warnings():
@@ -165,6 +170,7 @@ def ph_test(model: CoxModel, df) -> dict[str, tuple[float, float]]:
 def logrank(durations, events, *, groups) -> tuple[float, float, float]:
     """(chi², df, p) of the log-rank test between the groups (lifelines'
     ``multivariate_logrank_test``; for two groups it equals ``logrank_test``)."""
+    # lazy: lifelines (~2 s), only with survival columns
     from lifelines.statistics import multivariate_logrank_test
 
     res = multivariate_logrank_test(np.asarray(durations, float), np.asarray(groups),
@@ -174,7 +180,7 @@ def logrank(durations, events, *, groups) -> tuple[float, float, float]:
 
 def km_curve(durations, events, *, label: str) -> KMCurve:
     """Kaplan–Meier estimate of one group (lifelines' KaplanMeierFitter)."""
-    from lifelines import KaplanMeierFitter
+    from lifelines import KaplanMeierFitter  # lazy: lifelines (~2 s), only with survival columns
 
     d, e = np.asarray(durations, float), np.asarray(events, int)
     kmf = KaplanMeierFitter().fit(d, e, label=label)
@@ -216,11 +222,6 @@ def parse_event(value, where: str) -> int | None:
 
 def read_clinical(path) -> list[dict]:
     """Rows of a clinical CSV (UsageError when unreadable or empty)."""
-    import csv
-    from pathlib import Path
-
-    from tilscore.io.atomic import read_csv_value
-
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -346,7 +347,7 @@ def survival_of_variable(units: list[dict], variable: str, *, level: str
                          ) -> tuple[list[StatRow], list[KMPlot]]:
     """KM split at the median and at tertiles with log-rank p; Cox per SD of
     log(x + 1) and high vs low (median), each with its PH test; or notes."""
-    import pandas as pd
+    import pandas as pd  # lazy: lifelines' data frames, only with survival columns
 
     data = [(u[variable], u["__time"], u["__event"]) for u in units
             if _num(u.get(variable)) is not None and u["__time"] is not None
@@ -444,6 +445,7 @@ def survival_of_variable(units: list[dict], variable: str, *, level: str
 
 def spearman_rows(units: list[dict], variables: list[str], *, level: str) -> list[StatRow]:
     """Spearman's rho between every pair of variables (scipy), on units with both."""
+    # lazy: scipy.stats (~1 s): only the study statistics, not every report
     from scipy.stats import spearmanr
 
     rows = []
@@ -468,7 +470,7 @@ def group_rows(samples: list[dict], variables: list[str], *, group_key: str,
     exactly two values (e.g. primary / metastasis): Mann–Whitney U (two-sided) over all
     samples, and Wilcoxon signed-rank on patients with a sample in each group (the mean
     of a patient's samples within a group)."""
-    from scipy.stats import mannwhitneyu, wilcoxon
+    from scipy.stats import mannwhitneyu, wilcoxon  # lazy: scipy.stats (~1 s): the study only
 
     values = sorted({str(s.get(group_key)) for s in samples if s.get(group_key) not in
                      (None, "")})
@@ -562,10 +564,6 @@ def cohort_stats(samples: list[dict], *, time_col: str | None, event_col: str | 
 
 def write_stats(path, stats: CohortStats) -> None:
     """``cohort_stats.csv``: one row per :class:`StatRow` (:data:`STATS_COLUMNS`)."""
-    from dataclasses import asdict
-
-    from tilscore.io import atomic
-
     atomic.write_csv(path, list(STATS_COLUMNS), rows=[asdict(r) for r in stats.rows])
 
 
