@@ -35,7 +35,10 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
+import cv2
 import numpy as np
+from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 
 from tilscore.errors import UsageError
 from tilscore.synth.paint import (
@@ -221,9 +224,6 @@ class SyntheticScene:
 
     def _build_pens(self, rng: np.random.Generator) -> tuple[list[int], list[np.ndarray]]:
         """2-3 curved strokes: per stroke an ink index and a coarse field (µm inside edge)."""
-        import cv2
-        from scipy.ndimage import distance_transform_edt
-
         shape = self._grid_shape()
         colours, pens = [], []
         diag_um = math.hypot(self.width_um, self.height_um)
@@ -537,7 +537,6 @@ class SyntheticScene:
         sigma = self.params.blur_sigma_px / d
         if sigma <= 0:
             return self._render_float(x, y, w, h, d)
-        import cv2
 
         m = int(math.ceil(3 * sigma)) + 1
         img = self._render_float(x - m * d, y - m * d, w + 2 * m, h + 2 * m, d)
@@ -590,8 +589,6 @@ def _as_distance_um(field: np.ndarray, where: np.ndarray) -> np.ndarray:
 
 def _matern_keep(cand: dict) -> np.ndarray:
     """Matérn type-II thinning: drop a candidate when a higher-priority one overlaps it."""
-    from scipy.spatial import cKDTree
-
     n = cand["x_um"].size
     keep = np.ones(n, bool)
     if n < 2:
