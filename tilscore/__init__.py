@@ -18,6 +18,7 @@ __all__ = ["__version__", "open_slide"]
 
 def open_slide(path, mpp=None, *, backend=None):
     """Open a whole-slide image or plain image; see :func:`tilscore.slide.open_slide`."""
+    # lazy: every `import tilscore.<module>` (the CLI's too) runs this file first
     from tilscore.slide import open_slide as _open
 
     return _open(path, mpp=mpp, backend=backend)

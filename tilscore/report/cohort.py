@@ -207,7 +207,6 @@ def build_report(out_dir: str | Path, *, group_by: str | None = None,
     column = resolve_group_column(cohort, group_by) if group_by else None
     study_html = ""
     if study is not None:  # before the maps: bad survival input fails fast
-
         study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored],
                                group_column=column, opts=study)
     cache = MapsCache(cohort.out_dir / MAPS_CACHE_DIR)
