@@ -1,7 +1,8 @@
 """The package's shape (docs/architecture.md): no import cycles, between modules or between
 the rooms of the layout (a folder per stage, the top-level modules), and the library never
-reads the command line (the CLI passes it in), and public functions take at most two
-positional parameters (the rest by keyword).
+reads the command line (the CLI passes it in), public functions take at most two
+positional parameters (the rest by keyword), and an import inside a function says why it is
+there.
 
 Imports are read from the source (ast), every one of them: those inside functions
 (deferred for start-up time or an optional dependency) are arrows all the same.
@@ -10,6 +11,8 @@ Imports are read from the source (ast), every one of them: those inside function
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from collections import defaultdict
 from pathlib import Path
 
@@ -176,3 +179,41 @@ def test_public_functions_take_at_most_two_positional_parameters():
                            "(add `*` after the first one or two):\n" + "\n".join(offenders))
     assert set(POSITIONAL_ALLOWED) <= found, (
         f"allow-list entries that no longer need it: {set(POSITIONAL_ALLOWED) - found}")
+
+
+def _function_imports(tree: ast.Module):
+    """The import statements inside functions (at any depth)."""
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    yield node
+
+
+def test_imports_inside_functions_say_why():
+    """Imports live at module level unless deferring one is needed: an optional dependency,
+    the start-up time of a command or process that does not use it (`tilscore --help`, a
+    card read, decode workers...), or an import cycle. Such an import says which in a
+    comment on its line, or on the line before it or before its block of imports (e.g.
+    ``# lazy: keeps `tilscore --help` fast``, ``# optional dependency (the dicom extra)``)."""
+    unexplained = []
+    for name, path in sorted(_modules().items()):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(
+            io.StringIO(text).readline) if tok.type == tokenize.COMMENT}
+        for node in _function_imports(ast.parse(text)):
+            said = comments.get(node.lineno, "")
+            k = node.lineno - 1  # the comment lines before it or before the imports above it
+            while k >= 1:
+                line = lines[k - 1].strip()
+                if line.startswith("#"):
+                    said += line
+                elif said or not (line.startswith(("import ", "from ")) or not line):
+                    break
+                k -= 1
+            if not any(word in said for word in ("lazy", "optional", "cycle")):
+                unexplained.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not unexplained, ("imports inside functions without a reason (move them to the "
+                             "top, or say why: lazy, optional, cycle):\n"
+                             + "\n".join(unexplained))

@@ -112,13 +112,13 @@ def _make_backend(name: str, path: Path) -> Backend:
     # lazy: a backend and its reader library load only for a slide that needs them
     # (`import tilscore.slide` loads none: test_importing_the_package_loads_no_backend_library)
     if name == "openslide":
-        from tilscore.slide.openslide_backend import OpenSlideBackend as cls
+        from tilscore.slide.openslide_backend import OpenSlideBackend as cls  # lazy: as above
     elif name == "tiff":
-        from tilscore.slide.tiff_backend import TiffBackend as cls
+        from tilscore.slide.tiff_backend import TiffBackend as cls  # lazy: as above
     elif name == "dicom":
-        from tilscore.slide.dicom_backend import open_dicom as cls
+        from tilscore.slide.dicom_backend import open_dicom as cls  # lazy: as above
     else:
-        from tilscore.slide.image_backend import ImageBackend as cls
+        from tilscore.slide.image_backend import ImageBackend as cls  # lazy: as above
     log.debug("opening %s with the %s backend", path, name)
     return cls(path)
 
