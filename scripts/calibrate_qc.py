@@ -40,7 +40,8 @@ def synthetic(stain: str, blur_sigma_l0: float, n: int = 12) -> list[np.ndarray]
                            blur_sigma_px=blur_sigma_l0)
     rng = np.random.default_rng(0)
     return [scene.render(float(rng.uniform(0, 8192 - 2 * TILE)),
-                         float(rng.uniform(0, 8192 - 2 * TILE)), TILE, TILE, downsample=2.0)
+                         float(rng.uniform(0, 8192 - 2 * TILE)),
+                         width=TILE, height=TILE, downsample=2.0)
             for _ in range(n)]
 
 
@@ -56,7 +57,8 @@ def real_tiles(shared: Path) -> dict[str, list[np.ndarray]]:
 
         with open_slide(svs) as s:
             w, h = s.dimensions
-            out["CMU svs"] = [s.read(x, y, TILE, TILE, 0.5) for y in range(400, h - 600, 500)
+            out["CMU svs"] = [s.read(x, y, width=TILE, height=TILE, mpp=0.5)
+                              for y in range(400, h - 600, 500)
                               for x in range(200, w - 600, 500)]
     ihc = sorted((shared / "ihc-ki67-deepliif" / "images").glob("*.png"))
     if ihc:  # 0.25 µm/px → 0.5

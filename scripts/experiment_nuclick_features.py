@@ -90,7 +90,7 @@ def features(rgb: np.ndarray, mpp: float, xy: np.ndarray, excess: np.ndarray) ->
     f.append(_at(_ring_mean(lap * lap, 8 * px), p))
     f += [_at(-(s**2) * ndi.gaussian_laplace(dab, s * px), p) for s in (2.0, 3.0, 4.0)]
     sectors = np.stack([_at(ndi.correlate(dab, k.double().numpy(), mode="reflect"), p)
-                        for k in sector_kernels(5.5 * px, 7.5 * px, 8)], 1)
+                        for k in sector_kernels(5.5 * px, 7.5 * px, n=8)], 1)
     f += [sectors.min(1), sectors.max(1), np.median(sectors, 1)]
     d90 = np.percentile(dab, 90)
     f += [np.full(len(p), d90), f[3] / (d90 + 1e-3)]

@@ -140,9 +140,9 @@ def load_synthetic(stain: str, seeds=(1, 2, 3), size_px: int = 512, downsample: 
         x0 = y0 = (scene_px - size_px * downsample) / 2
         x1 = y1 = x0 + size_px * downsample
         m = margin_um / 0.25
-        rgb = scene.render(x0, y0, size_px, size_px, downsample=downsample,
+        rgb = scene.render(x0, y0, width=size_px, height=size_px, downsample=downsample,
                            supersample_um=supersample_um)
-        cells = scene.cells(x0 - m, y0 - m, x1 + m, y1 + m)
+        cells = scene.cells(x0 - m, y0 - m, x1=x1 + m, y1=y1 + m)
         xy = np.stack([(cells["x_px"] - x0) / downsample, (cells["y_px"] - y0) / downsample], 1)
         inside = ((cells["x_px"] >= x0) & (cells["x_px"] < x1)
                   & (cells["y_px"] >= y0) & (cells["y_px"] < y1))
@@ -159,7 +159,7 @@ def detector_cells(rgb: np.ndarray, mpp: float, marker: str, device: str = "cpu"
     its own slide thumbnail), else the Ruifrok defaults with glass at 255."""
     batch = torch.from_numpy(np.array(rgb))[None].to(device)
     stains = estimate_stain_vectors(rgb) if calibrate else None
-    cells = detect_cells(batch, mpp, marker, params, stains)[0]
+    cells = detect_cells(batch, mpp, marker=marker, params=params, stain_matrix=stains)[0]
     return type(cells)(**{k: getattr(cells, k).cpu() for k in cells.__dataclass_fields__})
 
 
@@ -330,7 +330,8 @@ def gate_on_consep(folder: Path, n_images: int = CONSEP_IMAGES, radius_um: float
     for path in sorted((folder / "points").glob("*.json"))[:n_images]:
         meta = json.loads(path.read_text())
         rgb = np.array(Image.open(folder / "images" / f"{path.stem}.png").convert("RGB"))
-        cells = detect_cells(torch.from_numpy(rgb)[None], meta["mpp"], "foxp3", params, he)[0]
+        cells = detect_cells(torch.from_numpy(rgb)[None], meta["mpp"], marker="foxp3",
+                             params=params, stain_matrix=he)[0]
         xy = torch.stack([cells.x_px, cells.y_px], 1).numpy().astype(np.float64)
         ok = (cells.gate == 0).numpy()
         for cls in ("inflammatory", "epithelial", "spindle"):
@@ -372,8 +373,8 @@ def edge_effect_on_crops(images, marker: str, crop_um: float, step_um: float,
     per_crop, paired = [], np.zeros(4, int)
     for rgb, mpp in images:
         stains = estimate_stain_vectors(rgb)
-        whole = detect_cells(torch.from_numpy(np.array(rgb))[None].to(device), mpp, marker,
-                             None, stains)[0]
+        whole = detect_cells(torch.from_numpy(np.array(rgb))[None].to(device), mpp, marker=marker,
+                             params=None, stain_matrix=stains)[0]
         wxy = torch.stack([whole.x_px, whole.y_px], 1).cpu().numpy()
         wpos = whole.positive.cpu().numpy()
         h, w = rgb.shape[:2]
@@ -385,7 +386,9 @@ def edge_effect_on_crops(images, marker: str, crop_um: float, step_um: float,
         batch = torch.from_numpy(np.stack([np.ascontiguousarray(rgb[y0:y0 + size,
                                                                     x0:x0 + size])
                                            for x0, y0 in origins])).to(device)
-        for (x0, y0), cells in zip(origins, detect_cells(batch, mpp, marker, None, stains),
+        for (x0, y0), cells in zip(origins,
+                                   detect_cells(batch, mpp, marker=marker, params=None,
+                                                stain_matrix=stains),
                                    strict=True):
             xy = torch.stack([cells.x_px, cells.y_px], 1).cpu().numpy()
             pos = cells.positive.cpu().numpy()

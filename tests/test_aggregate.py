@@ -34,7 +34,8 @@ def _reference(canvas, cfg: ScoreConfig):
     pad = np.full((hb * f, wb * f), 255, np.uint8)
     pad[:h, :w] = canvas.labels
     fr = np.stack([(pad == c).reshape(hb, f, wb, f).mean(axis=(1, 3)) for c in range(4)])
-    bulk = tumour_bulk(fr[1].astype(np.float32), canvas.mpp * f, cfg.bulk_closing_radius_um)
+    bulk = tumour_bulk(fr[1].astype(np.float32), coarse_mpp=canvas.mpp * f,
+                       radius_um=cfg.bulk_closing_radius_um)
     in_bulk = np.repeat(np.repeat(bulk, f, 0), f, 1)[:h, :w]
     lab, px = canvas.labels, (canvas.mpp * 1e-3) ** 2
     sb = (lab == 2) & in_bulk

@@ -134,7 +134,7 @@ def test_cox_matches_lifelines_documented_rossi_summary():
 
     from tilscore.report.survival import fit_cox
 
-    model = fit_cox(load_rossi(), "week", "arrest")
+    model = fit_cox(load_rossi(), duration_col="week", event_col="arrest")
     assert model.n == 432 and model.events == 114
     terms = {t.name: t for t in model.terms}
     assert list(terms) == list(ROSSI_PRINTED)
@@ -161,11 +161,11 @@ def test_logrank_matches_lifelines_documented_example():
     # on these 12 durations in 3 groups prints test_statistic 1.0800, p 0.5827 (df = 2)
     chi2, df, p = logrank([5, 3, 9, 8, 7, 4, 4, 3, 2, 5, 6, 7],
                           [1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0],
-                          [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])
+                          groups=[0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])
     assert round(chi2, 4) == 1.0800 and df == 2 and round(p, 4) == 0.5827
     # two groups: the same as lifelines' logrank_test (Rossi, financial aid or not)
     r = load_rossi()
-    chi2, df, p = logrank(r["week"], r["arrest"], r["fin"])
+    chi2, df, p = logrank(r["week"], r["arrest"], groups=r["fin"])
     a, b = r[r.fin == 1], r[r.fin == 0]
     ref = logrank_test(a.week, b.week, a.arrest, b.arrest)
     assert df == 1 and round(chi2, 2) == 3.84 and round(p, 3) == 0.050
@@ -201,7 +201,7 @@ def test_cohort_stats_recover_a_known_hazard_ratio():
     from tilscore.report.survival import cohort_stats
 
     rows = build_samples(_simulated_cohort(n=120))
-    stats = cohort_stats(rows, "os_months", "os_event", level="patient",
+    stats = cohort_stats(rows, time_col="os_months", event_col="os_event", level="patient",
                          group_col="metadata.sample_type")
     var = "cd20.densities_per_mm2.cd20_positive.stroma"
     assert var in stats.variables and "he.stromal_til_percent" in stats.variables
@@ -237,17 +237,17 @@ def test_too_few_events_constant_marker_and_missing_survival_are_notes():
         x["metadata"]["os_event"] = "1"  # 1 event, both slides of sample S0
     for x in s[2:6]:
         x["metadata"]["os_months"] = ""  # two samples without survival
-    stats = cohort_stats(build_samples(s), "os_months", "os_event")
+    stats = cohort_stats(build_samples(s), time_col="os_months", event_col="os_event")
     assert any("2 of 12 patients lack survival data" in n for n in stats.notes)
     cox = _row(stats, "cox_per_sd_log", "he.stromal_til_percent")
     assert cox.estimate is None and "1 events (< 3)" in cox.note
-    none = cohort_stats(build_samples(_simulated_cohort(n=8)), None, None)
+    none = cohort_stats(build_samples(_simulated_cohort(n=8)), time_col=None, event_col=None)
     assert not [r for r in none.rows if r.analysis.startswith("cox")]
     s2 = _simulated_cohort(n=12)
     for x in s2:
         if x["stain"] == "cd20":
             x["densities_per_mm2"]["cd20_positive"]["stroma"] = 5.0
-    stats2 = cohort_stats(build_samples(s2), "os_months", "os_event")
+    stats2 = cohort_stats(build_samples(s2), time_col="os_months", event_col="os_event")
     assert "constant marker" in _row(stats2, "cox_per_sd_log",
                                      "cd20.densities_per_mm2.cd20_positive.stroma").note
 
@@ -261,7 +261,7 @@ def test_wilcoxon_on_matched_primary_metastasis_pairs():
             d = 400.0 + 30 * i - 150.0 * k
             summaries.append(_ihc(f"p{i}{kind}", "cd20", f"P{i}", f"P{i}-{kind}", d,
                                   sample_type=kind))
-    stats = cohort_stats(build_samples(summaries), None, None,
+    stats = cohort_stats(build_samples(summaries), time_col=None, event_col=None,
                          group_col="metadata.sample_type")
     var = "cd20.densities_per_mm2.cd20_positive.stroma"
     w = _row(stats, "wilcoxon_paired", var)
@@ -277,16 +277,16 @@ def test_bad_survival_input_is_a_one_line_usage_error(tmp_path):
 
     rows = build_samples(_simulated_cohort(n=5))
     with pytest.raises(UsageError, match="no column survival_m"):
-        attach_survival(rows, "survival_m", "os_event")
+        attach_survival(rows, time_col="survival_m", event_col="os_event")
     rows[0]["metadata.os_months"] = "ten"
     with pytest.raises(UsageError, match="survival time 'ten' is not a number"):
-        attach_survival(rows, "os_months", "os_event")
+        attach_survival(rows, time_col="os_months", event_col="os_event")
     with pytest.raises(UsageError, match="TIME_COL,EVENT_COL"):
         StudyOptions.parse("os_months")
     clin = tmp_path / "clin.csv"
     clin.write_text("patient_id,os,dead\nP0,12,maybe\n")
     with pytest.raises(UsageError, match="event 'maybe'"):
-        attach_survival(rows, "os", "dead", clinical=read_clinical(clin))
+        attach_survival(rows, time_col="os", event_col="dead", clinical=read_clinical(clin))
 
 
 def test_clinical_csv_joined_on_patient(tmp_path):
@@ -296,7 +296,8 @@ def test_clinical_csv_joined_on_patient(tmp_path):
     clin = tmp_path / "clin.csv"
     clin.write_text("patient_id,os,dead\nP0,12.5,1\nP1,3,0\n")
     got = {r["patient_id"]: (r["__time"], r["__event"])
-           for r in attach_survival(rows, "os", "dead", clinical=read_clinical(clin))}
+           for r in attach_survival(rows, time_col="os", event_col="dead",
+                                    clinical=read_clinical(clin))}
     assert got["P0"] == (12.5, 1) and got["P1"] == (3.0, 0) and got["P2"] == (None, None)
 
 
@@ -450,7 +451,8 @@ def test_manifest_end_to_end_missing_stain_duplicate_and_missing_survival(tmp_pa
 def test_group_by_a_slide_column_gives_a_note_not_an_error():
     from tilscore.report.survival import cohort_stats
 
-    stats = cohort_stats(build_samples(_simulated_cohort(n=6)), None, None, group_col="stain")
+    stats = cohort_stats(build_samples(_simulated_cohort(n=6)), time_col=None, event_col=None,
+                         group_col="stain")
     assert any("stain is not a samples.csv column" in n for n in stats.notes)
 
 

@@ -70,7 +70,7 @@ def _cell_image(mpp: float, dab: str, size_um: float = 40.0, centre_um=(20.0, 20
 
 def _detect(rgb: np.ndarray, mpp: float, marker: str, device="cpu", **overrides):
     batch = torch.from_numpy(rgb)[None].to(device)
-    return detect_cells(batch, mpp, marker, ihc_params(marker, **overrides))[0]
+    return detect_cells(batch, mpp, marker=marker, params=ihc_params(marker, **overrides))[0]
 
 
 # -- colour deconvolution ---------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_mirror_outside_and_cells_only_inside_the_valid_box():
     # measured as inside, and nothing is reported in the padding (its mirror image)
     rgb = _cell_image(0.5, "nucleus", size_um=40.0, centre_um=(12.0, 20.0))
     rgb[:, 48:] = 255
-    cells = detect_cells(torch.from_numpy(rgb)[None], 0.5, "foxp3",
+    cells = detect_cells(torch.from_numpy(rgb)[None], 0.5, marker="foxp3",
                          valid_px=torch.tensor([[0, 0, 48, 80]]))[0]
     assert len(cells) == 1 and bool(cells.positive)
     assert cells.x_px.item() == pytest.approx(24.0, abs=0.6)
@@ -373,7 +373,7 @@ def test_a_nucleus_near_the_edge_is_not_measured_with_its_mirror_image(marker, d
     # a padded tile: the cell 3 µm inside the valid box's left edge, white beyond it
     rgb = _cell_image(0.5, dab, centre_um=(13.0, 20.0))
     rgb[:, :20] = 255
-    in_box = detect_cells(torch.from_numpy(rgb)[None], 0.5, marker,
+    in_box = detect_cells(torch.from_numpy(rgb)[None], 0.5, marker=marker,
                           valid_px=torch.tensor([[20, 0, 80, 80]]))[0]
     for cells, x_px in ((at_edge, 6.0), (in_box, 26.0)):
         near = torch.hypot(cells.x_px - x_px, cells.y_px - 40.0) < 7.0  # within 3.5 µm
@@ -413,7 +413,7 @@ def test_cells_at_the_edge_are_called_as_with_context(marker):
     from tilscore.training.metrics import match_points
 
     scene = SyntheticScene(3072, 3072, mpp=0.25, stain=marker, seed=11)
-    big = scene.render(512, 512, 1024, 1024, downsample=2, supersample_um=0.5)
+    big = scene.render(512, 512, width=1024, height=1024, downsample=2, supersample_um=0.5)
     crop = np.ascontiguousarray(big[256:768, 256:768])
     whole, part = _detect(big, 0.5, marker), _detect(crop, 0.5, marker)
     xy_whole = torch.stack([whole.x_px, whole.y_px], 1).numpy() - 256.0
@@ -447,7 +447,8 @@ def test_gate_limits_come_from_the_score_config():
         assert params.nuclei.min_diameter_um == ihc_params(marker).nuclei.min_diameter_um
     # a 7 µm lymphocyte (with its CD20 rim: 9.5 µm) is too large for a 5 µm limit
     cells = detect_cells(torch.from_numpy(_nucleus_image(0.5, 3.5, 3.5, 0.4, 2.0))[None],
-                         0.5, "foxp3", ihc_params("foxp3", **cfg.ihc_overrides("foxp3")))[0]
+                         0.5, marker="foxp3",
+                         params=ihc_params("foxp3", **cfg.ihc_overrides("foxp3")))[0]
     assert GATES[int(cells.gate)] == "nucleus_size" and not bool(cells.positive)
     with pytest.raises(UsageError, match="must be below"):
         ScoreConfig(lymphocyte_min_diameter_um=8.0, lymphocyte_max_diameter_um=6.0)
@@ -464,13 +465,13 @@ def test_finer_input_is_resampled_and_reported_in_input_pixels():
 
 def test_batch_blank_image_and_bad_arguments():
     batch = np.stack([_cell_image(0.5, "ring"), np.full((80, 80, 3), 250, np.uint8)])
-    out = detect_cells(torch.from_numpy(batch), 0.5, "cd20")
+    out = detect_cells(torch.from_numpy(batch), 0.5, marker="cd20")
     assert [len(c) for c in out] == [1, 0]
     assert out[1].positive.dtype == torch.bool and out[1].x_px.dtype == torch.float32
     with pytest.raises(UsageError, match="valid"):
         ihc_params("ki67")
     with pytest.raises(UsageError, match="not 'cd20'"):
-        detect_cells(torch.from_numpy(batch), 0.5, "cd20", ihc_params("foxp3"))
+        detect_cells(torch.from_numpy(batch), 0.5, marker="cd20", params=ihc_params("foxp3"))
 
 
 @pytest.mark.gpu
@@ -480,7 +481,7 @@ def test_cuda_matches_cpu():
     from tilscore.training.metrics import match_points
 
     rgb = SyntheticScene(2048, 2048, mpp=0.25, stain="cd20", seed=5).render(
-        512, 512, 256, 256, downsample=2)
+        512, 512, width=256, height=256, downsample=2)
     for marker in ("cd20", "foxp3"):
         a = _detect(rgb, 0.5, marker)
         b = _detect(rgb, 0.5, marker, device="cuda")

@@ -422,7 +422,8 @@ def test_overlay_png(tmp_path):
     cells = np.array([[6000.0, 6000.0], [30000.0, 1.0]])  # second one off the image
     path = tmp_path / "overlay.png"
     legend = {n: CLASS_COLORS[n] for n in ("tumour", "stroma", "other", "lymphocyte")}
-    write_overlay_png(path, thumb, 8.0, lab, 16.0, cells, legend, "sTIL 23.4 %")
+    write_overlay_png(path, thumb, thumb_mpp=8.0, labels=lab, labels_mpp=16.0, cells_xy_um=cells,
+                      legend=legend, title="sTIL 23.4 %")
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape[1] == 2048 and img.shape[0] > 683  # long side capped; legend below
     out_mpp = 8.0 * 3000 / 2048
@@ -458,10 +459,11 @@ def test_overlay_dots_stay_visible_in_the_report_thumbnail(tmp_path):
     legend = {"cd20_positive": CLASS_COLORS["cd20_positive"]}
     shown = []
     for name, xy in (("plain", np.zeros((0, 2))), ("dots", cells)):
-        write_overlay_png(tmp_path / f"{name}.png", thumb, 4.0, np.zeros((10, 10), np.uint8),
-                          1000.0, xy, legend, "CD20+", class_names={})
+        write_overlay_png(tmp_path / f"{name}.png", thumb, thumb_mpp=4.0,
+                          labels=np.zeros((10, 10), np.uint8), labels_mpp=1000.0,
+                          cells_xy_um=xy, legend=legend, title="CD20+", class_names={})
         full = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
-        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, "JPEG")
+        uri = image_data_uri(full, OVERLAY_LONG_SIDE_PX, fmt="JPEG")
         shown.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1])))
                                 .convert("RGB")).astype(int))
     scale = shown[0].shape[1] / 1536
@@ -529,8 +531,9 @@ def test_failed_writes_leave_nothing_behind(tmp_path):
                        density_map=None, density_mpp=None,
                        class_names=REGIONS)
     with pytest.raises(ValueError):
-        write_overlay_png(tmp_path / "overlay.png", np.zeros((10, 10, 3), np.float32), 8.0,
-                          np.zeros((5, 5), np.uint8), 16.0, np.zeros((0, 2)), {}, "t")
+        write_overlay_png(tmp_path / "overlay.png", np.zeros((10, 10, 3), np.float32),
+                          thumb_mpp=8.0, labels=np.zeros((5, 5), np.uint8), labels_mpp=16.0,
+                          cells_xy_um=np.zeros((0, 2)), legend={}, title="t")
     with pytest.raises(ValueError):
         write_regions_geojson(tmp_path / "regions.geojson", np.zeros((2, 2, 2), np.uint8),
                               scale_to_l0=1.0, class_names=REGIONS, mpp_l0=1.0)

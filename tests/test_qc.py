@@ -18,7 +18,8 @@ def _tiles(blur_sigma_px: float, n: int = 4) -> torch.Tensor:
 
     scene = SyntheticScene(4096, 4096, mpp=0.25, stain="he", seed=3,
                            blur_sigma_px=blur_sigma_px)
-    tiles = [scene.render(600.0 + 700 * k, 1500.0, 128, 128, downsample=2.0) for k in range(n)]
+    tiles = [scene.render(600.0 + 700 * k, 1500.0, width=128, height=128,
+                          downsample=2.0) for k in range(n)]
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -34,8 +35,9 @@ def test_focus_measure_separates_sharp_from_defocused_tissue():
     assert torch.isnan(focus_measure(glass)).all()
     both = torch.cat([sharp, blurred, focus_measure(glass)]).numpy()
     weights = np.array([1, 1, 1, 1, 1, 1, 1, 0.75, 1.0])
-    assert out_of_focus_fraction(both, weights, threshold) == pytest.approx(3.75 / 7.75)
-    assert out_of_focus_fraction(both, np.full(9, 0.2), threshold) is None  # little tissue
+    assert out_of_focus_fraction(both, weights, threshold=threshold) == pytest.approx(3.75 / 7.75)
+    little_tissue = np.full(9, 0.2)
+    assert out_of_focus_fraction(both, little_tissue, threshold=threshold) is None
 
 
 def test_flags_have_codes_and_plain_messages():

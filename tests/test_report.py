@@ -353,7 +353,7 @@ def test_plots_and_colormap_units():
     rgba = rp.labels_rgba(np.array([[0, 1], [2, 9]]), colors)
     assert rgba[0, 1].tolist() == [200, 0, 0, 255] and rgba[1, 1, 3] == 0
     points = [rp.Point(1.0, "s1"), rp.Point(2.0, "s2"), rp.Point(9.0, "s3")]
-    svg = rp.strip_box_svg([("a<b", points)], "t", "u")
+    svg = rp.strip_box_svg([("a<b", points)], title="t", unit="u")
     assert 'data-group="a&lt;b" data-n="3"' in svg and svg.count("<circle") == 3
 
 

@@ -68,7 +68,7 @@ def test_tumour_bulk_bridges_nests_but_not_far_stroma():
     bulk = tumour_bulk(frac, coarse_mpp=8.0, radius_um=80.0)
     assert bulk[15, 25]  # ... the stroma between them is in the bulk
     assert not bulk[50, 50]  # far away stroma is not
-    assert not tumour_bulk(np.zeros((5, 5)), 8.0, 80.0).any()
+    assert not tumour_bulk(np.zeros((5, 5)), coarse_mpp=8.0, radius_um=80.0).any()
 
 
 def test_fraction_near_tumour():
@@ -82,12 +82,12 @@ def test_fraction_near_tumour():
 def test_density_map_per_mm2_of_tissue_and_nan_without_tissue():
     pts = np.array([[10.0, 10.0], [20.0, 30.0], [150.0, 10.0], [250.0, 50.0]])
     tissue = np.array([[0.01, 0.0025, 0.0]])  # mm²: a full cell, a quarter, none
-    dmap = density_map(pts, tissue, 100.0)
+    dmap = density_map(pts, tissue, grid_um=100.0)
     assert dmap.shape == (1, 3) and dmap.dtype == np.float32
     assert dmap[0, 0] == pytest.approx(2 / 0.01)
     assert dmap[0, 1] == pytest.approx(1 / 0.0025)  # divided by its tissue, not by 0.01 mm²
     assert np.isnan(dmap[0, 2])  # no tissue: not measured, not 0 (a point there is lost)
-    empty = density_map(np.zeros((0, 2)), tissue, 100.0)
+    empty = density_map(np.zeros((0, 2)), tissue, grid_um=100.0)
     assert empty[0, 0] == 0 and np.isnan(empty[0, 2])
 
 
@@ -98,7 +98,7 @@ def test_density_map_edge_cells_divide_by_their_tissue_inside_the_slide():
     pts = rng.uniform(0, 1050.0, (200_000, 2))  # uniform on a 1050 µm square: 181,406 /mm²
     labels = np.ones((525, 525), np.uint8)  # all tissue at 2 µm/px
     tissue = tissue_area_grid(labels, 2.0, grid_um=100.0, extent_um=(1050.0, 1050.0))
-    dmap = density_map(pts, tissue, 100.0)
+    dmap = density_map(pts, tissue, grid_um=100.0)
     assert dmap.shape == (11, 11)
     truth = 200_000 / 1.05**2
     assert np.allclose(dmap, truth, rtol=0.1)  # the cut last row/column and corner too

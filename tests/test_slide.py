@@ -44,7 +44,7 @@ def test_array_round_trip():
         assert slide.vendor == "array"
         assert slide.dimensions == (160, 120)
         assert slide.mpp == 0.5 and slide.mpp_source == "override"
-        np.testing.assert_array_equal(slide.read(10, 20, 50, 30), image[20:50, 10:60])
+        np.testing.assert_array_equal(slide.read(10, 20, width=50, height=30), image[20:50, 10:60])
 
 
 def test_backends_implement_the_protocol(tmp_path):
@@ -59,16 +59,16 @@ def test_backends_implement_the_protocol(tmp_path):
 def test_array_reads_outside_are_white():
     image = gradient_rgb(40, 60)
     slide = open_slide(image, mpp=0.5)
-    region = slide.read(-10, -5, 30, 20)
+    region = slide.read(-10, -5, width=30, height=20)
     assert (region[:5] == 255).all() and (region[:, :10] == 255).all()
     np.testing.assert_array_equal(region[5:, 10:], image[:15, :20])
-    assert (slide.read(100, 100, 8, 8) == 255).all()
+    assert (slide.read(100, 100, width=8, height=8) == 255).all()
 
 
 def test_array_read_at_half_resolution():
     image = gradient_rgb(64, 96)
     slide = open_slide(image, mpp=0.5)
-    half = slide.read(0, 0, 48, 32, mpp=1.0)
+    half = slide.read(0, 0, width=48, height=32, mpp=1.0)
     assert half.shape == (32, 48, 3) and half.dtype == np.uint8
     expected = image.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
     assert np.abs(half.astype(float) - expected).mean() <= 0.6
@@ -161,7 +161,7 @@ def test_truncated_tiff(tmp_path, keep):
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(TilscoreError) as info:
         with open_slide(path, mpp=0.5) as slide:
-            slide.read(0, 0, 512, 512)
+            slide.read(0, 0, width=512, height=512)
     assert isinstance(info.value, SlideOpenError)
     assert_one_line_starting_with(info.value, "cut.tif")
 
@@ -186,7 +186,8 @@ def test_plain_image_reads(tmp_path, suffix):
     with open_slide(path, mpp=0.5) as slide:
         assert slide.vendor == "image" and slide.level_dimensions == ((70, 50),)
         tolerance = 3.0 if suffix == ".jpg" else 0.0
-        assert np.abs(slide.read(0, 0, 70, 50).astype(float) - image).mean() <= tolerance
+        region = slide.read(0, 0, width=70, height=50).astype(float)
+        assert np.abs(region - image).mean() <= tolerance
 
 
 def test_png_without_mpp_asks_for_mpp(tmp_path):
@@ -205,7 +206,7 @@ def test_rgba_png_is_composited_on_white(tmp_path):
     rgba[5:, :, 3] = 255
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    region = open_slide(path, mpp=0.5).read(0, 0, 10, 10)
+    region = open_slide(path, mpp=0.5).read(0, 0, width=10, height=10)
     assert (region[:5] == 255).all()
     assert (region[5:] == (200, 0, 0)).all()
 
@@ -257,7 +258,7 @@ def test_forced_image_backend_on_tiff(tmp_path):
     with open_slide(path, backend="image") as slide:
         assert slide.vendor == "image"
         assert slide.mpp == pytest.approx(0.5)
-        np.testing.assert_array_equal(slide.read(0, 0, 50, 40), image)
+        np.testing.assert_array_equal(slide.read(0, 0, width=50, height=40), image)
 
 
 def test_stripped_tiff_goes_to_tiff_backend(tmp_path):
@@ -266,7 +267,7 @@ def test_stripped_tiff_goes_to_tiff_backend(tmp_path):
     tifffile.imwrite(path, image, photometric="rgb", rowsperstrip=7, compression="zlib")
     with open_slide(path, mpp=0.5) as slide:
         assert slide._backend.__class__.__name__ == "TiffBackend"
-        np.testing.assert_array_equal(slide.read(5, 9, 70, 40), image[9:49, 5:75])
+        np.testing.assert_array_equal(slide.read(5, 9, width=70, height=40), image[9:49, 5:75])
 
 
 def test_importing_the_package_loads_no_backend_library():

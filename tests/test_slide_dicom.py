@@ -71,7 +71,7 @@ def test_real_dicom_matches_openslide():
         assert slide.vendor == "dicom"
         assert slide.level_dimensions == ((16, 16),)
         assert slide.mpp == pytest.approx(0.499)
-        ours = slide.read(-4, 2, 20, 12).astype(float)
+        ours = slide.read(-4, 2, width=20, height=12).astype(float)
     with openslide.OpenSlide(str(path)) as osr:
         rgba = np.asarray(osr.read_region((-4, 2), 0, (20, 12))).astype(float)
     reference = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)
@@ -80,7 +80,8 @@ def test_real_dicom_matches_openslide():
 
     frames = DicomFrameBackend(path)  # RGB-coded JPEG frames stay RGB
     assert frames.metadata_mpp == pytest.approx(0.499)
-    np.testing.assert_array_equal(frames.read_level(0, 0, 2, 16, 12), reference[:, 4:])
+    np.testing.assert_array_equal(frames.read_level(0, x=0, y=2, width=16, height=12),
+                                  reference[:, 4:])
     frames.close()
 
 
@@ -90,12 +91,14 @@ def test_two_level_dicom_pyramid(two_level_dicom):
     with open_slide(path, backend="dicom") as slide:
         assert slide.level_dimensions == ((420, 300), (210, 150))
         assert slide.mpp == pytest.approx(0.5)
-        np.testing.assert_array_equal(slide.read(50, 70, 300, 200), images[0][70:270, 50:350])
+        np.testing.assert_array_equal(slide.read(50, 70, width=300, height=200),
+                                      images[0][70:270, 50:350])
         np.testing.assert_array_equal(
-            slide._backend.read_level(1, 30, 20, 150, 100), images[1][20:120, 30:180]
+            slide._backend.read_level(1, x=30, y=20, width=150, height=100),
+            images[1][20:120, 30:180],
         )
         assert slide.best_level(2.0) == 1
-        coarse = slide.read(0, 0, 210, 150, mpp=1.0)
+        coarse = slide.read(0, 0, width=210, height=150, mpp=1.0)
         np.testing.assert_array_equal(coarse, images[1])
 
 
@@ -194,7 +197,7 @@ def test_sparse_tiled_dicom_without_image_type_opens(tmp_path, jpeg):
         assert type(slide._backend).__name__ == "DicomFrameBackend"
         assert slide.vendor == "dicom" and slide.level_dimensions == ((420, 300),)
         assert slide.mpp == pytest.approx(0.5)  # from the shared functional groups
-        got = slide.read(-10, 20, 400, 260).astype(int)
+        got = slide.read(-10, 20, width=400, height=260).astype(int)
     want = np.full((260, 400, 3), 255)
     want[:, 10:] = image[20:280, :390]
     want[64 - 20:128 - 20, 10 + 128:10 + 192] = 255  # the absent tile (row 1, col 2) is white
@@ -214,7 +217,8 @@ def test_sparse_dicom_reads_only_the_frames_a_region_touches(tmp_path, monkeypat
     monkeypatch.setattr(dicom_frames, "_decode_frame",
                         lambda data, lv: decoded.append(data) or real(data, lv))
     with open_slide(path, backend="dicom") as slide:
-        slide.read(70, 10, 100, 40)  # columns 70-169, rows 10-49: tiles (0, 1) and (0, 2)
+        # columns 70-169, rows 10-49: tiles (0, 1) and (0, 2)
+        slide.read(70, 10, width=100, height=40)
     assert len(decoded) == 2
     assert len(order) == 35
 

@@ -77,7 +77,7 @@ def test_reads_match_openslide(name, backend):
     path = shared_path("slides", name)
     with open_slide(path, mpp=0.5, backend=backend) as slide:
         for x, y, w, h in REGIONS[name]:
-            ours = slide.read(x, y, w, h)
+            ours = slide.read(x, y, width=w, height=h)
             assert ours.shape == (h, w, 3) and ours.dtype == np.uint8
             diff = np.abs(ours.astype(float) - openslide_rgb(path, x, y, w, h)).mean()
             assert diff <= 1.0, ((x, y, w, h), diff)
@@ -91,11 +91,11 @@ def test_coarse_read_uses_lower_level(backend):
     with open_slide(path, mpp=0.5, backend=backend) as slide:
         levels_read = []
         read_level = slide._backend.read_level
-        slide._backend.read_level = lambda k, *a: levels_read.append(k) or read_level(k, *a)
-        coarse = slide.read(0, 0, 75, 62, mpp=2.0)  # 4x the slide mpp
+        slide._backend.read_level = lambda k, **kw: levels_read.append(k) or read_level(k, **kw)
+        coarse = slide.read(0, 0, width=75, height=62, mpp=2.0)  # 4x the slide mpp
         assert coarse.shape == (62, 75, 3)
         assert levels_read and min(levels_read) >= 1
-        full = slide.read(0, 0, 300, 248)
+        full = slide.read(0, 0, width=300, height=248)
         expected = cv2.resize(full, (75, 62), interpolation=cv2.INTER_AREA).astype(float)
         assert np.abs(coarse.astype(float) - expected).mean() <= 6.0
 
@@ -120,13 +120,15 @@ def test_unreadable_svs_opens_but_read_fails(backend):
     with open_slide(shared_path("slides", "unreadable.svs"), backend=backend) as slide:
         assert slide.dimensions == (16, 16)
         with pytest.raises(SlideReadError, match="cannot decode region") as info:
-            slide.read(0, 0, *slide.dimensions)
+            width, height = slide.dimensions
+            slide.read(0, 0, width=width, height=height)
         assert_one_line_starting_with(info.value, "unreadable.svs")
 
 
 def test_small_svs_backends_agree():
     path = shared_path("slides", "small.svs")
-    reads = [open_slide(path, backend=b).read(0, 0, 16, 16) for b in ("openslide", "tiff")]
+    reads = [open_slide(path, backend=b).read(0, 0, width=16, height=16)
+             for b in ("openslide", "tiff")]
     assert np.abs(reads[0].astype(float) - reads[1]).mean() <= 1.0
 
 
@@ -135,7 +137,7 @@ def test_boxes_every_level_matches_openslide(backend):
     path = shared_path("slides", "boxes.tiff")
     with openslide.OpenSlide(str(path)) as osr, open_slide(path, backend=backend) as slide:
         for level, (w, h) in enumerate(osr.level_dimensions):
-            ours = slide._backend.read_level(level, 0, 0, w, h).astype(float)
+            ours = slide._backend.read_level(level, x=0, y=0, width=w, height=h).astype(float)
             rgba = np.asarray(osr.read_region((0, 0), level, (w, h))).astype(float)
             reference = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)
             assert np.abs(ours - reference).mean() <= 1.0, level

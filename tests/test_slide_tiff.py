@@ -50,14 +50,15 @@ def test_subifd_pyramid_levels_and_pixels(tmp_path):
         assert slide.vendor == "generic-tiff"
         assert slide.level_dimensions == ((400, 300), (200, 150), (100, 75))
         assert slide.mpp == pytest.approx(0.5)
-        np.testing.assert_array_equal(slide.read(37, 11, 150, 170), levels[0][11:181, 37:187])
+        np.testing.assert_array_equal(slide.read(37, 11, width=150, height=170),
+                                      levels[0][11:181, 37:187])
         for k in (1, 2):
             np.testing.assert_array_equal(
-                slide._backend.read_level(k, 5, 3, 40, 30), levels[k][3:33, 5:45]
+                slide._backend.read_level(k, x=5, y=3, width=40, height=30), levels[k][3:33, 5:45]
             )
         # 4x coarser: read from level 2, close to area-downsampling level 0.
         assert slide.best_level(4.0) == 2
-        coarse = slide.read(0, 0, 100, 75, mpp=2.0)
+        coarse = slide.read(0, 0, width=100, height=75, mpp=2.0)
         assert np.abs(coarse.astype(float) - levels[2]).mean() <= 1.0
         assert slide.thumbnail(8.0).shape == (19, 25, 3)
 
@@ -69,7 +70,7 @@ def test_planar_rgb_is_transposed(tmp_path):
                      tile=(64, 64), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
     with open_slide(path) as slide:
         assert slide.dimensions == (130, 100)
-        np.testing.assert_array_equal(slide.read(3, 4, 100, 90), image[4:94, 3:103])
+        np.testing.assert_array_equal(slide.read(3, 4, width=100, height=90), image[4:94, 3:103])
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -77,7 +78,7 @@ def test_rgba_is_composited_on_white(tmp_path):
     rgba[:32, :, 3] = 0
     path = tmp_path / "rgba.tif"
     tifffile.imwrite(path, rgba, photometric="rgb", extrasamples="unassalpha", tile=(32, 32))
-    region = open_slide(path, mpp=0.5).read(0, 0, 64, 64)
+    region = open_slide(path, mpp=0.5).read(0, 0, width=64, height=64)
     assert (region[:32] == 255).all()
     np.testing.assert_array_equal(region[32:], rgba[32:, :, :3])
 
@@ -107,7 +108,7 @@ def test_ome_physical_size_units(tmp_path, size, unit, expected):
         assert slide.vendor == "ome-tiff"
         assert slide.level_dimensions == ((256, 256), (128, 128))
         assert slide.mpp == pytest.approx(expected)
-        np.testing.assert_array_equal(slide.read(0, 0, 256, 256), levels[0])
+        np.testing.assert_array_equal(slide.read(0, 0, width=256, height=256), levels[0])
 
 
 @pytest.mark.parametrize(
@@ -152,9 +153,10 @@ def test_corrupt_tile_is_read_error(tmp_path):
     data[offset : offset + 16] = b"\xff" * 16
     path.write_bytes(bytes(data))
     slide = open_slide(path, mpp=0.5, backend="tiff")
-    np.testing.assert_array_equal(slide.read(0, 0, 64, 64), gradient_rgb(128, 128)[:64, :64])
+    np.testing.assert_array_equal(slide.read(0, 0, width=64, height=64),
+                                  gradient_rgb(128, 128)[:64, :64])
     with pytest.raises(SlideReadError, match=r"^bad.tif: cannot decode region at level 0"):
-        slide.read(0, 0, 128, 128)
+        slide.read(0, 0, width=128, height=128)
 
 
 # -- JPEG 2000 Aperio SVS ---------------------------------------------------------------
@@ -206,10 +208,10 @@ def test_jpeg2000_svs_matches_openslide(tmp_path, compression):
             assert slide.level_dimensions == ((900, 700), (225, 175))
             assert slide.mpp == pytest.approx(0.5)
             for x, y, rw, rh in regions:
-                ours = slide.read(x, y, rw, rh).astype(float)
+                ours = slide.read(x, y, width=rw, height=rh).astype(float)
                 diff = np.abs(ours - openslide_rgb(path, x, y, rw, rh)).mean()
                 assert diff <= 1.0, (backend, (x, y), diff)
-            level1 = slide._backend.read_level(1, 10, 20, 150, 100).astype(float)
+            level1 = slide._backend.read_level(1, x=10, y=20, width=150, height=100).astype(float)
             assert np.abs(level1 - openslide_rgb(path, 40, 80, 150, 100, level=1)).mean() <= 1.0
 
 
@@ -237,8 +239,8 @@ def test_one_corrupt_svs_tile_does_not_poison_the_slide(tmp_path):
     with open_slide(path) as slide:
         assert slide.vendor == "aperio"
         with pytest.raises(SlideReadError):
-            slide.read(256, 256, 256, 256)
-        assert slide.read(768, 768, 64, 64).shape == (64, 64, 3)  # handle works again
+            slide.read(256, 256, width=256, height=256)
+        assert slide.read(768, 768, width=64, height=64).shape == (64, 64, 3)  # handle works again
         grid = tile_grid(slide.dimensions, slide.mpp, spec=TileSpec(0.5, 256, 0))
         stats = LoaderStats()
         n = sum(len(b.index) for b in iter_tile_batches(slide, grid, batch_size=4,

@@ -22,7 +22,7 @@ def _disc(h=600, w=700, cy=300.0, cx=320.0, r_px=100.0):
 
 def _full(labels, core_px, max_um):
     return np.concatenate([d for _, _, _, d in iter_signed_distance(
-        labels, labels.shape, MPP, max_um, core_px)])
+        labels, labels.shape, mpp=MPP, max_distance_um=max_um, core_px=core_px)])
 
 
 def test_signed_distance_of_a_disc_is_radial_and_tiling_does_not_change_it():
@@ -62,7 +62,8 @@ def test_bands_cells_and_nearest_tumour_cell_on_known_geometry():
     ty = np.array([cy_um, cy_um])
     xs, ys = np.concatenate([x, tx]), np.concatenate([y, ty])
     counted = np.r_[np.ones(len(x), bool), np.zeros(2, bool)]
-    dist, s = spatial_measures(lab, lab.shape, MPP, xs, ys, counted, ~counted, "lymphocyte",
+    dist, s = spatial_measures(lab, lab.shape, mpp=MPP, x_um=xs, y_um=ys, counted=counted,
+                               tumour_cell=~counted, counted_class="lymphocyte",
                                edges_um=(100.0, 500.0), core_px=256)
     assert np.abs(dist[:len(x)] - signed).max() <= 1.5 * MPP
     names = band_names((100.0, 500.0))
@@ -85,8 +86,9 @@ def test_bands_cells_and_nearest_tumour_cell_on_known_geometry():
 
 def test_no_tumour_gives_nan_distances_and_no_medians():
     lab = np.full((100, 100), 2, np.uint8)
-    dist, s = spatial_measures(lab, lab.shape, MPP, np.array([50.0]), np.array([50.0]),
-                               np.array([True]), np.array([False]), "cd20_positive")
+    dist, s = spatial_measures(lab, lab.shape, mpp=MPP, x_um=np.array([50.0]),
+                               y_um=np.array([50.0]), counted=np.array([True]),
+                               tumour_cell=np.array([False]), counted_class="cd20_positive")
     assert np.isnan(dist).all()
     assert s.median_distance_to_tumour_border_um is None
     assert s.median_distance_to_nearest_tumour_cell_um is None
@@ -112,7 +114,8 @@ class _LazyRows:
 def test_distance_map_is_streamed_in_bounded_row_bands():
     labels = _LazyRows(20000, 300)  # 40 mm tall at 2 µm/px
     rows = 0
-    for r0, r1, lab, d in iter_signed_distance(labels, labels.shape, MPP, 200.0, core_px=512):
+    for r0, r1, lab, d in iter_signed_distance(labels, labels.shape, mpp=MPP, max_distance_um=200.0,
+                                               core_px=512):
         assert d.shape == (r1 - r0, 300) and lab.shape == d.shape
         rows += r1 - r0
     halo = int(np.ceil(200.0 / MPP)) + 1

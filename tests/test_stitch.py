@@ -42,7 +42,8 @@ def test_canvas_applies_the_tissue_mask_per_pixel(tmp_path):
     nuclei = rng.random((len(grid), block, block)).astype(np.float32)
     order = rng.permutation(len(grid))
     for part in np.array_split(order, 4):  # batches of tiles in any order
-        canvas.write(grid.cols[part], grid.rows[part], regions[part], nuclei[part])
+        canvas.write(grid.cols[part], grid.rows[part], regions=regions[part],
+                     nucleus_fraction=nuclei[part])
     canvas.flush()
 
     model = np.zeros(canvas.shape, np.uint8)

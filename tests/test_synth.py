@@ -60,10 +60,10 @@ def test_openslide_reads_pyramid_mpp_and_pixels(he_slide, he_scene):
         level1 = np.asarray(slide.read_region((0, 0), 1, (750, 625)).convert("RGB"))
     finally:
         slide.close()
-    assert _mad(region, he_scene.render(1100, 900, 512, 512)) <= 3.0
+    assert _mad(region, he_scene.render(1100, 900, width=512, height=512)) <= 3.0
     assert region.std() > 10  # not a blank region
     # Level 1 is the 4x4 average of level 0 (JPEG noise is larger on denser content).
-    assert _mad(level1, he_scene.render(0, 0, 750, 625, downsample=4)) <= 8.0
+    assert _mad(level1, he_scene.render(0, 0, width=750, height=625, downsample=4)) <= 8.0
 
 
 def test_tifffile_reads_same_pixels_and_mpp(he_slide):
@@ -171,9 +171,9 @@ def test_same_seed_same_slide_different_seed_different(tmp_path):
 
 
 def test_cells_blockwise_union_equals_whole(he_scene):
-    whole = he_scene.cells(0, 0, *SIZE)
+    whole = he_scene.cells(0, 0, x1=SIZE[0], y1=SIZE[1])
     xs, ys = [0, 777, 1234.5, 2048, SIZE[0]], [0, 1024, 1500.25, SIZE[1]]
-    parts = [he_scene.cells(x0, y0, x1, y1)
+    parts = [he_scene.cells(x0, y0, x1=x1, y1=y1)
              for x0, x1 in zip(xs[:-1], xs[1:], strict=True)
              for y0, y1 in zip(ys[:-1], ys[1:], strict=True)]
     union = {k: np.concatenate([p[k] for p in parts]) for k in whole}
@@ -193,34 +193,34 @@ def test_cells_blockwise_union_equals_whole(he_scene):
 def test_nuclei_do_not_overlap_and_compartments_match_labels(he_scene):
     from scipy.spatial import cKDTree
 
-    cells = he_scene.cells(0, 0, *SIZE)
+    cells = he_scene.cells(0, 0, x1=SIZE[0], y1=SIZE[1])
     pts = np.stack([cells["x_px"], cells["y_px"]], 1)
     i, j = cKDTree(pts).query_pairs(60, output_type="ndarray").T
     dist = np.hypot(*(pts[i] - pts[j]).T)
     assert np.all(dist >= cells["major_px"][i] + cells["major_px"][j])
     codes = {"tumour": 1, "stroma": 2, "other": 3}
-    labels = np.array([he_scene.region_labels(int(x), int(y), 1, 1)[0, 0]
+    labels = np.array([he_scene.region_labels(int(x), int(y), width=1, height=1)[0, 0]
                        for x, y in pts[:400]])
     expected = np.array([codes[c] for c in cells["compartment"][:400]])
     assert np.mean(labels == expected) > 0.97
 
 
 def test_render_downsample_is_area_average(he_scene):
-    full = he_scene.render(1000, 800, 256, 256).astype(np.float64)
-    half = he_scene.render(1000, 800, 128, 128, downsample=2).astype(np.float64)
+    full = he_scene.render(1000, 800, width=256, height=256).astype(np.float64)
+    half = he_scene.render(1000, 800, width=128, height=128, downsample=2).astype(np.float64)
     averaged = full.reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
     assert np.abs(half - averaged).max() <= 1.0
-    tile = he_scene.render(1128, 928, 64, 64)
+    tile = he_scene.render(1128, 928, width=64, height=64)
     assert np.array_equal(tile, full[128:192, 128:192].astype(np.uint8))
-    labels = he_scene.region_labels(0, 0, 300, 250, downsample=10)
+    labels = he_scene.region_labels(0, 0, width=300, height=250, downsample=10)
     assert labels.shape == (250, 300) and set(np.unique(labels)) <= {0, 1, 2, 3}
 
 
 # -- appearance ---------------------------------------------------------------------------
 def _nucleus_and_background(scene: SyntheticScene, cls_mask_fn, x0=0, y0=0, size=2048):
     """Mean RGB at nuclei centres (disc r=2 µm) selected by cls_mask_fn, per cell."""
-    img = scene.render(x0, y0, size, size).astype(np.float64)
-    cells = scene.cells(x0 + 40, y0 + 40, x0 + size - 40, y0 + size - 40)
+    img = scene.render(x0, y0, width=size, height=size).astype(np.float64)
+    cells = scene.cells(x0 + 40, y0 + 40, x1=x0 + size - 40, y1=y0 + size - 40)
     sel = cls_mask_fn(cells)
     r_px = int(2.0 / scene.mpp)
     yy, xx = np.mgrid[-r_px:r_px + 1, -r_px:r_px + 1]
@@ -236,7 +236,7 @@ def _nucleus_and_background(scene: SyntheticScene, cls_mask_fn, x0=0, y0=0, size
 def test_he_lymphocytes_darker_than_stroma(he_scene):
     img, cells, lymph = _nucleus_and_background(he_scene, lambda c: c["cls"] == "lymphocyte")
     assert len(lymph) > 10
-    labels = he_scene.region_labels(0, 0, 2048, 2048)
+    labels = he_scene.region_labels(0, 0, width=2048, height=2048)
     stroma = img[labels == 2].mean(axis=0)
     assert lymph.mean(axis=1).mean() < stroma.mean() - 60
     assert stroma[1] < stroma[0]  # eosin: pink (green absorbed most)
@@ -275,15 +275,16 @@ def test_pen_marks_and_blur():
     plain = SyntheticScene(8000, 8000, seed=2).tissue_mask(8.0)
     assert np.array_equal(tissue, plain & ~pen)  # same layout, pen-covered tissue removed
     assert np.any(plain & pen)  # the ink crosses tissue
-    cells = scene.cells(0, 0, 8000, 8000)
+    cells = scene.cells(0, 0, x1=8000, y1=8000)
     iy = (cells["y_px"] * 0.25 / 8).astype(int)
     ix = (cells["x_px"] * 0.25 / 8).astype(int)
     assert np.mean(pen[iy, ix]) < 0.02  # cells under ink are left out (edge pixels aside)
     iy, ix = np.argwhere(pen)[len(np.argwhere(pen)) // 2]
-    inked = scene.render(ix * 32, iy * 32, 16, 16).mean()
+    inked = scene.render(ix * 32, iy * 32, width=16, height=16).mean()
     assert inked < 200
-    sharp = SyntheticScene(*SIZE, seed=SEED).render(1000, 900, 256, 256)
-    blurred = SyntheticScene(*SIZE, seed=SEED, blur_sigma_px=6).render(1000, 900, 256, 256)
+    sharp = SyntheticScene(*SIZE, seed=SEED).render(1000, 900, width=256, height=256)
+    blurred = SyntheticScene(*SIZE, seed=SEED, blur_sigma_px=6).render(
+        1000, 900, width=256, height=256)
 
     def detail(im):
         return np.abs(np.diff(im.astype(float), 2, axis=0)).mean()

@@ -62,7 +62,8 @@ def test_loader_yields_every_tile_once_with_exact_pixels(workers):
         assert batch.images.shape[1:] == (128, 128, 3) and len(batch.images) <= 5
         for k, tile, (x, y) in zip(batch.index, batch.images.numpy(), batch.origins_px,
                                    strict=True):
-            assert np.array_equal(tile, slide.read(int(x), int(y), 128, 128))  # ds = 1: exact
+            # ds = 1: exact
+            assert np.array_equal(tile, slide.read(int(x), int(y), width=128, height=128))
             seen.append(int(k))
     assert sorted(seen) == list(range(len(grid)))
     # Block order, the same whatever the number of workers.
@@ -80,7 +81,7 @@ def test_loader_downsampled_tiles_match_direct_reads():
     batches = list(iter_tile_batches(slide, grid, batch_size=8, workers=2))
     for batch in batches:
         for tile, (x, y) in zip(batch.images.numpy(), batch.origins_px, strict=True):
-            direct = slide.read(int(x * 2), int(y * 2), 64, 64, mpp=0.5)
+            direct = slide.read(int(x * 2), int(y * 2), width=64, height=64, mpp=0.5)
             assert np.abs(tile.astype(int) - direct).mean() < 1.0
 
 
@@ -112,7 +113,7 @@ def test_loader_in_worker_processes(tmp_path):
     assert len(got) == len(grid)
     with open_slide(path) as slide:
         x, y = grid.origins_px[3]
-        assert np.array_equal(got[3], slide.read(int(x), int(y), 96, 96))
+        assert np.array_equal(got[3], slide.read(int(x), int(y), width=96, height=96))
 
 
 def _corrupt_tile(path, tile_index: int) -> None:

@@ -20,7 +20,7 @@ def _scene_mask(stain: str, seed: int, pen: bool) -> tuple[TissueMask, np.ndarra
     scene = SyntheticScene(8192, 8192, mpp=0.25, stain=stain, seed=seed, pen_marks=pen)
     ds = MASK_MPP / scene.mpp
     side = int(8192 / ds)
-    thumb = scene.render(0, 0, side, side, downsample=ds, supersample_um=4.0)
+    thumb = scene.render(0, 0, width=side, height=side, downsample=ds, supersample_um=4.0)
     return tissue_mask_from_thumbnail(thumb, MASK_MPP), scene.tissue_mask(MASK_MPP)
 
 

@@ -16,8 +16,9 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 __all__ = ["__version__", "open_slide"]
 
 
-def open_slide(path, mpp=None, backend=None):
+def open_slide(path, mpp=None, *, backend=None):
     """Open a whole-slide image or plain image; see :func:`tilscore.slide.open_slide`."""
+    # lazy: every `import tilscore.<module>` (the CLI's too) runs this file first
     from tilscore.slide import open_slide as _open
 
     return _open(path, mpp=mpp, backend=backend)

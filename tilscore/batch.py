@@ -13,20 +13,30 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from tilscore.cluster import open_client
 from tilscore.engine.defaults import DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.infer import usable_cores
 from tilscore.engine.load import Engine, config_hash, fast_region_model, model_card
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import InputSlide, check_stain, expand_inputs
 from tilscore.interrupt import deferred_signals
+from tilscore.io.locks import SlideLock
 from tilscore.io.publish import remove_stale_work_dirs
 from tilscore.pipeline import score_slide, start_slide
+from tilscore.report.cohort import write_report
 from tilscore.results import completed_summary, flatten
 from tilscore.results import write_tables as _write_scores_and_failures
 from tilscore.samples import SampleColumns, write_samples
 from tilscore.scoring.score import ScoreConfig
+from tilscore.slide.base import validate_mpp
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,7 @@ class _Job:
     stamp: tuple[int, int, int] | None
 
 
-def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | None = None,
+def score_inputs(inputs: list[str], out_dir: str | Path, *, opts: BatchOptions | None = None,
                  **overrides) -> RunResult:
     """Score every input; failures are collected, not raised (UsageError still raises).
 
@@ -99,8 +109,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     if opts.decode not in DECODE_MODES:  # before any slide is touched
         raise UsageError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
     if opts.mpp is not None:  # before any slide: the option is wrong for all of them
-        from tilscore.slide.base import validate_mpp
-
         validate_mpp(opts.mpp, "--mpp")
     out_dir = Path(out_dir)
     check_stain(opts.stain)
@@ -116,9 +124,11 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     hashes = {s: _model_and_config(opts, s) for s in sorted({i.stain for i in items})}
     todo = []
     for item in items:
-        done = None if opts.overwrite else completed_summary(out_dir, item, *hashes[item.stain])
+        model_sha256, cfg_hash = hashes[item.stain]
+        done = None if opts.overwrite else completed_summary(
+            out_dir, item, model_sha256=model_sha256, cfg_hash=cfg_hash)
         if done is None:
-            todo.append(_Job(item, *hashes[item.stain], _summary_stamp(out_dir, item)))
+            todo.append(_Job(item, model_sha256, cfg_hash, _summary_stamp(out_dir, item)))
         else:
             result.skipped.append(item.slide_id)
             result.rows.append(flatten(done))
@@ -132,11 +142,12 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
     except BaseException as exc:  # a stop signal (tilscore.interrupt), an error
         exc.result = result  # what was done, for the message
         with deferred_signals():
-            write_tables(out_dir, result.failures, opts.sample_columns)  # what was scored
+            # what was scored
+            write_tables(out_dir, result.failures, sample_columns=opts.sample_columns)
             remove_stale_work_dirs(out_dir)  # e.g. those of workers stopped with it
         raise
     with deferred_signals():
-        write_tables(out_dir, result.failures, opts.sample_columns)
+        write_tables(out_dir, result.failures, sample_columns=opts.sample_columns)
     if opts.report and (result.rows or result.failures):
         _refresh_report(out_dir)
     return result
@@ -144,8 +155,6 @@ def score_inputs(inputs: list[str], out_dir: str | Path, opts: BatchOptions | No
 
 def _refresh_report(out_dir: Path) -> None:
     """The cohort report is a convenience: its failure never fails the batch."""
-    from tilscore.report.cohort import write_report
-
     try:
         write_report(out_dir)
     except Exception as exc:  # reported; the scores stand
@@ -166,13 +175,12 @@ def _claim(job: _Job, out_dir: Path, wait: bool) -> tuple[str, object]:
     """Take `job`'s slide lock: ("mine", the held SlideLock): score it; ("done",
     summary): another run scored it since this one planned; ("busy", None): another run
     holds it now (only when not `wait`ing for it)."""
-    from tilscore.io.locks import SlideLock
-
     lock = SlideLock(out_dir, job.item.slide_id)
     if not lock.acquire(wait=wait):
         return "busy", None
     if _summary_stamp(out_dir, job.item) != job.stamp:
-        done = completed_summary(out_dir, job.item, job.model_sha256, job.cfg_hash)
+        done = completed_summary(out_dir, job.item, model_sha256=job.model_sha256,
+                                 cfg_hash=job.cfg_hash)
         if done is not None:
             lock.release()
             return "done", done
@@ -214,8 +222,6 @@ def _run_here(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
     aggregated and written on a background thread (:func:`tilscore.pipeline.start_slide`),
     so writing is off the device's critical path; at most one slide waits to be
     finished."""
-    from concurrent.futures import ThreadPoolExecutor
-
     engines: dict[str, object] = {}
     pending = None  # the previous slide's finish, running
     with _slide_bar(len(jobs), opts.quiet) as bar, \
@@ -314,8 +320,6 @@ def _collect(outcome: dict, result: RunResult, bar) -> None:
 
 
 def _slide_bar(total: int, quiet: bool):
-    from tqdm import tqdm
-
     # disable=None: shown only on a terminal, so logs and CI stay clean.
     return tqdm(total=total, desc="slides", unit="slide", disable=True if quiet else None,
                 dynamic_ncols=True, position=0)
@@ -327,8 +331,6 @@ def resolve_devices(opts: BatchOptions) -> list[str]:
     """One device per worker process: `opts.devices` when given (``("all",)`` = every
     visible GPU); otherwise every GPU when the device is auto and there are several,
     else ``[opts.device]``."""
-    import torch
-
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     devices = list(opts.devices)
     if devices == ["all"] or (not devices and opts.device == "auto" and n_gpus > 1
@@ -343,12 +345,10 @@ def _run_on_cluster(jobs: list[_Job], out_dir: Path, opts: BatchOptions,
                     devices: list[str], result: RunResult) -> None:
     if not jobs:
         return
-    from tilscore.cluster import open_client
 
     kind = opts.cluster or "local"
     n_workers = len(devices) if len(devices) > 1 else opts.workers
     # Local workers share this node's cores; remote workers use all of theirs.
-    from tilscore.engine.infer import usable_cores
 
     threads = max(1, usable_cores() // n_workers) if kind == "local" else None
     with open_client(kind, n_workers, cluster_config=opts.cluster_config) as client, \
@@ -367,7 +367,7 @@ def _submit_all(client, jobs: list[_Job], out_dir: Path, opts: BatchOptions,
                 bar) -> list[_Job]:
     """One task per job on the cluster, outcomes collected as they finish; returns the
     jobs that came back busy."""
-    from distributed import as_completed
+    from distributed import as_completed  # lazy: Dask (~1 s), only for runs on Dask workers
 
     futures, owner, busy = [], {}, []
     for job in jobs:
@@ -442,7 +442,7 @@ def _worker_device(devices: list[str]) -> str:
     """Local workers are named 0..N-1: worker k takes devices[k mod len]."""
     if len(devices) == 1:
         return devices[0]
-    from distributed import get_worker
+    from distributed import get_worker  # lazy: Dask (~1 s), only on Dask workers
 
     name = get_worker().name
     index = name if isinstance(name, int) else int(str(name).rsplit("-", 1)[-1] or 0)
@@ -461,8 +461,6 @@ def _model_and_config(opts: BatchOptions, stain: str) -> tuple[str, str]:
 
 
 def _ensure_writable(out_dir: Path) -> None:
-    import tempfile
-
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # a unique name: runs in other PID namespaces may have this process's PID
@@ -474,7 +472,7 @@ def _ensure_writable(out_dir: Path) -> None:
 
 
 def write_tables(out_dir: Path, failures: list[dict],
-                 sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
+                 *, sample_columns: tuple[str, str] = ("patient_id", "sample_id")) -> None:
     """scores.csv and samples.csv from every summary in `out_dir`; failures.csv from this
     run. `sample_columns`: the manifest columns naming a slide's patient and sample."""
     _write_scores_and_failures(out_dir, failures)

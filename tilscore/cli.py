@@ -18,7 +18,8 @@ import typer
 from tilscore.engine.defaults import BATCH_SIZE, DEFAULT_DECODE
 from tilscore.errors import TilscoreError, UsageError
 from tilscore.inputs import check_stain
-from tilscore.interrupt import Interrupted
+from tilscore.interrupt import Interrupted, stop_on_signals
+from tilscore.io.atomic import write_json
 
 app = typer.Typer(
     add_completion=False,
@@ -43,11 +44,12 @@ def _main(
 @app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    *,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     mpp: Annotated[float | None, typer.Option(help="Override µm/px at level 0.")] = None,
 ):
     """Show a slide's format, size, pyramid levels and pixel size."""
-    from tilscore.slide.info import slide_info
+    from tilscore.slide.info import slide_info  # lazy: keeps `tilscore --help` fast
 
     data = slide_info(slide, mpp=mpp)
     if as_json:
@@ -64,6 +66,7 @@ def info(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output .tiff path.")],
+    *,
     stain: Annotated[str, typer.Option(help="he, cd20 or foxp3.")] = "he",
     seed: Annotated[int, typer.Option(help="Random seed (layout and cells).")] = 0,
     size: Annotated[tuple[int, int], typer.Option(help="Width and height in px.")] = (8192, 8192),
@@ -72,7 +75,7 @@ def synth(
     blur: Annotated[float, typer.Option(help="Gaussian blur sigma in px (QC tests).")] = 0.0,
 ):
     """Write a synthetic pyramidal TIFF slide with exact ground truth beside it."""
-    from tilscore.synth.writer import write_synthetic_slide
+    from tilscore.synth.writer import write_synthetic_slide  # lazy: keeps `tilscore --help` fast
 
     check_stain(stain)
     res = write_synthetic_slide(
@@ -85,6 +88,7 @@ def synth(
 def score(
     inputs: Annotated[list[str], typer.Argument(
         help="Slides, images, folders, globs ('slides/*.svs') or CSV manifests.")],
+    *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
     stain: Annotated[str, typer.Option(help="he, cd20 or foxp3 (a manifest may set it "
                                             "per slide).")] = "he",
@@ -137,8 +141,8 @@ def score(
 ):
     """Score slides; writes DIR/<slide_id>/ outputs, DIR/scores.csv, DIR/failures.csv and
     DIR/report.html."""
+    # lazy: keeps `tilscore --help` fast
     from tilscore.batch import BatchOptions, score_inputs
-    from tilscore.interrupt import stop_on_signals
     from tilscore.scoring.score_config import load_score_config
 
     check_stain(stain)
@@ -154,7 +158,7 @@ def score(
         report=report, command=_state.get("command") or " ".join(sys.argv),
         sample_columns=(patient_column, sample_column))
     with stop_on_signals():  # SIGTERM/SIGINT: no new slide, tables written, one line
-        result = score_inputs(inputs, out, opts)
+        result = score_inputs(inputs, out, opts=opts)
     for row in result.rows:
         done = (" (scored by another run)" if row["slide"] in result.elsewhere
                 else " (already scored; --overwrite redoes it)"
@@ -192,6 +196,7 @@ def _log_to_file(path: Path) -> None:
 def train(
     config: Annotated[Path, typer.Option(help="Training config YAML.")] = Path(
         "configs/train_he.yaml"),
+    *,
     data: Annotated[list[str] | None, typer.Option(
         help="Labelled-tile folder(s) (any supported format); replaces the config's data.")
     ] = None,
@@ -202,6 +207,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint.")] = False,
 ):
     """Train a model on labelled tiles; writes weights.safetensors + card.json into --out."""
+    # lazy: keeps `tilscore --help` fast
     from tilscore.training.train import train as run_training
     from tilscore.training.train_config import load_train_config
 
@@ -220,6 +226,7 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model name or folder.")] = "he-default",
+    *,
     data: Annotated[str, typer.Option(help="Labelled-tile folder, or 'synthetic'.")] = "synthetic",
     split: Annotated[str, typer.Option(help="val, train or all (val needs a split).")] = "val",
     radius_um: Annotated[float, typer.Option(help="Match radius in µm.")] = 3.3,
@@ -231,6 +238,7 @@ def evaluate(
 ):
     """Lymphocyte detection P/R/F1, threshold sweep, FROC, region Dice and the region at
     typed nuclei (balanced accuracy) on labelled tiles."""
+    # lazy: keeps `tilscore --help` fast
     from tilscore.engine.infer import select_device
     from tilscore.models import load_model
     from tilscore.models.registry import resolve_model_dir
@@ -263,8 +271,6 @@ def evaluate(
                            for k, v in metrics["froc_sensitivity_at_fp_per_mm2"].items())
         typer.echo(f"FROC sensitivity at FP/mm² {{{froc_s}}}")
     if json_out:
-        from tilscore.io.atomic import write_json
-
         write_json(json_out, {k: (v if not isinstance(v, dict) else {str(a): b for a, b in
                                                                        v.items()})
                               for k, v in metrics.items()})
@@ -285,7 +291,7 @@ def model_hash(
         "--force", help="Replace a hash that does not match the weights.")] = False,
 ):
     """Write the sha256 of a model's weights into its card.json (a card must carry it)."""
-    from tilscore.models.registry import write_card_sha256
+    from tilscore.models.registry import write_card_sha256  # lazy: keeps `tilscore --help` fast
 
     card, done = write_card_sha256(model_dir, force=force)
     what = {"written": "wrote", "replaced": "replaced with",
@@ -296,6 +302,7 @@ def model_hash(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+    *,
     size: Annotated[int | None, typer.Option(
         help="Side of the synthetic slide(s) in px [default: 4096; 1024 with --cohort].")
     ] = None,
@@ -309,13 +316,15 @@ def demo(
 ):
     """Generate a synthetic H&E slide and score it (the quick-start job); with --cohort a
     synthetic study, scored and reported."""
+    # lazy: keeps `tilscore --help` fast
     from tilscore.batch import score_inputs
     from tilscore.synth.writer import write_synthetic_slide
 
     if cohort:
-        from tilscore.synth_cohort import run_demo_cohort
+        from tilscore.synth_cohort import run_demo_cohort  # lazy: keeps `tilscore --help` fast
 
-        path, made, result = run_demo_cohort(out, patients, size or 1024, device)
+        path, made, result = run_demo_cohort(out, n_patients=patients, size_px=size or 1024,
+                                             device=device)
         typer.echo(f"{made.n_patients} patients, {made.n_slides} slides "
                    f"({len(result.scored)} scored, {len(result.skipped)} already done, "
                    f"{len(result.failures)} failed); simulated HR {made.hr_per_sd:g} per SD "
@@ -344,6 +353,7 @@ def demo(
 def report(
     out_dir: Annotated[Path, typer.Argument(metavar="DIR",
                                             help="Output folder of `tilscore score`.")],
+    *,
     group_by: Annotated[str | None, typer.Option(
         help="Split distributions by this column (metadata or scores.csv).")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -364,6 +374,7 @@ def report(
     """Write a self-contained HTML report of a scored folder (table, plots, maps, study
     statistics) and rebuild its scores.csv and samples.csv from the slide summaries;
     the statistics also go to DIR/cohort_stats.csv."""
+    # lazy: keeps `tilscore --help` fast
     from tilscore.report.cohort import write_report
     from tilscore.report.survival import StudyOptions
     from tilscore.results import write_scores

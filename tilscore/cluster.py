@@ -57,7 +57,7 @@ def load_slurm_config(path: Path | None) -> SlurmConfig:
 
 def slurm_cluster(cfg: SlurmConfig):
     """A dask-jobqueue SLURMCluster for `cfg` (no jobs submitted until scaled)."""
-    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue import SLURMCluster  # lazy: dask-jobqueue, only for --cluster slurm
 
     directives = list(cfg.job_extra_directives)
     if cfg.gpus:
@@ -77,6 +77,7 @@ def open_client(kind: str, n_workers: int = 1, *, cluster_config: Path | None = 
     `n_workers` single-threaded processes), ``"tcp://HOST:PORT"`` (an existing
     scheduler) or ``"slurm"``. Closed (and a started cluster shut down) on exit."""
     try:
+        # lazy: Dask (~1 s), only for runs on Dask workers
         from distributed import Client, LocalCluster
     except ImportError as exc:
         raise UsageError("--cluster needs dask.distributed: pip install "
@@ -101,7 +102,7 @@ def open_client(kind: str, n_workers: int = 1, *, cluster_config: Path | None = 
 
 
 def _connect(address: str):
-    from distributed import Client
+    from distributed import Client  # lazy: Dask (~1 s), only for runs on Dask workers
 
     try:
         return Client(address, timeout=CONNECT_TIMEOUT_S)

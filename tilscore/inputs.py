@@ -170,6 +170,7 @@ def _manifest_stain(value: str | None, where: str) -> tuple[str | None, str | No
 def _manifest_mpp(value: str | None, where: str) -> tuple[float | None, str | None]:
     """(µm/px or None, problem or None) of a manifest row's `mpp` cell: the range is the
     one every slide is opened with (:func:`tilscore.slide.base.mpp_problem`)."""
+    # lazy: keeps `tilscore --help` fast (tilscore.slide imports numpy)
     from tilscore.slide.base import mpp_problem
 
     if not value:

@@ -112,9 +112,10 @@ def write_outputs(work: Path, summary: dict, *, cells: CellTable, regions: Regio
                                       mpp_l0=slide_mpp, image_size_l0=image_size_l0),
         maps,
         lambda: write_overlay_png(
-            work / "overlay.png", overlay[0], overlay[1], regions.labels, regions.coarse_mpp,
-            pts[mine], {n: CLASS_COLORS[n] for n in (*tinted.values(), counted)},
-            _overlay_title(summary), class_names=tinted),
+            work / "overlay.png", overlay[0], thumb_mpp=overlay[1], labels=regions.labels,
+            labels_mpp=regions.coarse_mpp, cells_xy_um=pts[mine],
+            legend={n: CLASS_COLORS[n] for n in (*tinted.values(), counted)},
+            title=_overlay_title(summary), class_names=tinted),
     ]
     threads = min(len(jobs), WRITE_THREADS or usable_cores())
     with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
@@ -134,7 +135,7 @@ def _density(canvas: RegionCanvas, points_xy_um: np.ndarray, extent_um: tuple[fl
     (NaN where a cell holds none; :func:`tilscore.score.density_map`)."""
     tissue = tissue_area_grid(canvas.labels_within(extent_um), canvas.mpp, grid_um=grid_um,
                               extent_um=extent_um)
-    return density_map(points_xy_um, tissue, grid_um)
+    return density_map(points_xy_um, tissue, grid_um=grid_um)
 
 
 def _ihc_columns(cells: CellTable) -> tuple[str, ...]:

@@ -179,9 +179,9 @@ def _start_locked(item: InputSlide, out_dir: Path, *, engine: Engine, stain: str
             spatial = None  # not in the fast mode (cells searched in bulk stroma only)
             if plan is None and not no_model:
                 cells["tumour_distance_um"], spatial = slide_spatial(
-                    pred.canvas, cells, stain, (slide.dimensions[0] * slide_mpp,
-                                                slide.dimensions[1] * slide_mpp),
-                    (cfg.spatial_band_inner_um, cfg.spatial_band_outer_um))
+                    pred.canvas, cells, stain=stain,
+                    extent_um=(slide.dimensions[0] * slide_mpp, slide.dimensions[1] * slide_mpp),
+                    edges_um=(cfg.spatial_band_inner_um, cfg.spatial_band_outer_um))
             score = slide_score(
                 cells, regions, measured=measured, stain=stain, class_names=names, cfg=cfg,
                 ihc_params=None if rule is None else rule.params,

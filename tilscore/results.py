@@ -17,7 +17,7 @@ from tilscore.summary import SummaryProblem, missing_outputs, read_summary
 log = logging.getLogger(__name__)
 
 
-def completed_summary(out_dir: Path, item: InputSlide, model_sha256: str,
+def completed_summary(out_dir: Path, item: InputSlide, *, model_sha256: str,
                       cfg_hash: str) -> dict | None:
     """The existing summary of `item` if its outputs are complete (a valid summary.json,
     which is written last, and every other output) and were made with the same model,

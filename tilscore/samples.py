@@ -21,7 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tilscore.results import LIST_SEPARATOR, flatten
+from tilscore.io import atomic
+from tilscore.results import LIST_SEPARATOR, all_summaries, flatten
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _stain_values(stain: str, summaries: list[dict]) -> dict:
 
 
 def build_samples(summaries: list[dict], cols: SampleColumns = DEFAULT_COLUMNS,
-                  stains: tuple[str, ...] = STAIN_ORDER) -> list[dict]:
+                  *, stains: tuple[str, ...] = STAIN_ORDER) -> list[dict]:
     """One row per sample (sorted by patient, then sample) from slide summaries.
 
     Columns: patient and sample ids (named as in the manifest), ``n_slides``,
@@ -219,9 +220,6 @@ def sample_columns(rows: list[dict], cols: SampleColumns = DEFAULT_COLUMNS) -> l
 
 def write_samples(out_dir: Path, cols: SampleColumns = DEFAULT_COLUMNS) -> Path:
     """``OUT/samples.csv`` from every valid summary in `out_dir` (as ``scores.csv``)."""
-    from tilscore.io import atomic
-    from tilscore.results import all_summaries
-
     rows = build_samples(all_summaries(Path(out_dir)), cols)
     path = Path(out_dir) / SAMPLES_CSV
     atomic.write_csv(path, sample_columns(rows, cols) if rows else [cols.patient, cols.sample],

@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tilscore.batch import score_inputs
+from tilscore.report.cohort import write_report
+from tilscore.report.survival import StudyOptions
+from tilscore.synth.writer import write_synthetic_slide
+
 log = logging.getLogger(__name__)
 
 BASE_STROMA, BASE_TUMOUR = 1500.0, 300.0  # lymphocytes per mm² (SceneParams defaults)
@@ -43,15 +48,13 @@ class DemoCohort:
     n_slides: int
 
 
-def write_demo_cohort(folder: Path, n_patients: int = 10, n_metastases: int = 3,
+def write_demo_cohort(folder: Path, *, n_patients: int = 10, n_metastases: int = 3,
                       size_px: int = 1024, mpp: float = 0.5, seed: int = 0,
                       hr_per_sd: float = 0.5) -> DemoCohort:
     """Write the slides (``folder/slides/*.tiff`` with their truth files), ``manifest.csv``
     (path, stain, patient_id, sample_id, sample_type, os_months, os_event) and
     ``cohort_truth.json`` into `folder`; slides already there are kept (same seed, same
     pixels)."""
-    from tilscore.synth.writer import write_synthetic_slide
-
     folder = Path(folder)
     slides = folder / "slides"
     slides.mkdir(parents=True, exist_ok=True)
@@ -108,14 +111,10 @@ def write_demo_cohort(folder: Path, n_patients: int = 10, n_metastases: int = 3,
     return DemoCohort(manifest, truth_path, hr_per_sd, n_patients, len(rows))
 
 
-def run_demo_cohort(out: Path, n_patients: int = 10, size_px: int = 1024,
+def run_demo_cohort(out: Path, *, n_patients: int = 10, size_px: int = 1024,
                     device: str = "auto", seed: int = 0) -> tuple[Path, DemoCohort, object]:
     """Write the cohort under ``out/cohort``, score it into ``out`` and write the report
     with the survival section; returns (report path, the cohort, the batch result)."""
-    from tilscore.batch import score_inputs
-    from tilscore.report.cohort import write_report
-    from tilscore.report.survival import StudyOptions
-
     out = Path(out)
     cohort = write_demo_cohort(out / "cohort", n_patients=n_patients,
                                n_metastases=min(3, n_patients), size_px=size_px, seed=seed)

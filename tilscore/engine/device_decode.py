@@ -24,6 +24,11 @@ from collections.abc import Iterator
 from dataclasses import InitVar, dataclass
 
 import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from tilscore.prepare.tiles import LoaderStats, TileBatch, _block_plan, _read_block, check_failures
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,10 @@ class DeviceTileReader:
         head = self.tables if self.tables else data[:2]
         return head[:2] + self.adobe + head[2:] + data[2:]
 
-    def read_region(self, lx: int, ly: int, lw: int, lh: int, device):
+    def read_region(self, lx: int, ly: int, *, lw: int, lh: int, device):
         """uint8 (3, lh, lw) on `device`: level px [lx, lx+lw) x [ly, ly+lh), white
         outside the level."""
-        import torch
+        # lazy: torchvision (~2 s) only for JPEG decoding on the device
         from torchvision.io import ImageReadMode, decode_jpeg
 
         out = torch.full((3, lh, lw), 255, dtype=torch.uint8, device=device)
@@ -106,8 +111,6 @@ class DeviceTileReader:
 def device_tile_reader(slide, grid) -> DeviceTileReader | None:
     """A reader for `slide` (an open :class:`~tilscore.slide.base.Slide`) at the grid's
     mpp, or None when the slide is not eligible (see the module docstring)."""
-    import tifffile
-
     ds = grid.downsample
     level = slide.best_level(ds)
     level_ds = slide.level_downsamples[level]
@@ -143,16 +146,6 @@ def iter_device_batches(reader: DeviceTileReader, slide, *, grid, device, batch_
     tiles are decoded and assembled at once. A block whose JPEG data fails to decode is
     read again by `slide` on the host, tile by tile, so a corrupt file tile costs only the
     model tiles that touch it (the CPU loader's rule, with its failure limit)."""
-    import torch
-
-    from tilscore.prepare.tiles import (
-        LoaderStats,
-        TileBatch,
-        _block_plan,
-        _read_block,
-        check_failures,
-    )
-
     stats = stats if stats is not None else LoaderStats()
     origins = grid.origins_px
     buf_imgs: list = []
@@ -185,15 +178,12 @@ def iter_device_batches(reader: DeviceTileReader, slide, *, grid, device, batch_
 def _device_block(reader: DeviceTileReader, grid, o: np.ndarray, device):
     """uint8 (n, tile, tile, 3) on `device` (NHWC, channels_last memory) for the model
     tiles at grid px origins `o` (n, 2)."""
-    import torch
-    import torch.nn.functional as F
-
     t, f, ds = grid.spec.tile_px, reader.factor, grid.downsample
     x0, y0 = o.min(axis=0)
     x1, y1 = o.max(axis=0) + t
     # grid px → level px: × ds (level-0 px) ÷ level_ds; exact, since ds / level_ds = f.
     lx, ly = int(round(x0 * ds / reader.level_ds)), int(round(y0 * ds / reader.level_ds))
-    region = reader.read_region(lx, ly, int(x1 - x0) * f, int(y1 - y0) * f, device)
+    region = reader.read_region(lx, ly, lw=int(x1 - x0) * f, lh=int(y1 - y0) * f, device=device)
     crops = torch.stack([region[:, (oy - y0) * f : (oy - y0 + t) * f,
                                 (ox - x0) * f : (ox - x0 + t) * f] for ox, oy in o])
     if f > 1:  # area averaging, as Slide.read does (cv2 INTER_AREA) for integer factors

@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from tilscore.engine.defaults import DEFAULT_DECODE
+from tilscore.engine.infer import SlidePrediction, predict_slide
+from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
+from tilscore.prepare.tissue import TissueMask
+from tilscore.scoring.aggregate import coarse_fractions
+from tilscore.scoring.score import tumour_bulk
 
 DEFAULT_REGION_MODEL = "he-regions"
 # Bulk stroma is dilated by this before choosing cell tiles: a cell's compartment is the
@@ -59,14 +65,8 @@ class FastPlan:
 def cell_search_mask(canvas, cfg):
     """:class:`~tilscore.tissue.TissueMask` (coarse mpp) of where lymphocytes can count
     towards the stromal TIL score: stroma dilated by CELL_MARGIN_UM, inside the bulk."""
-    from scipy import ndimage as ndi
-
-    from tilscore.prepare.tissue import TissueMask
-    from tilscore.scoring.aggregate import coarse_fractions
-    from tilscore.scoring.score import tumour_bulk
-
     fractions, coarse_mpp = coarse_fractions(canvas, cfg)
-    bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
+    bulk = tumour_bulk(fractions[1], coarse_mpp=coarse_mpp, radius_um=cfg.bulk_closing_radius_um)
     r = max(1, math.ceil(CELL_MARGIN_UM / coarse_mpp))
     near_stroma = ndi.binary_dilation(fractions[2] > 0, structure=np.ones((2 * r + 1,) * 2))
     return TissueMask(near_stroma & bulk, coarse_mpp)
@@ -79,9 +79,6 @@ def predict_fast(slide, mask, *, regions, cells, work: Path, cfg, workers: int,
     (SlidePrediction, FastPlan): the prediction's canvas is pass 1's regions with pass 2's
     nucleus coverage, its cells and focus are pass 2's (focus in ``plan.cell_grid``
     order); `decode` as in :func:`~tilscore.infer.predict_slide`."""
-    from tilscore.engine.infer import SlidePrediction, predict_slide
-    from tilscore.prepare.tiles import TileSpec, select_tiles, tile_grid
-
     def grid_for(card):
         return tile_grid(slide.dimensions, slide.mpp, spec=TileSpec.from_card(card), mask=mask)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from tilscore.engine.defaults import BATCH_SIZE, DECODE_MODES, DEFAULT_DECODE
+from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
+from tilscore.engine.stitch import CellCollector, RegionCanvas
 from tilscore.errors import UsageError
-from tilscore.scoring.qc import focus_measure, region_uncertainty
+from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
+from tilscore.scoring.qc import focus_measure, region_uncertainty, tissue_weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +159,7 @@ class Predictor:
         # NHWC memory permuted to NCHW is exactly channels_last: no copy.
         return images.permute(0, 3, 1, 2)
 
-    def launch(self, images: torch.Tensor, cell_rule=None,
+    def launch(self, images: torch.Tensor, *, cell_rule=None,
                origins_px: np.ndarray | None = None) -> PendingBatch:
         """Queue a batch on the device and start copying its results to the host;
         :meth:`collect` turns it into :class:`TilePredictions`.
@@ -378,12 +382,6 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
     ``host`` (the CPU loader), ``device`` (JPEG file tiles decoded on the predictor's
     device where the slide allows it, :mod:`tilscore.device_decode`) or ``auto``
     (device on CUDA, host on CPU)."""
-    import time
-
-    from tilscore.engine.device_decode import device_tile_reader, iter_device_batches
-    from tilscore.engine.stitch import CellCollector, RegionCanvas
-    from tilscore.prepare.tiles import LoaderStats, SlideRef, iter_tile_batches, prefetch
-
     canvas = RegionCanvas(store_path, grid, predictor.region_factor, tissue=tissue)
     collector = CellCollector(grid.downsample, getattr(cell_rule, "extra_columns", ()))
     stats = LoaderStats()
@@ -396,8 +394,8 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
         pred = predictor.collect(pending)
         t1 = time.perf_counter()
         timings["model"] += t1 - t0
-        canvas.write(grid.cols[batch.index], grid.rows[batch.index], pred.regions,
-                     pred.nucleus_fraction)
+        canvas.write(grid.cols[batch.index], grid.rows[batch.index], regions=pred.regions,
+                     nucleus_fraction=pred.nucleus_fraction)
         collector.add(batch.origins_px, pred.cells)
         focus[batch.index] = pred.focus
         if pred.uncertain is not None:
@@ -427,7 +425,6 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
         canvas.flush()
     finally:  # on failure too: no band write may outlive the slide's work folder
         canvas.close()
-    from tilscore.scoring.qc import tissue_weighted_mean
 
     return SlidePrediction(canvas, collector.table(), stats.tiles, len(stats.failed_tiles),
                            timings, focus,
@@ -436,14 +433,12 @@ def predict_slide(slide, grid, *, predictor: Predictor, store_path, workers: int
 
 def _run_batches(batches, predictor: Predictor, cell_rule, finish, timings: dict) -> None:
     """Launch each batch before finishing the previous one (one batch in flight)."""
-    import time
-
     in_flight = None
     t_wait = time.perf_counter()
     for batch in batches:
         t_model = time.perf_counter()
         timings["read"] += t_model - t_wait
-        pending = predictor.launch(batch.images, cell_rule, batch.origins_px)
+        pending = predictor.launch(batch.images, cell_rule=cell_rule, origins_px=batch.origins_px)
         timings["model"] += time.perf_counter() - t_model
         if in_flight is not None:
             finish(*in_flight)

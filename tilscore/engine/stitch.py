@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from tilscore.prepare.tiles import TileGrid
 
@@ -30,8 +31,6 @@ class RegionCanvas:
     """
 
     def __init__(self, store_path: str | Path, grid: TileGrid, factor: int, tissue=None):
-        import zarr
-
         self.tissue = tissue  # TissueMask: decides tissue vs glass (see write)
         core = grid.spec.core_px
         self.factor = int(factor)
@@ -52,7 +51,7 @@ class RegionCanvas:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvas")
         self._writes: list = []
 
-    def write(self, cols: np.ndarray, rows: np.ndarray, regions: np.ndarray,
+    def write(self, cols: np.ndarray, rows: np.ndarray, *, regions: np.ndarray,
               nucleus_fraction: np.ndarray | None) -> None:
         """Write per-tile blocks: regions uint8 (B, block, block) for tiles (cols, rows).
 

@@ -28,7 +28,7 @@ CHUNK_ROWS = 262_144
 Field = tuple[np.ndarray, np.ndarray]  # chars uint8 (n, w), valid bool (n, w)
 
 
-def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray],
+def write_cells_csv(path: str | Path, cells: dict[str, np.ndarray], *,
                     chunk_rows: int = CHUNK_ROWS, extra: tuple[str, ...] = ()) -> None:
     """Write ``cells.csv`` atomically with columns ``x_px,y_px,x_um,y_um,class,compartment,score``
     and then the columns named in `extra`: numbers with 3 decimals (e.g. ``dab_od`` on IHC;

@@ -17,9 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
+import shapely
+from shapely.geometry.polygon import orient
 
 from tilscore.io.atomic import atomic_path
 from tilscore.io.cells import Field, format_fixed, format_strings, join_fields, literal
@@ -153,8 +157,6 @@ def write_regions_geojson(path: str | Path, labels, *, scale_to_l0: float,
     default (None/0 = exact pixel edges) because on a detailed map it costs ~3× the
     tracing time for ~20 % fewer vertices. Codes missing from `class_names` are skipped.
     """
-    import shapely
-
     shape = tuple(getattr(labels, "shape", ()))
     if len(shape) != 2:
         raise ValueError(f"labels must be 2-D (H, W); got shape {shape}")
@@ -194,8 +196,6 @@ def trace_regions(labels, band_rows: int = BAND_ROWS) -> dict:
     Traced in bands of `band_rows` rows; the pieces that reach a band's top or bottom
     edge are merged with their neighbours (a union along shared pixel edges), the rest are
     kept as traced."""
-    import shapely
-
     h = labels.shape[0]
     done: dict[int, list] = {}
     open_: dict[int, list] = {}
@@ -225,19 +225,14 @@ def trace_regions(labels, band_rows: int = BAND_ROWS) -> dict:
 def _counter_clockwise(geom):
     """The MultiPolygon with exterior rings counter-clockwise and holes clockwise (positive
     shoelace area of the coordinates as given)."""
-    import shapely
-
     parts = shapely.get_parts(geom)
     if hasattr(shapely, "orient_polygons"):  # shapely ≥ 2.1: vectorised
         return shapely.MultiPolygon(list(shapely.orient_polygons(parts, exterior_cw=False)))
-    from shapely.geometry.polygon import orient
 
     return shapely.MultiPolygon([orient(p, 1.0) for p in parts])
 
 
 def _stable_uuid(text: str) -> str:
-    import uuid
-
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "tilscore:" + text))
 
 
@@ -259,9 +254,6 @@ def _stable_uuid(text: str) -> str:
 def mask_to_multipolygon(mask: np.ndarray):
     """shapely MultiPolygon covering exactly the True pixels of bool (H, W) `mask`, in
     label-pixel units (x = column, y = row; pixel (i, j) is the square [j, j+1]×[i, i+1])."""
-    import cv2
-    import shapely
-
     mask = np.asarray(mask, bool)
     h, w = mask.shape
     grid = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)

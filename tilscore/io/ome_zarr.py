@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from tilscore.io.atomic import host_tag, pid_alive
 from tilscore.io.colors import color_of
@@ -80,7 +81,6 @@ def write_ome_zarr(path: str | Path, labels_source, *, mpp_labels: float,
     dmap = np.asarray(density_map, np.float32)
     if dmap.ndim != 2:
         raise ValueError(f"density map must be 2-D; got shape {dmap.shape}")
-    import zarr
 
     with atomic_dir(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from tilscore.io.atomic import atomic_path
 from tilscore.io.colors import CLASS_COLORS, color_of
@@ -19,9 +20,9 @@ MAX_SIDE_PX = 2048
 TINT_ALPHA = 0.35
 
 
-def write_overlay_png(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float,
+def write_overlay_png(path: str | Path, thumbnail: np.ndarray, *, thumb_mpp: float,
                       labels: np.ndarray, labels_mpp: float, cells_xy_um: np.ndarray,
-                      legend: dict[str, tuple[int, int, int]], title: str, *,
+                      legend: dict[str, tuple[int, int, int]], title: str,
                       class_names: dict[int, str] | None = None,
                       max_side_px: int = MAX_SIDE_PX, dot_px: int | None = None) -> None:
     """Write the overlay PNG atomically.
@@ -38,8 +39,6 @@ def write_overlay_png(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float,
     it lists the title and the entries of `legend` (regions only if present in `labels`).
     The image's pixels keep their place: pixel (0, 0) is the slide's top-left corner.
     """
-    from PIL import Image
-
     thumb = np.asarray(thumbnail)
     if thumb.ndim == 2:
         thumb = np.repeat(thumb[:, :, None], 3, axis=2)
@@ -117,8 +116,6 @@ def _draw_dots(out: np.ndarray, xy_px: np.ndarray, rgb, size: int) -> None:
 def _with_legend(img, legend: dict[str, tuple[int, int, int]], title: str):
     """`img` with a white strip below it: the title, then one swatch + name per entry,
     flowing left to right and wrapping to the image's width."""
-    from PIL import Image, ImageDraw, ImageFont
-
     w, h = img.size
     size = max(10, min(w, 2400) // 50)
     try:

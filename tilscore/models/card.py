@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tilscore.errors import UsageError
+from tilscore.io.atomic import write_text
 
 ClassName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_ -]{0,63}$")]
 Positive = Annotated[float, Field(gt=0)]
@@ -80,6 +81,4 @@ class ModelCard(BaseModel):
             raise UsageError(f"invalid model card {path}: {detail}") from exc
 
     def write(self, path: str | Path) -> None:
-        from tilscore.io.atomic import write_text
-
         write_text(path, self.model_dump_json(indent=2) + "\n")

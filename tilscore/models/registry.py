@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from tilscore.errors import UsageError
+from tilscore.io.atomic import atomic_path
 from tilscore.models.architectures import ARCHITECTURES
 from tilscore.models.card import ModelCard
 
@@ -25,6 +26,8 @@ def create_model(name: str, out_channels: int, *, mean=(0.5,) * 3, std=(0.25,) *
     """
     if name not in ARCHITECTURES:
         raise UsageError(f"unknown model architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    # lazy: torch, timm and torchvision take seconds to import, and reading or hashing a
+    # card (engine.load.model_card, `tilscore model-hash`) needs none of them
     import segmentation_models_pytorch as smp
 
     from tilscore.models.net import TilNet
@@ -108,8 +111,8 @@ def write_card_sha256(folder: str | Path, force: bool = False) -> tuple[ModelCar
 
 def load_model(name_or_path: str | Path):
     """Load (model in eval mode on CPU, card). Checks the weights' sha256 and shapes."""
-    import torch
-    from safetensors.torch import load_file
+    import torch  # lazy: as in create_model
+    from safetensors.torch import load_file  # lazy: imports torch
 
     folder = resolve_model_dir(name_or_path)
     card = read_card(folder)
@@ -151,7 +154,7 @@ INT8_SCALE = ".int8_scale"  # key suffix of the per-output-channel scales of int
 def quantize_int8(state: dict) -> dict:
     """Weights of ≥ 2 dimensions (convolutions, linear) → int8 with a float32 scale per
     output channel (symmetric: w ≈ q · scale, |q| ≤ 127); other floats → float16."""
-    import torch
+    import torch  # lazy: as in create_model
 
     out = {}
     for k, v in state.items():
@@ -184,9 +187,7 @@ def save_model(model, card: ModelCard, *, folder: str | Path, half: bool = True,
                storage: str | None = None) -> ModelCard:
     """Write weights.safetensors and card.json with its sha256. `storage`: "float32",
     "float16" or "int8" (see :func:`quantize_int8`); None: float16 when `half`."""
-    from safetensors.torch import save_file
-
-    from tilscore.io.atomic import atomic_path
+    from safetensors.torch import save_file  # lazy: imports torch (as in create_model)
 
     storage = storage or ("float16" if half else "float32")
     folder = Path(folder)

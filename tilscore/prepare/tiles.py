@@ -17,6 +17,9 @@ block size, never by the slide size.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -26,6 +29,7 @@ import numpy as np
 
 from tilscore.errors import SlideReadError, UsageError
 from tilscore.prepare.tissue import COARSE_MPP, TissueMask, tissue_mask_from_thumbnail
+from tilscore.slide import open_slide
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +200,6 @@ class SlideRef:
     backend: str | None = None
 
     def open(self):
-        from tilscore.slide import open_slide
-
         return open_slide(self.path, mpp=self.mpp, backend=self.backend)
 
 
@@ -257,7 +259,7 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     try:
         block = slide.read(
             int(round(x0 * downsample)), int(round(y0 * downsample)),
-            int(x1 - x0), int(y1 - y0), mpp=spec.mpp,
+            width=int(x1 - x0), height=int(y1 - y0), mpp=spec.mpp,
         )
         for k, (ox, oy) in enumerate(origins_px - (x0, y0)):
             tiles[k] = block[oy : oy + t, ox : ox + t]
@@ -267,7 +269,8 @@ def _read_block(slide, origins_px: np.ndarray, spec: TileSpec, downsample: float
     for k, (ox, oy) in enumerate(origins_px):
         try:
             tiles[k] = slide.read(
-                int(round(ox * downsample)), int(round(oy * downsample)), t, t, mpp=spec.mpp
+                int(round(ox * downsample)), int(round(oy * downsample)),
+                width=t, height=t, mpp=spec.mpp,
             )
         except SlideReadError:
             failed[k] = True
@@ -305,7 +308,7 @@ def iter_tile_batches(
     processes). Tiles that fail to decode are skipped and listed in ``stats.failed_tiles``;
     if more than MAX_FAILED_TILE_FRACTION of the tiles fail, SlideReadError is raised.
     """
-    import torch
+    import torch  # lazy: decode worker processes (use_processes) import this module, need no torch
 
     if batch_size < 1 or workers < 1:
         raise UsageError(f"batch size and workers must be ≥ 1 (got {batch_size}, {workers})")
@@ -358,9 +361,6 @@ def prefetch(batches: Iterator, depth: int = 2) -> Iterator:
     loader's host work (reading file tiles, queueing decodes) then overlaps the model's
     launches and the stitching. Its exceptions re-raise here, in order; closing this
     generator stops the thread."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
@@ -410,8 +410,6 @@ def _make_executor(slide, grid: TileGrid, workers: int, use_processes: bool):
             raise UsageError("worker processes need a SlideRef (path), not an open slide")
         # forkserver, not fork: the parent may hold CUDA, zarr's event-loop thread and
         # other threads that a forked child would inherit half-alive.
-        import multiprocessing
-
         executor: Executor = ProcessPoolExecutor(
             max_workers=workers, initializer=_init_worker, initargs=(slide,),
             mp_context=multiprocessing.get_context("forkserver"),

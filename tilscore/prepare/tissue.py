@@ -83,6 +83,7 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def _component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # lazy: decode worker processes import this module (via tiles), need no SciPy
     from scipy import ndimage as ndi
 
     labels, n = ndi.label(mask)
@@ -99,6 +100,7 @@ def _drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
 
 def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     """Fill enclosed background components of at most `max_px` pixels."""
+    # lazy: decode worker processes import this module (via tiles), need no SciPy
     from scipy import ndimage as ndi
 
     holes = ndi.binary_fill_holes(mask) & ~mask
@@ -110,6 +112,7 @@ def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
 
 def tissue_mask_from_thumbnail(rgb: np.ndarray, mpp: float) -> TissueMask:
     """Tissue mask of a uint8 RGB thumbnail (H, W, 3) at `mpp` µm/px."""
+    # lazy: decode worker processes import this module (via tiles), need neither
     from scipy import ndimage as ndi
     from skimage import morphology
 

@@ -15,14 +15,23 @@ readable ``summary.json`` it is shown as incomplete, never an error.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import zarr
+from PIL import Image
 
+from tilscore import __version__
 from tilscore.errors import UsageError
 from tilscore.io import atomic
+from tilscore.io.ome_zarr import LABELS_NAME
+from tilscore.report.html import render_report
+from tilscore.report.plots import density_rgba, image_data_uri, labels_rgba
+from tilscore.report.study import run_study
 from tilscore.report.types import METADATA_PREFIX, Cohort, SlideEntry, SlideMaps
 from tilscore.summary import OUTPUT_FILES, SummaryProblem, read_summary
 
@@ -87,17 +96,13 @@ def resolve_group_column(cohort: Cohort, group_by: str) -> str:
 
 def render_slide_maps(folder: Path, max_px: int = IMAGE_LONG_SIDE_PX) -> SlideMaps:
     """Overlay, region map and density heatmap of a slide folder as embedded images."""
-    from tilscore.report.plots import image_data_uri
-
     maps = SlideMaps()
     overlay = folder / "overlay.png"
     if overlay.exists():
         try:
-            from PIL import Image
-
             with Image.open(overlay) as im:
                 side = min(max_px, OVERLAY_LONG_SIDE_PX)
-                maps.overlay_uri = image_data_uri(np.asarray(im.convert("RGB")), side, "JPEG")
+                maps.overlay_uri = image_data_uri(np.asarray(im.convert("RGB")), side, fmt="JPEG")
         except (OSError, ValueError) as exc:
             maps.problem.append(f"overlay.png unreadable: {exc}")
     else:
@@ -117,11 +122,6 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     """Region map and density map, both cropped to the same box around the tissue (the
     maps cover whole tiles, often well beyond the slide's tissue). The density map is the
     root image of ``maps.zarr``, the regions its label image ``labels/regions``."""
-    import zarr
-
-    from tilscore.io.ome_zarr import LABELS_NAME
-    from tilscore.report.plots import density_rgba, image_data_uri, labels_rgba
-
     root = zarr.open_group(str(path), mode="r")
     regions = root[f"labels/{LABELS_NAME}"]
     ome = regions.attrs["ome"]
@@ -152,7 +152,7 @@ def _render_zarr(path: Path, maps: SlideMaps, max_px: int) -> None:
     vmax = float(np.percentile(finite, DENSITY_PERCENTILE)) if finite.size else 0.0
     maps.density_vmax = vmax if vmax > 0 else 1.0
     if density.size:
-        maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue),
+        maps.density_uri = image_data_uri(density_rgba(density, maps.density_vmax, tissue=tissue),
                                           max_px, min_long_side_px=DENSITY_MIN_SIDE_PX)
     maps.density_title = ("TIL density" if name == "til_density"
                           else name.replace("_", " ").removesuffix(" density") + " density")
@@ -194,14 +194,12 @@ def _level_at_most(group, ome: dict, max_px: int, level: int | None = None
         float(scale[-1]) * step
 
 
-def build_report(out_dir: str | Path, group_by: str | None = None,
+def build_report(out_dir: str | Path, *, group_by: str | None = None,
                  report_dir: Path | None = None, study=None) -> str:
     """The report HTML for `out_dir`; links are relative to `report_dir` (default
     `out_dir`). UsageError when no slide is scored or `group_by` is unknown. `study`
     (a :class:`tilscore.report.survival.StudyOptions`): add the study statistics section and
     write ``cohort_stats.csv``."""
-    from tilscore.report.html import render_report
-
     cohort = load_cohort(out_dir)
     if not cohort.scored:
         raise UsageError(f"no scored slides in {cohort.out_dir} (no <slide>/summary.json); "
@@ -209,15 +207,14 @@ def build_report(out_dir: str | Path, group_by: str | None = None,
     column = resolve_group_column(cohort, group_by) if group_by else None
     study_html = ""
     if study is not None:  # before the maps: bad survival input fails fast
-        from tilscore.report.study import run_study
-
-        study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored], column,
-                               study)
+        study_html = run_study(cohort.out_dir, [e.summary for e in cohort.scored],
+                               group_column=column, opts=study)
     cache = MapsCache(cohort.out_dir / MAPS_CACHE_DIR)
     maps = {e.folder.name: cache.get(e.folder) for e in cohort.scored}
     cache.prune(keep={e.folder.name for e in cohort.scored})
-    return render_report(cohort, column, maps, Path(report_dir or cohort.out_dir),
-                         study_html)
+    return render_report(cohort, group_column=column, maps=maps,
+                         report_dir=Path(report_dir or cohort.out_dir),
+                         study_html=study_html)
 
 
 MAPS_CACHE_DIR = ".report-cache"  # in the output folder: one JSON of SlideMaps per slide
@@ -236,18 +233,12 @@ class MapsCache:
         self.folder = folder
 
     def _key(self, slide_folder: Path) -> str:
-        import hashlib
-
-        from tilscore import __version__
-
         h = hashlib.sha256((slide_folder / "summary.json").read_bytes())
         h.update(f"{__version__}|{RENDER_VERSION}|{IMAGE_LONG_SIDE_PX}|{OVERLAY_LONG_SIDE_PX}|"
                  f"{DENSITY_MIN_SIDE_PX}|{DENSITY_PERCENTILE}".encode())
         return h.hexdigest()
 
     def get(self, slide_folder: Path) -> SlideMaps:
-        from dataclasses import asdict
-
         key = self._key(slide_folder)
         path = self.folder / f"{slide_folder.name}.json"
         try:
@@ -274,13 +265,13 @@ class MapsCache:
                 path.unlink(missing_ok=True)
 
 
-def write_report(out_dir: Path, group_by: str | None = None, path: Path | None = None,
+def write_report(out_dir: Path, *, group_by: str | None = None, path: Path | None = None,
                  study=None) -> Path:
     """Write the report of `out_dir` to `path` (default ``out_dir/report.html``) atomically
     and return that path. Raises UsageError as :func:`build_report`."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / "report.html"
-    html = build_report(out_dir, group_by, report_dir=path.resolve().parent, study=study)
+    html = build_report(out_dir, group_by=group_by, report_dir=path.resolve().parent, study=study)
     atomic.write_text(path, html)
     log.info("wrote %s", path)
     return path

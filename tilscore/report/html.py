@@ -77,7 +77,7 @@ document.querySelectorAll('table.sortable').forEach(function(table){
 """
 
 
-def render_report(cohort: Cohort, group_column: str | None, maps: dict[str, SlideMaps],
+def render_report(cohort: Cohort, *, group_column: str | None, maps: dict[str, SlideMaps],
                   report_dir: Path, study_html: str = "") -> str:
     """The whole report page. `maps`: slide folder name → rendered maps; `report_dir`:
     where the page will live (file links are relative to it); `study_html`: the study
@@ -252,7 +252,7 @@ def _distributions(cohort: Cohort, group_column: str | None, anchors: dict[str, 
         note = (f'<div class="muted">{missing} slide{"s" * (missing != 1)} without a value</div>'
                 if missing else "")
         plots.append(f'<div class="plot" data-metric="{escape(key)}">'
-                     f'{strip_box_svg(ordered, title, unit)}{note}</div>')
+                     f'{strip_box_svg(ordered, title=title, unit=unit)}{note}</div>')
     split = f" by <b>{escape(group_column)}</b>" if group_column else ""
     body = "".join(plots) or '<p class="muted">No values to plot.</p>'
     return (f'<h2>Distributions{split}</h2><p class="muted">One dot per slide (hover for its '

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from html import escape
 
 import numpy as np
+from PIL import Image
 
 # Viridis at 9 stops (perceptually uniform, readable in greyscale and by colour-blind
 # readers); values in between are linearly interpolated.
@@ -31,7 +32,7 @@ def colormap_rgb(values01: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def density_rgba(density: np.ndarray, vmax: float, tissue: np.ndarray | None = None
+def density_rgba(density: np.ndarray, vmax: float, *, tissue: np.ndarray | None = None
                  ) -> np.ndarray:
     """uint8 (h, w, 4) image of a density map (float (h, w), cells per mm²) scaled 0..`vmax`;
     NaN and cells outside `tissue` (bool (h, w), optional) are transparent."""
@@ -54,13 +55,11 @@ def labels_rgba(labels: np.ndarray, colors: dict[int, tuple[int, int, int, int]]
     return lut[np.clip(lab.astype(np.int64), 0, len(lut) - 1)]
 
 
-def image_data_uri(image: np.ndarray, max_long_side_px: int = 800, fmt: str = "PNG",
+def image_data_uri(image: np.ndarray, max_long_side_px: int = 800, *, fmt: str = "PNG",
                    min_long_side_px: int = 0) -> str:
     """``data:image/...;base64,...`` of a uint8 (h, w, 3|4) image, shrunk (area average) to at
     most `max_long_side_px` on the long side, or enlarged by an integer factor (nearest, so
     grid cells stay crisp) towards `min_long_side_px`. `fmt`: "PNG" or "JPEG"."""
-    from PIL import Image
-
     img = Image.fromarray(np.ascontiguousarray(image))
     long_px = max(img.size)
     if long_px > max_long_side_px:
@@ -102,7 +101,7 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def strip_box_svg(groups: list[tuple[str, list[Point]]], title: str, unit: str,
+def strip_box_svg(groups: list[tuple[str, list[Point]]], *, title: str, unit: str,
                   height_px: int = 260) -> str:
     """Inline SVG: per group a box (quartiles, median, Tukey whiskers) with the points
     jittered over it (each with a tooltip and link), labelled ``name`` and ``n = k``.

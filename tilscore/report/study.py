@@ -5,9 +5,18 @@ Spearman and group-comparison tables, and the notes. Pure: a
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 
 from tilscore.report.plots import nice_ticks
-from tilscore.report.survival import CohortStats, KMPlot, StatRow
+from tilscore.report.survival import (
+    CohortStats,
+    KMPlot,
+    StatRow,
+    cohort_stats,
+    read_clinical,
+    write_stats,
+)
+from tilscore.samples import build_samples
 
 CURVE_COLORS = ("#1f4e9c", "#d1495b", "#2a9d4b")  # low / high, or T1 / T2 / T3
 W, PH, ML, MR, MT = 340, 150, 44, 10, 26  # width, plot height and margins (px)
@@ -161,18 +170,14 @@ def survival_section(stats: CohortStats) -> str:
     return f'<section id="study-section">{"".join(parts)}</section>'
 
 
-def run_study(out_dir, summaries: list[dict], group_column: str | None, opts) -> str:
+def run_study(out_dir, summaries: list[dict], *, group_column: str | None, opts) -> str:
     """Build samples.csv rows from `summaries`, compute the statistics of `opts` (a
     :class:`~tilscore.report.survival.StudyOptions`), write ``OUT/cohort_stats.csv`` and return
     the report section. UsageError on bad input (raised before anything is written)."""
-    from pathlib import Path
-
-    from tilscore.report.survival import cohort_stats, read_clinical, write_stats
-    from tilscore.samples import build_samples
-
     rows = build_samples(summaries, opts.columns)
     clinical = read_clinical(opts.clinical) if opts.clinical else None
-    stats = cohort_stats(rows, opts.time_col, opts.event_col, opts.columns, opts.level,
-                         group_column, clinical)
+    stats = cohort_stats(rows, time_col=opts.time_col, event_col=opts.event_col,
+                         cols=opts.columns, level=opts.level, group_col=group_column,
+                         clinical=clinical)
     write_stats(Path(out_dir) / "cohort_stats.csv", stats)
     return survival_section(stats)

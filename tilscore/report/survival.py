@@ -13,14 +13,18 @@ rows from a CSV), dataclasses out. lifelines, pandas and scipy are imported wher
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from tilscore.errors import UsageError
+from tilscore.io import atomic
+from tilscore.io.atomic import read_csv_value
 from tilscore.samples import DEFAULT_COLUMNS, SampleColumns
 
 log = logging.getLogger(__name__)
@@ -129,10 +133,10 @@ class CohortStats:
 
 # -- the statistical building blocks (lifelines / scipy) ----------------------------------
 
-def fit_cox(df, duration_col: str, event_col: str) -> CoxModel:
+def fit_cox(df, *, duration_col: str, event_col: str) -> CoxModel:
     """Cox proportional hazards on every other column of `df` (lifelines' CoxPHFitter,
     Efron ties, no penalty); raises what lifelines raises on a failed fit."""
-    from lifelines import CoxPHFitter
+    from lifelines import CoxPHFitter  # lazy: lifelines (~2 s), only with survival columns
 
     cph = CoxPHFitter()
     with warnings.catch_warnings():
@@ -152,6 +156,7 @@ def fit_cox(df, duration_col: str, event_col: str) -> CoxModel:
 def ph_test(model: CoxModel, df) -> dict[str, tuple[float, float]]:
     """Proportional-hazards check of each covariate: (chi², p) of lifelines'
     ``proportional_hazard_test`` (scaled Schoenfeld residuals against rank(time))."""
+    # lazy: lifelines (~2 s), only with survival columns
     from lifelines.statistics import proportional_hazard_test
 
     with warnings.catch_warnings():
@@ -162,9 +167,10 @@ def ph_test(model: CoxModel, df) -> dict[str, tuple[float, float]]:
             (float(r["test_statistic"]), float(r["p"])) for name, r in s.iterrows()}
 
 
-def logrank(durations, events, groups) -> tuple[float, float, float]:
+def logrank(durations, events, *, groups) -> tuple[float, float, float]:
     """(chi², df, p) of the log-rank test between the groups (lifelines'
     ``multivariate_logrank_test``; for two groups it equals ``logrank_test``)."""
+    # lazy: lifelines (~2 s), only with survival columns
     from lifelines.statistics import multivariate_logrank_test
 
     res = multivariate_logrank_test(np.asarray(durations, float), np.asarray(groups),
@@ -172,9 +178,9 @@ def logrank(durations, events, groups) -> tuple[float, float, float]:
     return float(res.test_statistic), float(res.degrees_of_freedom), float(res.p_value)
 
 
-def km_curve(durations, events, label: str) -> KMCurve:
+def km_curve(durations, events, *, label: str) -> KMCurve:
     """Kaplan–Meier estimate of one group (lifelines' KaplanMeierFitter)."""
-    from lifelines import KaplanMeierFitter
+    from lifelines import KaplanMeierFitter  # lazy: lifelines (~2 s), only with survival columns
 
     d, e = np.asarray(durations, float), np.asarray(events, int)
     kmf = KaplanMeierFitter().fit(d, e, label=label)
@@ -216,11 +222,6 @@ def parse_event(value, where: str) -> int | None:
 
 def read_clinical(path) -> list[dict]:
     """Rows of a clinical CSV (UsageError when unreadable or empty)."""
-    import csv
-    from pathlib import Path
-
-    from tilscore.io.atomic import read_csv_value
-
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -237,7 +238,7 @@ def read_clinical(path) -> list[dict]:
     return rows
 
 
-def attach_survival(samples: list[dict], time_col: str, event_col: str,
+def attach_survival(samples: list[dict], *, time_col: str, event_col: str,
                     cols: SampleColumns = DEFAULT_COLUMNS, clinical: list[dict] | None = None
                     ) -> list[dict]:
     """Each sample row with ``__time`` and ``__event`` (None where missing).
@@ -306,7 +307,7 @@ def _num(v) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def analysis_units(rows: list[dict], variables: list[str], level: str,
+def analysis_units(rows: list[dict], variables: list[str], *, level: str,
                    cols: SampleColumns) -> tuple[list[dict], list[str]]:
     """Units of the survival analysis: samples as they are, or patients (the mean of each
     variable over the patient's samples; time and event must agree across them, else the
@@ -342,11 +343,11 @@ def _label(variable: str) -> str:
     return variable
 
 
-def survival_of_variable(units: list[dict], variable: str, level: str
+def survival_of_variable(units: list[dict], variable: str, *, level: str
                          ) -> tuple[list[StatRow], list[KMPlot]]:
     """KM split at the median and at tertiles with log-rank p; Cox per SD of
     log(x + 1) and high vs low (median), each with its PH test; or notes."""
-    import pandas as pd
+    import pandas as pd  # lazy: lifelines' data frames, only with survival columns
 
     data = [(u[variable], u["__time"], u["__event"]) for u in units
             if _num(u.get(variable)) is not None and u["__time"] is not None
@@ -380,14 +381,14 @@ def survival_of_variable(units: list[dict], variable: str, level: str
                             cutoff=f"{median:.6g}", note="no split at the median (ties)"))
         plots.append(KMPlot(variable, "median", [], None, "no split at the median (ties)"))
     else:
-        chi2, df, p = logrank(t, e, np.where(high, "high", "low"))
+        chi2, df, p = logrank(t, e, groups=np.where(high, "high", "low"))
         rows.append(StatRow("km_logrank_median", variable, level=level, n=n, events=events,
                             statistic=chi2, df=df, p=p, cutoff=f"{median:.6g}",
                             note=f"high: > median ({int(high.sum())}), low: ≤ median "
                                  f"({int((~high).sum())})"))
         plots.append(KMPlot(variable, "median", [
-            km_curve(t[~high], e[~high], f"low (≤ {median:.3g})"),
-            km_curve(t[high], e[high], f"high (> {median:.3g})")], p))
+            km_curve(t[~high], e[~high], label=f"low (≤ {median:.3g})"),
+            km_curve(t[high], e[high], label=f"high (> {median:.3g})")], p))
     q1, q2 = (float(q) for q in np.quantile(x, [1 / 3, 2 / 3]))
     tert = np.where(x <= q1, 0, np.where(x <= q2, 1, 2))
     names = (f"T1 (≤ {q1:.3g})", f"T2 ({q1:.3g}–{q2:.3g}]", f"T3 (> {q2:.3g})")
@@ -396,13 +397,13 @@ def survival_of_variable(units: list[dict], variable: str, level: str
                             cutoff=f"{q1:.6g}; {q2:.6g}", note="fewer than 3 tertile groups "
                             "(ties)"))
     else:
-        chi2, df, p = logrank(t, e, tert)
+        chi2, df, p = logrank(t, e, groups=tert)
         counts = ", ".join(f"T{k + 1} {int((tert == k).sum())}" for k in range(3))
         rows.append(StatRow("km_logrank_tertiles", variable, level=level, n=n, events=events,
                             statistic=chi2, df=df, p=p, cutoff=f"{q1:.6g}; {q2:.6g}",
                             note=counts))
         plots.append(KMPlot(variable, "tertiles", [
-            km_curve(t[tert == k], e[tert == k], names[k]) for k in range(3)], p))
+            km_curve(t[tert == k], e[tert == k], label=names[k]) for k in range(3)], p))
     # Cox: per SD of log(x + 1), and high vs low
     lx = np.log(x + LOG_OFFSET)
     sd = float(np.std(lx, ddof=1))
@@ -417,7 +418,7 @@ def survival_of_variable(units: list[dict], variable: str, level: str
                        f"> median ({median:.3g}) vs ≤ median"))
     for name, df_, what in models:
         try:
-            m = fit_cox(df_, "T", "E")
+            m = fit_cox(df_, duration_col="T", event_col="E")
         except Exception as exc:  # lifelines ConvergenceError, singular matrix, ...
             rows.append(StatRow(name, variable, level=level, n=n, events=events,
                                 note=f"Cox fit failed: {type(exc).__name__}: "
@@ -442,8 +443,9 @@ def survival_of_variable(units: list[dict], variable: str, level: str
     return rows, plots
 
 
-def spearman_rows(units: list[dict], variables: list[str], level: str) -> list[StatRow]:
+def spearman_rows(units: list[dict], variables: list[str], *, level: str) -> list[StatRow]:
     """Spearman's rho between every pair of variables (scipy), on units with both."""
+    # lazy: scipy.stats (~1 s): only the study statistics, not every report
     from scipy.stats import spearmanr
 
     rows = []
@@ -462,13 +464,13 @@ def spearman_rows(units: list[dict], variables: list[str], level: str) -> list[S
     return rows
 
 
-def group_rows(samples: list[dict], variables: list[str], group_key: str,
+def group_rows(samples: list[dict], variables: list[str], *, group_key: str,
                cols: SampleColumns) -> tuple[list[StatRow], list[str]]:
     """Two-group comparisons at sample level when `group_key` (a samples.csv column) has
     exactly two values (e.g. primary / metastasis): Mann–Whitney U (two-sided) over all
     samples, and Wilcoxon signed-rank on patients with a sample in each group (the mean
     of a patient's samples within a group)."""
-    from scipy.stats import mannwhitneyu, wilcoxon
+    from scipy.stats import mannwhitneyu, wilcoxon  # lazy: scipy.stats (~1 s): the study only
 
     values = sorted({str(s.get(group_key)) for s in samples if s.get(group_key) not in
                      (None, "")})
@@ -516,7 +518,7 @@ def group_rows(samples: list[dict], variables: list[str], group_key: str,
     return rows, []
 
 
-def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | None,
+def cohort_stats(samples: list[dict], *, time_col: str | None, event_col: str | None,
                  cols: SampleColumns = DEFAULT_COLUMNS, level: str = "patient",
                  group_col: str | None = None, clinical: list[dict] | None = None,
                  variables: list[str] | None = None) -> CohortStats:
@@ -524,9 +526,10 @@ def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | Non
     correlations and group comparisons are computed. UsageError on bad input (missing
     columns, non-numeric times, unknown level or group column)."""
     variables = variables or default_variables(samples)
-    rows = (attach_survival(samples, time_col, event_col, cols, clinical) if time_col
-            else [{**s, "__time": None, "__event": None} for s in samples])
-    units, notes = analysis_units(rows, variables, level, cols)
+    rows = (attach_survival(samples, time_col=time_col, event_col=event_col, cols=cols,
+                            clinical=clinical)
+            if time_col else [{**s, "__time": None, "__event": None} for s in samples])
+    units, notes = analysis_units(rows, variables, level=level, cols=cols)
     with_surv = sum(u["__time"] is not None and u["__event"] is not None for u in units)
     stats = CohortStats(level, time_col or "", event_col or "", group_col, variables,
                         len(units), with_surv, notes=notes)
@@ -542,10 +545,10 @@ def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | Non
             stats.notes.append(f"{len(units) - with_surv} of {len(units)} {level}s lack "
                                "survival data and are left out of the survival analysis")
         for v in variables:
-            r, k = survival_of_variable(units, v, level)
+            r, k = survival_of_variable(units, v, level=level)
             stats.rows += r
             stats.km += k
-    stats.rows += spearman_rows(units, variables, level)
+    stats.rows += spearman_rows(units, variables, level=level)
     if group_col:
         key = next((k for k in (group_col, f"metadata.{group_col}")
                     if any(k in s for s in samples)), None)
@@ -553,7 +556,7 @@ def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | Non
             stats.notes.append(f"{group_col} is not a samples.csv column (a manifest column "
                                "on which a sample's slides agree): no group comparisons")
         else:
-            r, n = group_rows(samples, variables, key, cols)
+            r, n = group_rows(samples, variables, group_key=key, cols=cols)
             stats.rows += r
             stats.notes += n
     return stats
@@ -561,10 +564,6 @@ def cohort_stats(samples: list[dict], time_col: str | None, event_col: str | Non
 
 def write_stats(path, stats: CohortStats) -> None:
     """``cohort_stats.csv``: one row per :class:`StatRow` (:data:`STATS_COLUMNS`)."""
-    from dataclasses import asdict
-
-    from tilscore.io import atomic
-
     atomic.write_csv(path, list(STATS_COLUMNS), rows=[asdict(r) for r in stats.rows])
 
 

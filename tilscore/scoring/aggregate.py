@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from tilscore.scoring.score import RegionAreas, ScoreConfig, tumour_bulk
 
@@ -82,7 +83,7 @@ class RegionSummary:
     fractions: np.ndarray
 
     def compartment_at(self, x_um: np.ndarray, y_um: np.ndarray,
-                       window_um: float = 24.0) -> np.ndarray:
+                       *, window_um: float = 24.0) -> np.ndarray:
         """Region code (1 tumour, 2 stroma, 3 other; 0 outside tissue) of the
         neighbourhood of each point: class fractions averaged over `window_um`.
 
@@ -90,8 +91,6 @@ class RegionSummary:
         pixels under a lymphocyte nucleus as stroma-like even inside a tumour nest, so
         we look at the surrounding ~24 µm instead of the point itself.
         """
-        from scipy import ndimage as ndi
-
         size = max(1, int(round(window_um / self.coarse_mpp)))
         smooth = ndi.uniform_filter(self.fractions, size=(1, size, size), mode="nearest")
         i = np.clip((y_um / self.coarse_mpp).astype(int), 0, smooth.shape[1] - 1)
@@ -108,7 +107,7 @@ def region_summary(canvas, cfg: ScoreConfig) -> RegionSummary:
     blocks' pixel counts."""
     counts, nuclei, f, coarse_mpp = coarse_stats(canvas, cfg)
     fractions = (counts / (f * f)).astype(np.float32)
-    bulk = tumour_bulk(fractions[1], coarse_mpp, cfg.bulk_closing_radius_um)
+    bulk = tumour_bulk(fractions[1], coarse_mpp=coarse_mpp, radius_um=cfg.bulk_closing_radius_um)
     px_mm2 = (canvas.mpp * 1e-3) ** 2
     n = counts.astype(np.int64)
     areas = RegionAreas(

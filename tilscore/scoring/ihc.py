@@ -186,7 +186,7 @@ def estimate_background_rgb(rgb_uint8: np.ndarray, tissue: np.ndarray | None = N
 
 
 def estimate_stain_vectors(rgb_uint8: np.ndarray, tissue: np.ndarray | None = None,
-                           limits: EstimationLimits = EstimationLimits()) -> StainVectors:
+                           *, limits: EstimationLimits = EstimationLimits()) -> StainVectors:
     """Macenko estimate of a slide's haematoxylin and DAB OD vectors from a thumbnail.
 
     rgb_uint8: uint8 (H, W, 3) low-resolution image of the slide (~8 µm/px). tissue: bool

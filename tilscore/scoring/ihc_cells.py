@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tilscore.scoring.ihc_detect import detect_cells
+
 INTENSITY_BINS = ("none", "weak", "moderate", "strong")  # QuPath-style DAB bins 0..3
 # Per-cell measurements, in CellsOnTile attribute names (cells.csv columns, in order).
 MEASUREMENTS = ("dab_od", "dab_background_od", "intensity_bin", "dab_nucleus_od",
@@ -63,12 +65,11 @@ class IhcCellRule:
                  origins_px: np.ndarray | None = None) -> torch.Tensor:
         """`images_nhwc`: uint8 (B, H, W, 3) on the device; `core`: (start, stop) px;
         `origins_px`: int (B, 2) tile top-left in tile (grid) px, for the slide's edge."""
-        from tilscore.scoring.ihc_detect import detect_cells
-
         valid = self.valid_boxes(origins_px, images_nhwc.shape[2])
         rows = []
-        for b, cells in enumerate(detect_cells(images_nhwc, self.mpp, self.marker,
-                                               self.params, self.stain, valid)):
+        for b, cells in enumerate(detect_cells(images_nhwc, self.mpp, marker=self.marker,
+                                               params=self.params, stain_matrix=self.stain,
+                                               valid_px=valid)):
             x, y = cells.x_px.float(), cells.y_px.float()
             keep = (x >= core[0]) & (x < core[1]) & (y >= core[0]) & (y < core[1])
             cols = [torch.full_like(x, float(b)), (~cells.positive).float(), x, y,

@@ -40,6 +40,13 @@ import torch.nn.functional as F
 
 from tilscore.errors import UsageError
 from tilscore.scoring.ihc import deconvolve
+from tilscore.scoring.ihc_nuclei import (
+    lymphocyte_gate,
+    merge_without_saddle,
+    nucleus_shape,
+    patches,
+    segment_nuclei,
+)
 from tilscore.scoring.score import DAB_BINS_OD
 
 MARKERS = ("foxp3", "cd20")
@@ -192,7 +199,7 @@ class CellsOnTile:
         return int(self.x_px.numel())
 
 
-def annulus_kernel(r_in_px: float, r_out_px: float, device=None, sub: int = 8) -> torch.Tensor:
+def annulus_kernel(r_in_px: float, r_out_px: float, *, device=None, sub: int = 8) -> torch.Tensor:
     """float32 (k, k) anti-aliased annulus r_in <= r < r_out (a disc when r_in = 0),
     normalised to sum 1: each pixel's weight is its covered area (sub x sub samples)."""
     R = int(math.ceil(r_out_px))
@@ -226,8 +233,8 @@ def _centre_surround_kernels(params: NucleusParams, wmpp: float, device) -> torc
     kernels = []
     for r_um in params.radii_um:
         r0 = (r_um + params.surround_gap_um) / wmpp
-        disc = annulus_kernel(0.0, r_um / wmpp, device)
-        ring = annulus_kernel(r0, r0 + params.surround_width_um / wmpp, device)
+        disc = annulus_kernel(0.0, r_um / wmpp, device=device)
+        ring = annulus_kernel(r0, r0 + params.surround_width_um / wmpp, device=device)
         p = (ring.shape[-1] - disc.shape[-1]) // 2
         kernels.append(F.pad(disc, (p, p, p, p)) - ring)
     k = max(t.shape[-1] for t in kernels)
@@ -253,7 +260,7 @@ def disc_max(x: torch.Tensor, radius_px: float) -> torch.Tensor:
     return out
 
 
-def find_cell_peaks(response: torch.Tensor, nms_radius_px: float, merge_radius_px: float,
+def find_cell_peaks(response: torch.Tensor, *, nms_radius_px: float, merge_radius_px: float,
                     threshold: float) -> torch.Tensor:
     """Cell centres: maxima of (N, 1, H, W) `response` above `threshold`, in two stages.
 
@@ -282,7 +289,7 @@ def find_cell_peaks(response: torch.Tensor, nms_radius_px: float, merge_radius_p
                         response[b, 0, y, x].float()], 1)
 
 
-def sector_kernels(r_in_px: float, r_out_px: float, n: int = 8, device=None,
+def sector_kernels(r_in_px: float, r_out_px: float, *, n: int = 8, device=None,
                    sub: int = 8) -> torch.Tensor:
     """float32 (n, k, k) kernels: the annulus r_in <= r < r_out cut into `n` equal angular
     sectors, each anti-aliased (covered area from sub x sub samples) and summing to 1."""
@@ -343,7 +350,7 @@ def mirror_outside(rgb_nhwc: torch.Tensor, valid_px: torch.Tensor) -> torch.Tens
     return rgb_nhwc[batch, ry[:, :, None], rx[:, None, :]]
 
 
-def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusParams,
+def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, *, wmpp: float, p: NucleusParams,
                 valid: torch.Tensor | None = None):
     """Nuclei of (N, 1, H, W) haematoxylin and DAB concentrations at `wmpp` µm/px, the
     same for every marker: (peaks float (n, 4) rows (image, x, y, response) in working
@@ -351,17 +358,16 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusPara
     (the whole image is real) or float (N, 4) boxes (x0, y0, x1, y1) in working px of the
     real part of each image; a nucleus is segmented within it (not into its mirror
     image), so one cut by the edge is measured by its visible part."""
-    from tilscore.scoring.ihc_nuclei import merge_without_saddle, nucleus_shape, segment_nuclei
-
     dev = hx.device
     stain = hx + p.dab_weight * dab
     response = _region_mean(stain, _centre_surround_kernels(p, wmpp, dev)).amax(
         dim=1, keepdim=True)
-    peaks = find_cell_peaks(response, p.nms_radius_um / wmpp, 0.0, p.min_signal_od)
+    peaks = find_cell_peaks(response, nms_radius_px=p.nms_radius_um / wmpp, merge_radius_px=0.0,
+                            threshold=p.min_signal_od)
     if len(peaks) > 1 and p.merge_radius_um > p.nms_radius_um:
-        smooth = _region_mean(stain, annulus_kernel(0.0, p.smooth_um / wmpp, dev))
-        peaks = peaks[merge_without_saddle(smooth, peaks, p.merge_radius_um / wmpp,
-                                           p.saddle_fraction)]
+        smooth = _region_mean(stain, annulus_kernel(0.0, p.smooth_um / wmpp, device=dev))
+        peaks = peaks[merge_without_saddle(smooth, peaks, radius_px=p.merge_radius_um / wmpp,
+                                           saddle_fraction=p.saddle_fraction)]
     b, iy, ix = peaks[:, 0].long(), peaks[:, 2].long(), peaks[:, 1].long()
     window = max(1, int(round(p.window_um / wmpp)))
     seg_stain = stain if p.segment_dab_weight == p.dab_weight else hx + p.segment_dab_weight * dab
@@ -369,7 +375,8 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusPara
         h, w = hx.shape[-2:]
         valid = torch.tensor([[0.0, 0.0, w, h]], device=dev).expand(hx.shape[0], 4)
     bounds = valid.to(dev).float()[b]
-    seg, contrast = segment_nuclei(seg_stain, b, iy, ix, window, p.core_um / wmpp, p.level,
+    seg, contrast = segment_nuclei(seg_stain, b=b, iy=iy, ix=ix, window_px=window,
+                                   core_px=p.core_um / wmpp, level=p.level,
                                    bounds=bounds)
     # segments that reach the first or last real row or column: cut by the edge
     t = torch.arange(-window, window + 1, device=dev, dtype=torch.float32)
@@ -377,7 +384,7 @@ def find_nuclei(hx: torch.Tensor, dab: torch.Tensor, wmpp: float, p: NucleusPara
     rim_x = (cols == bounds[:, 0:1].ceil()) | (cols == bounds[:, 2:3].ceil() - 1)
     rim_y = (rows == bounds[:, 1:2].ceil()) | (rows == bounds[:, 3:4].ceil() - 1)
     rim = rim_y[:, :, None] | rim_x[:, None, :]
-    shape = nucleus_shape(seg, wmpp, contrast)
+    shape = nucleus_shape(seg, wmpp, contrast=contrast)
     return peaks, replace(shape, cut_by_edge=(seg & rim).flatten(1).any(1))
 
 
@@ -401,7 +408,7 @@ def _inside_stronger_blob(blob: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
+def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, *, marker: str,
                  params: IhcParams | None = None, stain_matrix=None,
                  valid_px: torch.Tensor | None = None) -> list[CellsOnTile]:
     """Detect nuclei, gate them and score them for the marker (see the module docstring).
@@ -413,8 +420,6 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     pixels of the part of each image that is real: outside it the image is mirrored and
     no cell is reported. Returns one :class:`CellsOnTile` per image.
     """
-    from tilscore.scoring.ihc_nuclei import lymphocyte_gate, nucleus_shape, patches, segment_nuclei
-
     params = params or ihc_params(marker)
     if params.marker != marker:
         raise UsageError(f"IhcParams are for {params.marker!r}, not {marker!r}")
@@ -432,7 +437,7 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
     if valid_px is not None:
         scale = torch.tensor([sx, sy, sx, sy], device=dev, dtype=torch.float32)
         valid_w = valid_px.to(dev).float() / scale
-    peaks, shape = find_nuclei(hx, dab, wmpp, nuc, valid_w)
+    peaks, shape = find_nuclei(hx, dab, wmpp=wmpp, p=nuc, valid=valid_w)
     b = peaks[:, 0].long()
     xw, yw = peaks[:, 1], peaks[:, 2]
     # Cells centred on the mirrored margin are not real. (A nucleus cut by the edge and
@@ -446,23 +451,26 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
                   & (yw * sy >= box[:, 1]) & (yw * sy < box[:, 3]))
 
     # The marker: DAB per compartment against the local background.
-    nucleus = annulus_kernel(0.0, params.nucleus_radius_um / wmpp, dev)
-    membrane = annulus_kernel(params.membrane_um[0] / wmpp, params.membrane_um[1] / wmpp, dev)
-    core = annulus_kernel(0.0, params.core_um / wmpp, dev)
+    nucleus = annulus_kernel(0.0, params.nucleus_radius_um / wmpp, device=dev)
+    membrane = annulus_kernel(params.membrane_um[0] / wmpp, params.membrane_um[1] / wmpp,
+                              device=dev)
+    core = annulus_kernel(0.0, params.core_um / wmpp, device=dev)
     sectors = sector_kernels(params.background_um[0] / wmpp, params.background_um[1] / wmpp,
-                             8, dev)
+                             n=8, device=dev)
     radius = max(k.shape[-1] // 2 for k in (nucleus, membrane, core, sectors))
     iy, ix = yw.long(), xw.long()
-    win = patches(dab, b, iy, ix, radius)
+    win = patches(dab, b=b, iy=iy, ix=ix, radius_px=radius)
     dab_nucleus = _weighted(win, nucleus[None])[:, 0]
     dab_membrane = _weighted(win, membrane[None])[:, 0]
     background = _weighted(win, sectors).amin(dim=1)
-    h_core = _weighted(patches(hx, b, iy, ix, core.shape[-1] // 2), core[None])[:, 0]
+    h_win = patches(hx, b=b, iy=iy, ix=ix, radius_px=core.shape[-1] // 2)
+    h_core = _weighted(h_win, core[None])[:, 0]
     d_core = _weighted(win, core[None])[:, 0]
     h_fraction = h_core / (h_core + d_core).clamp_min(1e-6)
     dab_od = dab_nucleus if params.compartment == "nucleus" else dab_membrane
     excess = dab_od - background
-    gate = (lymphocyte_gate(peaks[:, 3], shape, nuc, 2 * params.stained_rim_um)
+    gate = (lymphocyte_gate(peaks[:, 3], shape, params=nuc,
+                            extra_diameter_um=2 * params.stained_rim_um)
             if nuc.lymphocyte_gate
             else torch.zeros(len(b), dtype=torch.int8, device=dev))
     stained = excess >= params.dab_threshold_od
@@ -471,9 +479,9 @@ def detect_cells(rgb_uint8_nhwc: torch.Tensor, mpp: float, marker: str,
         misplaced = h_fraction[check] < params.min_haematoxylin_fraction
     else:
         window = max(1, int(round(params.blob_window_um / wmpp)))
-        blob, _ = segment_nuclei(dab, b[check], iy[check], ix[check], window,
-                                 params.core_um / wmpp, separate=False, flood=True)
-        misplaced = nucleus_shape(blob, wmpp, excess[check]).touches_window
+        blob, _ = segment_nuclei(dab, b=b[check], iy=iy[check], ix=ix[check], window_px=window,
+                                 core_px=params.core_um / wmpp, separate=False, flood=True)
+        misplaced = nucleus_shape(blob, wmpp, contrast=excess[check]).touches_window
         misplaced |= _inside_stronger_blob(blob, xw[check], yw[check], b[check],
                                            excess[check], window)
     gate[check[misplaced]] = GATES.index("marker_location")

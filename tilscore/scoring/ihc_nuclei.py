@@ -50,7 +50,7 @@ class NucleusShape:
         return self.minor_um / self.major_um.clamp_min(1e-6)
 
 
-def patches(x: torch.Tensor, b: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor,
+def patches(x: torch.Tensor, *, b: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor,
             radius_px: int) -> torch.Tensor:
     """(n, k, k) windows (k = 2 radius + 1) of (N, 1, H, W) centred on pixels (b, iy, ix),
     reflect-padded at image edges (zero beyond a reflection)."""
@@ -65,7 +65,7 @@ def patches(x: torch.Tensor, b: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor
               ix[:, None, None] + t[None, None, :]]
 
 
-def nearer_than_neighbours(b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def nearer_than_neighbours(b: torch.Tensor, *, x: torch.Tensor, y: torch.Tensor,
                            radius_px: int, k_neighbours: int = 8) -> torch.Tensor:
     """bool (n, k, k): window pixels (centred on integer pixel (x, y) of image b) nearer to
     their own candidate than to any of its `k_neighbours` nearest others (a Voronoi cell)."""
@@ -98,7 +98,7 @@ def nearer_than_neighbours(b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
+def segment_nuclei(stain: torch.Tensor, *, b: torch.Tensor, iy: torch.Tensor,
                    ix: torch.Tensor, window_px: int, core_px: float, level: float = 0.5,
                    separate: bool = True, background_quantile: float = 0.1,
                    flood: bool = False, bounds: torch.Tensor | None = None
@@ -120,7 +120,7 @@ def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
     between two cells). Returns (bool (n, k, k) segments,
     k = 2 window + 1; float (n,) core minus background, OD).
     """
-    win = patches(stain, b, iy, ix, window_px)
+    win = patches(stain, b=b, iy=iy, ix=ix, radius_px=window_px)
     k = 2 * window_px + 1
     t = torch.arange(-window_px, window_px + 1, device=stain.device, dtype=torch.float32)
     core = (t[:, None] ** 2 + t[None, :] ** 2 <= max(core_px, 0.5) ** 2).float()
@@ -130,7 +130,7 @@ def segment_nuclei(stain: torch.Tensor, b: torch.Tensor, iy: torch.Tensor,
     threshold = background + level * (core_mean - background)
     mask = win >= threshold[:, None, None]
     if separate:
-        mask &= nearer_than_neighbours(b, ix, iy, window_px)
+        mask &= nearer_than_neighbours(b, x=ix, y=iy, radius_px=window_px)
     if bounds is not None:
         bx = ix[:, None].float() + t[None]  # (n, k) window pixel columns, rows
         by = iy[:, None].float() + t[None]
@@ -175,7 +175,7 @@ def _ray_index(window_px: int, device) -> torch.Tensor:
     return _RAYS[key]
 
 
-def nucleus_shape(masks: torch.Tensor, mpp: float, contrast: torch.Tensor) -> NucleusShape:
+def nucleus_shape(masks: torch.Tensor, mpp: float, *, contrast: torch.Tensor) -> NucleusShape:
     """Area, equivalent diameter and moment-ellipse axes of bool (n, k, k) segments at
     `mpp` µm/px; `contrast`: float (n,) carried along."""
     n, k, _ = masks.shape
@@ -203,7 +203,7 @@ def nucleus_shape(masks: torch.Tensor, mpp: float, contrast: torch.Tensor) -> Nu
                         centroid_dx_px=cx, centroid_dy_px=cy)
 
 
-def merge_without_saddle(smooth: torch.Tensor, peaks: torch.Tensor, radius_px: float,
+def merge_without_saddle(smooth: torch.Tensor, peaks: torch.Tensor, *, radius_px: float,
                          saddle_fraction: float, n_samples: int = 9) -> torch.Tensor:
     """Drop the weaker of two peaks that lie on one nucleus.
 
@@ -249,7 +249,7 @@ def merge_without_saddle(smooth: torch.Tensor, peaks: torch.Tensor, radius_px: f
     return keep
 
 
-def lymphocyte_gate(response: torch.Tensor, shape: NucleusShape, params,
+def lymphocyte_gate(response: torch.Tensor, shape: NucleusShape, *, params,
                     extra_diameter_um: float = 0.0) -> torch.Tensor:
     """int8 (n,) gate codes (:data:`tilscore.ihc_detect.GATES`) of nuclei with candidate
     `response` (float (n,), OD) and `shape`, against :class:`~tilscore.ihc_detect.

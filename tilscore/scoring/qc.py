@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tilscore.prepare.tissue import optical_density
+from tilscore.scoring.ihc import BENIGN_FALLBACKS
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 GLASS_GREY = 0.93  # grey level (0-1) above which a pixel is glass (pale IHC stroma is ~0.92)
@@ -89,22 +93,18 @@ def region_uncertainty(probs: torch.Tensor, background: int | None) -> torch.Ten
 def tissue_weighted_mean(values, tissue_fraction) -> float | None:
     """Mean of per-tile `values` weighted by each tile's tissue share (NaN values and
     tiles without tissue left out); None when nothing is left."""
-    import numpy as np
-
     v = np.asarray(values, float)
     w = np.ones_like(v) if tissue_fraction is None else np.asarray(tissue_fraction, float)
     ok = ~np.isnan(v) & (w > 0)
     return float((v[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else None
 
 
-def out_of_focus_fraction(focus, tissue_fraction, threshold: float) -> float | None:
+def out_of_focus_fraction(focus, tissue_fraction, *, threshold: float) -> float | None:
     """Tissue-weighted fraction of judged tiles whose `focus` is below `threshold`.
 
     `focus`: (N,) per tile (NaN: not measured); `tissue_fraction`: (N,) share of each
     tile the tissue mask calls tissue (pen ink excluded); tiles under
     MIN_TISSUE_FRACTION are not judged. None when no tile could be judged."""
-    import numpy as np
-
     var, w = np.asarray(focus, float), np.asarray(tissue_fraction, float)
     judged = ~np.isnan(var) & (w >= MIN_TISSUE_FRACTION)
     if not judged.any():
@@ -116,10 +116,6 @@ def tissue_od_percentiles(thumbnail_rgb, tissue) -> dict | None:
     """Stain intensity of the tissue: 5th/50th/95th percentiles of the optical-density
     norm (-ln((I + 1) / 256) per channel) of the tissue pixels of the ~8 µm/px thumbnail
     (uint8 (H, W, 3); `tissue` bool (H, W)). None without tissue."""
-    import numpy as np
-
-    from tilscore.prepare.tissue import optical_density
-
     if not tissue.any():
         return None
     od = np.linalg.norm(optical_density(thumbnail_rgb[tissue]), axis=-1)
@@ -207,7 +203,6 @@ def _stain_message(vectors: dict, cfg: QcConfig) -> str | None:
             return (f"unusual staining ({what} from the reference stain vectors): check "
                     "the stain and scanner")
         return None
-    from tilscore.scoring.ihc import BENIGN_FALLBACKS
 
     if vectors.get("fallback") and vectors["fallback"] not in BENIGN_FALLBACKS:
         return f"stain vectors not estimated ({vectors.get('reason')}); reference vectors used"

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from tilscore.errors import UsageError
 from tilscore.prepare.tissue import COARSE_MPP
@@ -153,11 +154,9 @@ class ScoreConfig:
         return out
 
 
-def tumour_bulk(tumour_fraction: np.ndarray, coarse_mpp: float, radius_um: float) -> np.ndarray:
+def tumour_bulk(tumour_fraction: np.ndarray, *, coarse_mpp: float, radius_um: float) -> np.ndarray:
     """bool (H, W) tumour bulk on a coarse grid from the tumour fraction (float (H, W)) per
     coarse pixel: pixels ≥ 25 % tumour, closed with a disc of `radius_um`, holes filled."""
-    from scipy import ndimage as ndi
-
     tumour = tumour_fraction >= 0.25
     if not tumour.any():
         return tumour
@@ -250,8 +249,6 @@ def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, *, mask_mpp
                   distance_um: float) -> float | None:
     """Fraction of points within `distance_um` of True pixels of `target_mask` (bool grid
     at `mask_mpp`, origin at 0 µm); None when there are no points."""
-    from scipy import ndimage as ndi
-
     if len(points_xy_um) == 0:
         return None
     if not target_mask.any():
@@ -262,7 +259,7 @@ def fraction_near(points_xy_um: np.ndarray, target_mask: np.ndarray, *, mask_mpp
     return float((dist_um[i, j] <= distance_um).mean())
 
 
-def density_map(points_xy_um: np.ndarray, tissue_mm2: np.ndarray, grid_um: float
+def density_map(points_xy_um: np.ndarray, tissue_mm2: np.ndarray, *, grid_um: float
                 ) -> np.ndarray:
     """float32 (rows, cols) points per mm² of tissue on a `grid_um` grid: the points in each
     grid cell ÷ that cell's tissue area, `tissue_mm2` (float (rows, cols) mm², e.g.

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import cv2
 import numpy as np
+from scipy.spatial import cKDTree
 
 TUMOUR, STROMA = 1, 2  # region codes (tilscore.score.COMPARTMENT_OF_REGION)
 DEFAULT_BAND_EDGES_UM = (100.0, 500.0)
@@ -58,8 +60,6 @@ class SpatialSummary:
     tumour_cells: int = 0
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -83,8 +83,6 @@ def check_edges(edges_um) -> tuple[float, ...]:
 def _window_distance(window: np.ndarray, halo_px: int) -> np.ndarray:
     """Signed distance in px (float32) of every pixel of `window` (region codes), NaN
     where farther than `halo_px` from the border."""
-    import cv2
-
     tumour = window == TUMOUR
     if not tumour.any() or tumour.all():  # no border within the window: all > halo
         return np.full(window.shape, np.nan, np.float32)
@@ -101,7 +99,7 @@ def _window_distance(window: np.ndarray, halo_px: int) -> np.ndarray:
     return out
 
 
-def iter_signed_distance(labels, shape: tuple[int, int], mpp: float, max_distance_um: float,
+def iter_signed_distance(labels, shape: tuple[int, int], *, mpp: float, max_distance_um: float,
                          core_px: int = CORE_PX) -> Iterator[tuple[int, int, np.ndarray,
                                                                       np.ndarray]]:
     """Row bands ``(r0, r1, labels[r0:r1], distance_um[r0:r1])`` of the signed distance
@@ -123,7 +121,7 @@ def iter_signed_distance(labels, shape: tuple[int, int], mpp: float, max_distanc
         yield r0, r1, band[r0 - a:r1 - a], dist
 
 
-def spatial_measures(labels, shape: tuple[int, int], mpp: float, x_um: np.ndarray,
+def spatial_measures(labels, shape: tuple[int, int], *, mpp: float, x_um: np.ndarray,
                      y_um: np.ndarray, counted: np.ndarray, tumour_cell: np.ndarray,
                      counted_class: str, edges_um=DEFAULT_BAND_EDGES_UM,
                      max_distance_um: float | None = None, core_px: int = CORE_PX,
@@ -160,7 +158,8 @@ def spatial_measures(labels, shape: tuple[int, int], mpp: float, x_um: np.ndarra
     order = np.argsort(np.where(inside, rows, -1), kind="stable")
     sorted_rows = np.where(inside, rows, -1)[order]
     bins = np.array(edges, np.float32)
-    for r0, r1, lab, dist in iter_signed_distance(labels, shape, mpp, max_um, core_px):
+    for r0, r1, lab, dist in iter_signed_distance(labels, shape, mpp=mpp, max_distance_um=max_um,
+                                                  core_px=core_px):
         for k in range(0, r1 - r0, AREA_ROWS):  # in slices: few temporaries at a time
             lab_k, dist_k = lab[k:k + AREA_ROWS], dist[k:k + AREA_ROWS]
             area_px[0] += int(np.count_nonzero(lab_k == TUMOUR))
@@ -214,15 +213,13 @@ def nearest_distance_median(points_um: np.ndarray, reference_um: np.ndarray) -> 
     `reference_um` (m, 2) (a k-d tree; a point in both sets is ignored as its own
     neighbour only when `points` and `reference` are the same cells, which they are not
     here: positive cells vs tumour cells)."""
-    from scipy.spatial import cKDTree
-
     if not len(points_um) or not len(reference_um):
         return None
     d, _ = cKDTree(reference_um).query(points_um, k=1)
     return float(np.median(d))
 
 
-def slide_spatial(canvas, cells: dict, stain: str, extent_um: tuple[float, float],
+def slide_spatial(canvas, cells: dict, *, stain: str, extent_um: tuple[float, float],
                   edges_um=DEFAULT_BAND_EDGES_UM) -> tuple[np.ndarray, dict]:
     """The pipeline's call: (signed distance µm per cell of `cells` (the cell table),
     summary ``spatial`` dict) from the region canvas (``labels_within``, ``mpp``). Counted
@@ -235,7 +232,8 @@ def slide_spatial(canvas, cells: dict, stain: str, extent_um: tuple[float, float
     counted = cls == counted_class
     tumour = (cls == "tumour") if stain == "he" else \
         (np.asarray(cells["compartment"]) == "tumour") & ~counted
-    dist, summary = spatial_measures(labels, labels.shape, canvas.mpp, cells["x_um"],
-                                     cells["y_um"], counted, tumour, counted_class, edges_um,
+    dist, summary = spatial_measures(labels, labels.shape, mpp=canvas.mpp, x_um=cells["x_um"],
+                                     y_um=cells["y_um"], counted=counted, tumour_cell=tumour,
+                                     counted_class=counted_class, edges_um=edges_um,
                                      compartment=np.asarray(cells["compartment"]))
     return dist, summary.as_dict()

@@ -15,6 +15,7 @@ import torch
 
 from tilscore import __version__
 from tilscore.errors import UsageError
+from tilscore.models.card import ModelCard
 from tilscore.scoring.score import REGION_CLASSES
 
 NO_MODEL = "none"  # the --model value
@@ -23,8 +24,6 @@ NO_MODEL = "none"  # the --model value
 def tissue_only_card(stain: str):
     """The :class:`~tilscore.models.card.ModelCard` of the no-model engine for an IHC
     `stain` (UsageError for H&E, whose cells need the network)."""
-    from tilscore.models.card import ModelCard
-
     if stain == "he":
         raise UsageError("--model none is for IHC stains (cd20, foxp3): on H&E the "
                          "lymphocytes come from the network")

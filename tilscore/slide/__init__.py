@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError, UsageError
+from tilscore.slide.array_backend import ArrayBackend
 from tilscore.slide.base import Backend, Slide
 
 __all__ = ["BACKENDS", "Backend", "Slide", "open_slide"]
@@ -46,7 +47,7 @@ SUPPORTED = (
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def open_slide(path, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(path, mpp: float | None = None, *, backend: str | None = None) -> Slide:
     """Open `path` (a file, or a uint8 (H, W, 3) numpy array) as a :class:`Slide`.
 
     `mpp` (µm/px at level 0) overrides the file metadata and is required for arrays.
@@ -77,8 +78,6 @@ def open_slide(path, mpp: float | None = None, backend: str | None = None) -> Sl
 
 
 def _open_array(array: np.ndarray, mpp: float | None, backend: str | None) -> Slide:
-    from tilscore.slide.array_backend import ArrayBackend
-
     if backend not in (None, "array"):
         raise UsageError(f"a numpy array is read with backend 'array', not {backend!r}")
     if mpp is None:
@@ -110,14 +109,16 @@ def _check_file(path: Path) -> None:
 
 def _make_backend(name: str, path: Path) -> Backend:
     """Instantiate backend `name` on `path` (imports its module only now)."""
+    # lazy: a backend and its reader library load only for a slide that needs them
+    # (`import tilscore.slide` loads none: test_importing_the_package_loads_no_backend_library)
     if name == "openslide":
-        from tilscore.slide.openslide_backend import OpenSlideBackend as cls
+        from tilscore.slide.openslide_backend import OpenSlideBackend as cls  # lazy: as above
     elif name == "tiff":
-        from tilscore.slide.tiff_backend import TiffBackend as cls
+        from tilscore.slide.tiff_backend import TiffBackend as cls  # lazy: as above
     elif name == "dicom":
-        from tilscore.slide.dicom_backend import open_dicom as cls
+        from tilscore.slide.dicom_backend import open_dicom as cls  # lazy: as above
     else:
-        from tilscore.slide.image_backend import ImageBackend as cls
+        from tilscore.slide.image_backend import ImageBackend as cls  # lazy: as above
     log.debug("opening %s with the %s backend", path, name)
     return cls(path)
 
@@ -138,7 +139,7 @@ def _auto_backend(path: Path) -> Backend:
         return _make_backend("tiff", path)
     if head[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
         return _make_backend("dicom", path)
-    from tilscore.slide.image_backend import is_pillow_image
+    from tilscore.slide.image_backend import is_pillow_image  # lazy: Pillow, as above
 
     if is_pillow_image(path):
         return _make_backend("image", path)
@@ -170,7 +171,7 @@ def _first_that_opens(path: Path, names: tuple[str, ...], report_last: bool = Fa
 def _openslide_format(path: Path) -> str | None:
     """OpenSlide's format name for `path` ("aperio", "generic-tiff", ...) or None."""
     try:
-        import openslide
+        import openslide  # lazy: `import tilscore.slide` loads no reader library
 
         return openslide.OpenSlide.detect_format(str(path))
     except Exception:  # OpenSlide missing or choking on the file: decide by content

@@ -29,7 +29,7 @@ class ArrayBackend:
         self.level_dimensions = ((int(array.shape[1]), int(array.shape[0])),)
         self.properties = {"tilscore.associated_images": ""}
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) copy of array[y:y+height, x:x+width]."""
         return self._array[y : y + height, x : x + width].copy()
 

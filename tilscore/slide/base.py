@@ -44,7 +44,7 @@ class Backend(Protocol):
     level_dimensions: tuple[tuple[int, int], ...]
     metadata_mpp: float | None
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Return uint8 RGB (height, width, 3) of `level` with top-left at level pixel (x, y).
 
         Callers guarantee the region lies inside the level. Raise SlideReadError on decode
@@ -77,7 +77,7 @@ def validate_mpp(mpp: float, source: str) -> float:
 def resize_rgb(image: np.ndarray, width: int, *, height: int) -> np.ndarray:
     """Resize uint8 RGB to (height, width, 3): area averaging when shrinking (antialiased),
     bilinear when enlarging."""
-    import cv2
+    import cv2  # lazy: `import tilscore.slide` loads no OpenCV (test_slide.py)
 
     if image.shape[1] == width and image.shape[0] == height:
         return image
@@ -151,7 +151,9 @@ class Slide:
         return best
 
     # -- pixels -----------------------------------------------------------------------
-    def read(self, x: int, y: int, width: int, height: int, mpp: float | None = None) -> np.ndarray:
+    def read(
+        self, x: int, y: int, *, width: int, height: int, mpp: float | None = None
+    ) -> np.ndarray:
         """Read a region as uint8 RGB (height, width, 3).
 
         (x, y) is the top-left in level-0 pixels; width/height are output pixels at `mpp`
@@ -177,10 +179,12 @@ class Slide:
         ix0, iy0 = max(lx, 0), max(ly, 0)
         ix1, iy1 = min(lx + lw, level_w), min(ly + lh, level_h)
         if ix0 == lx and iy0 == ly and ix1 == lx + lw and iy1 == ly + lh:
-            return self._backend.read_level(level, lx, ly, lw, lh)
+            return self._backend.read_level(level, x=lx, y=ly, width=lw, height=lh)
         out = np.full((lh, lw, 3), 255, dtype=np.uint8)
         if ix1 > ix0 and iy1 > iy0:
-            inner = self._backend.read_level(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+            inner = self._backend.read_level(
+                level, x=ix0, y=iy0, width=ix1 - ix0, height=iy1 - iy0
+            )
             out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = inner
         return out
 
@@ -214,7 +218,9 @@ class Slide:
         y_edges = _block_edges(level_h, out_h)
         for (ly0, ly1), (oy0, oy1) in y_edges:
             for (lx0, lx1), (ox0, ox1) in x_edges:
-                block = self._backend.read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
+                block = self._backend.read_level(
+                    level, x=lx0, y=ly0, width=lx1 - lx0, height=ly1 - ly0
+                )
                 out[oy0:oy1, ox0:ox1] = resize_rgb(block, ox1 - ox0, height=oy1 - oy0)
         return out
 

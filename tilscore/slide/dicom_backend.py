@@ -18,6 +18,7 @@ import numpy as np
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError, SlideReadError
 from tilscore.slide.common import composite_on_white, one_line
+from tilscore.slide.dicom_frames import DicomFrameBackend
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def open_dicom(path: str | Path):
     path = Path(path)
     name = path.name
     try:
-        import pydicom  # noqa: F401  (every reader below needs it)
+        import pydicom  # noqa: F401  optional dependency (the dicom extra); every reader needs it
     except ImportError as exc:
         raise SlideOpenError(f"{name}: reading DICOM WSI without OpenSlide needs pydicom: "
                              "pip install 'tilscore[dicom]'") from exc
@@ -49,7 +50,6 @@ def open_dicom(path: str | Path):
     except (SlideOpenError, ImportError) as exc:
         log.debug("%s: wsidicom did not open it (%s); reading its frames with pydicom",
                   name, exc)
-    from tilscore.slide.dicom_frames import DicomFrameBackend
 
     return DicomFrameBackend(path, files, _properties(header))
 
@@ -57,7 +57,7 @@ def open_dicom(path: str | Path):
 def _wsi_header(path: Path):
     """The header of a VL Whole Slide Microscopy file (SlideOpenError otherwise;
     NotBrightfieldError unless 8-bit RGB)."""
-    import pydicom
+    import pydicom  # optional dependency (the dicom extra)
 
     name = path.name
     try:
@@ -89,7 +89,7 @@ class DicomBackend:
     def __init__(self, path: str | Path, header, files: list[Path]):
         """`header`: the file's pydicom header (checked by :func:`_wsi_header`); `files`:
         the series' files. ImportError when wsidicom is not installed."""
-        import wsidicom
+        import wsidicom  # optional dependency (the dicom extra)
 
         self._path = Path(path)
         name = self._path.name
@@ -113,7 +113,7 @@ class DicomBackend:
         self.properties["tilscore.associated_images"] = ",".join(associated)
         log.debug("%s: %d DICOM files, levels %s", name, len(files), self.level_dimensions)
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y)."""
         try:
             data = self._wsi.read_region(
@@ -155,7 +155,7 @@ def _check_brightfield(header, name: str) -> None:
 
 def _series_files(path: Path, series_uid) -> list[Path]:
     """`path` plus same-folder files with the same suffix and SeriesInstanceUID."""
-    import pydicom
+    import pydicom  # optional dependency (the dicom extra)
 
     if series_uid is None:
         return [path]

@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 
 from tilscore.errors import SlideOpenError, SlideReadError
@@ -92,7 +93,7 @@ class DicomFrameBackend:
         self._fds = {lv.path: os.open(lv.path, os.O_RDONLY) for lv in self._levels}
         log.debug("%s: pydicom frame reader, levels %s", name, self.level_dimensions)
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y): only the frames
         the region touches are read and decoded; absent frames are white."""
         lv = self._levels[level]
@@ -130,8 +131,6 @@ class DicomFrameBackend:
 
 
 def _decode_frame(data: bytes, lv: _Level) -> np.ndarray:
-    import imagecodecs
-
     tw, th = lv.tile
     ts = lv.transfer_syntax
     if ts in _NATIVE:
@@ -140,7 +139,7 @@ def _decode_frame(data: bytes, lv: _Level) -> np.ndarray:
         else:
             arr = np.frombuffer(data, np.uint8, 3 * th * tw).reshape(th, tw, 3)
         if lv.photometric.startswith("YBR_FULL"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels import convert_color_space  # optional dependency (the dicom extra)
 
             arr = convert_color_space(arr, "YBR_FULL", "RGB")
     elif ts in _JPEG:
@@ -157,7 +156,7 @@ def _decode_frame(data: bytes, lv: _Level) -> np.ndarray:
 
 def _read_level(path: Path) -> _Level:
     """Header and frame index of one DICOM instance; SlideOpenError naming what lacks."""
-    import pydicom
+    import pydicom  # optional dependency (the dicom extra)
 
     name = path.name
     try:

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError
 from tilscore.slide.common import composite_on_white, mpp_from_resolution, one_line
@@ -39,8 +40,6 @@ _MODE_WORDS = {
 
 def is_pillow_image(path: str | Path) -> bool:
     """True when Pillow recognises the file's format (reads the header only)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with _no_bomb_warning(), Image.open(path):
             return True
@@ -63,8 +62,6 @@ class ImageBackend:
     vendor = "image"
 
     def __init__(self, path: str | Path):
-        from PIL import Image, UnidentifiedImageError
-
         self._path = Path(path)
         name = self._path.name
         try:
@@ -94,7 +91,7 @@ class ImageBackend:
             "tilscore.associated_images": "",
         }
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) copy of the in-memory image at pixel (x, y)."""
         return self._pixels[y : y + height, x : x + width].copy()
 
@@ -105,8 +102,6 @@ class ImageBackend:
 @contextlib.contextmanager
 def _no_bomb_warning():
     """Pillow's DecompressionBombWarning silenced: :func:`_check_size` says it in one line."""
-    from PIL import Image
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
@@ -114,16 +109,12 @@ def _no_bomb_warning():
 
 def _check_size(size: tuple[int, int], name: str) -> None:
     """SlideOpenError when a plain image of `size` (w, h) would exceed the pixel limit."""
-    from PIL import Image
-
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:
         raise SlideOpenError(_too_large(name, f"{size[0]} x {size[1]} px"))
 
 
 def _too_large(name: str, what: str) -> str:
-    from PIL import Image
-
     return (f"{name}: plain image too large ({what}; at most {Image.MAX_IMAGE_PIXELS:,} "
             "pixels, since it is decoded whole into memory: a decompression-bomb guard); "
             "convert it to a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tiff --tile "

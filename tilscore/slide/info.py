@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tilscore.errors import MissingMppError
+from tilscore.slide import open_slide
 
 
 def slide_info(path: str | Path, mpp: float | None = None) -> dict:
     """Vendor, dimensions, levels, mpp (None when unknown), objective power,
     associated images and file size of the slide at `path`."""
-    from tilscore.slide import open_slide
-
     path = Path(path)
     with open_slide(path, mpp=mpp) as slide:
         try:

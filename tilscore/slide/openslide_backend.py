@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import openslide
 
 from tilscore.errors import SlideOpenError, SlideReadError
 from tilscore.slide.common import composite_on_white, mpp_from_resolution, one_line
@@ -25,8 +26,6 @@ class OpenSlideBackend:
     """
 
     def __init__(self, path: str | Path):
-        import openslide
-
         self._path = Path(path)
         self._name = self._path.name
         self._lock = threading.Lock()
@@ -49,7 +48,7 @@ class OpenSlideBackend:
             self._osr.close()
             raise SlideOpenError(f"{self._name}: bad slide metadata ({one_line(exc)})") from exc
 
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) of `level` at level pixel (x, y), alpha on white.
 
         OpenSlide takes the origin in level-0 pixels: (x, y) * level downsample, rounded.
@@ -71,8 +70,6 @@ class OpenSlideBackend:
         so one corrupt JPEG tile would fail the whole slide. Swap in a fresh handle (once
         per failure, whichever thread sees it first); the failed one is not closed here
         because another thread may still be inside it, only retired until close()."""
-        import openslide
-
         with self._lock:
             if self._osr is not failed:
                 return  # another thread already reopened

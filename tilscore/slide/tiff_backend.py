@@ -18,6 +18,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import tifffile
+import zarr
 
 from tilscore.errors import NotBrightfieldError, SlideOpenError, SlideReadError
 from tilscore.slide.common import (
@@ -58,8 +60,6 @@ class TiffBackend:
     """
 
     def __init__(self, path: str | Path):
-        import tifffile
-
         self._path = Path(path)
         self._name = self._path.name
         try:
@@ -79,8 +79,6 @@ class TiffBackend:
 
     # -- opening ----------------------------------------------------------------------
     def _setup(self) -> None:
-        import zarr
-
         tf = self._tf
         if not tf.series:
             raise SlideOpenError(f"{self._name}: TIFF holds no image")
@@ -216,7 +214,7 @@ class TiffBackend:
         return (mpps[0] + mpps[1]) / 2.0
 
     # -- reading ----------------------------------------------------------------------
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(self, level: int, *, x: int, y: int, width: int, height: int) -> np.ndarray:
         """uint8 RGB (height, width, 3) at level pixel (x, y); decodes only touched tiles."""
         index = tuple(
             slice(y, y + height) if a == "Y"

@@ -11,7 +11,10 @@ import functools
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import cKDTree
 
 # Cell kinds (codes shared with synth_scene, which places them).
 KIND_LYMPH, KIND_TUMOUR, KIND_FIBRO, KIND_OTHER = 0, 1, 2, 3
@@ -39,7 +42,7 @@ def _axis(pos: np.ndarray, n: int, wrap: bool, dtype) -> tuple:
     return i0, i0 + 1, np.clip(pos - i0, 0.0, 1.0).astype(dtype)
 
 
-def sample_grid(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
+def sample_grid(field: np.ndarray, *, ypos: np.ndarray, xpos: np.ndarray,
                 wrap: bool = False) -> np.ndarray:
     """Bilinear samples of `field` on the grid ypos x xpos (fractional indices):
     (len(ypos), len(xpos)) in the field's dtype. Separable (x first, then y) with the same
@@ -54,7 +57,7 @@ def sample_grid(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
     return g[inv[:m]] * (1 - ty)[:, None] + g[inv[m:]] * ty[:, None]
 
 
-def sample_points(field: np.ndarray, ypos: np.ndarray, xpos: np.ndarray,
+def sample_points(field: np.ndarray, *, ypos: np.ndarray, xpos: np.ndarray,
                   wrap: bool = False) -> np.ndarray:
     """Bilinear samples of `field` at points (fractional indices, same shape)."""
     y0, y1, ty = _axis(ypos, field.shape[0], wrap, field.dtype)
@@ -70,9 +73,6 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int],
 
     Large sigmas are filtered on a reduced grid and upsampled (cost independent of
     sigma)."""
-    import cv2
-    from scipy.ndimage import gaussian_filter
-
     factor = max(1.0, sigma_px / 4.0)
     small = (max(2, int(math.ceil(shape[0] / factor)) + 2),
              max(2, int(math.ceil(shape[1] / factor)) + 2))
@@ -100,8 +100,6 @@ def _fft_noise(rng: np.random.Generator, n: int, res_um: float, along_um: float,
 def _fat_walls(rng: np.random.Generator, n: int = 512, res_um: float = 2.0) -> np.ndarray:
     """Periodic half-gap (F2 - F1) / 2 in µm of a jittered Voronoi tiling (~73 µm cells):
     ~0 on the walls between adipocytes."""
-    from scipy.spatial import cKDTree
-
     cells = 14
     period = n * res_um
     grid = (np.stack(np.meshgrid(np.arange(cells), np.arange(cells)), -1).reshape(-1, 2)
@@ -134,8 +132,6 @@ def textures() -> dict[str, Texture]:
 def _warp(rng: np.random.Generator, data: np.ndarray, amp_px: float,
           sigma_px: float) -> np.ndarray:
     """Periodic texture displaced by a smooth periodic random field (amplitude `amp_px`)."""
-    import cv2
-
     n = data.shape[0]
     dy, dx = (amp_px * _fft_noise(rng, n, 1.0, sigma_px, sigma_px) for _ in range(2))
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
@@ -160,8 +156,8 @@ def stain_od_matrix(stain: str) -> np.ndarray:
 
 def _tex_grid(tex: dict, name: str, slot: int, offsets, ys_um, xs_um) -> np.ndarray:
     t = tex[name]
-    return sample_grid(t.data, ys_um / t.res_um + offsets[slot, 0],
-                       xs_um / t.res_um + offsets[slot, 1], wrap=True)
+    return sample_grid(t.data, ypos=ys_um / t.res_um + offsets[slot, 0],
+                       xpos=xs_um / t.res_um + offsets[slot, 1], wrap=True)
 
 
 def paint_regions(stain, labels, *, necrosis, fibre, ys_um, xs_um, tex, offsets) -> np.ndarray:

@@ -35,7 +35,10 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
+import cv2
 import numpy as np
+from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 
 from tilscore.errors import UsageError
 from tilscore.synth.paint import (
@@ -221,9 +224,6 @@ class SyntheticScene:
 
     def _build_pens(self, rng: np.random.Generator) -> tuple[list[int], list[np.ndarray]]:
         """2-3 curved strokes: per stroke an ink index and a coarse field (µm inside edge)."""
-        import cv2
-        from scipy.ndimage import distance_transform_edt
-
         shape = self._grid_shape()
         colours, pens = [], []
         diag_um = math.hypot(self.width_um, self.height_um)
@@ -253,11 +253,11 @@ class SyntheticScene:
             ty = ys_um / tex.res_um + self._tex_offset[k, 0]
             tx = xs_um / tex.res_um + self._tex_offset[k, 1]
             if grid:
-                value = sample_grid(self._fields[name], fy, fx)
-                value += _ROUGH_AMP[name] * sample_grid(tex.data, ty, tx, wrap=True)
+                value = sample_grid(self._fields[name], ypos=fy, xpos=fx)
+                value += _ROUGH_AMP[name] * sample_grid(tex.data, ypos=ty, xpos=tx, wrap=True)
             else:
-                value = sample_points(self._fields[name], fy, fx)
-                value += _ROUGH_AMP[name] * sample_points(tex.data, ty, tx, wrap=True)
+                value = sample_points(self._fields[name], ypos=fy, xpos=fx)
+                value += _ROUGH_AMP[name] * sample_points(tex.data, ypos=ty, xpos=tx, wrap=True)
             out[name] = value
         return out
 
@@ -267,7 +267,7 @@ class SyntheticScene:
             return None
         fy, fx = ys_um / FIELD_UM + _PAD, xs_um / FIELD_UM + _PAD
         fn = sample_grid if grid else sample_points
-        vals = np.stack([fn(f, fy, fx) for f in self._pen_fields])
+        vals = np.stack([fn(f, ypos=fy, xpos=fx) for f in self._pen_fields])
         return vals.argmax(axis=0), vals.max(axis=0)
 
     @staticmethod
@@ -277,7 +277,7 @@ class SyntheticScene:
         labels[values["tissue"] <= 0] = 0
         return labels
 
-    def labels_um(self, ys_um: np.ndarray, xs_um: np.ndarray, grid: bool = True,
+    def labels_um(self, ys_um: np.ndarray, xs_um: np.ndarray, *, grid: bool = True,
                   with_pen: bool = True) -> np.ndarray:
         """uint8 region codes at µm positions (grid: (len(ys), len(xs)); else ys.shape).
 
@@ -302,7 +302,7 @@ class SyntheticScene:
         return out
 
     # -- public masks -----------------------------------------------------------------
-    def region_labels(self, x: float, y: float, width: int, height: int,
+    def region_labels(self, x: float, y: float, *, width: int, height: int,
                       downsample: float = 1.0) -> np.ndarray:
         """uint8 (height, width) region codes (0 bg/pen, 1 tumour, 2 stroma, 3 other).
 
@@ -433,7 +433,7 @@ class SyntheticScene:
         p_keep = np.where(kind == KIND_TUMOUR, _TUMOUR_OCCUPANCY, 1.0)
         target = np.where(label == 1, p.lymphocyte_density_tumour_per_mm2,
                           p.lymphocyte_density_stroma_per_mm2)
-        target = target * sample_points(self._fields["hot"], fy, fx)
+        target = target * sample_points(self._fields["hot"], ypos=fy, xpos=fx)
         p_keep = np.where(kind == KIND_LYMPH, self._lymph_intensity(target) / lam_lymph,
                           p_keep)
         region_ok = (((kind == KIND_TUMOUR) & (label == 1))
@@ -441,13 +441,13 @@ class SyntheticScene:
                      | ((kind == KIND_FIBRO) & (label == 2))
                      | ((kind == KIND_OTHER) & (label == 3)))
         fibre = kind == KIND_FIBRO  # fibroblasts follow the local collagen direction
-        along = 0.5 * np.arctan2(sample_points(self._fields["fibre_s"], fy, fx),
-                                 sample_points(self._fields["fibre_c"], fy, fx))
+        along = 0.5 * np.arctan2(sample_points(self._fields["fibre_s"], ypos=fy, xpos=fx),
+                                 sample_points(self._fields["fibre_c"], ypos=fy, xpos=fx))
         cells["angle"] = np.where(fibre, along + 0.25 * (cells["angle"] - 1.5), cells["angle"])
         keep = region_ok & (u_keep < p_keep)
         return {k: v[keep] for k, v in cells.items()}
 
-    def cells_um(self, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> dict:
+    def cells_um(self, x0_um: float, y0_um: float, *, x1_um: float, y1_um: float) -> dict:
         """Thinned cells with centre in [x0, x1) x [y0, y1) µm, pen ignored (for painting).
 
         Dict of arrays (internal attributes: x_um, y_um, kind, a_um, b_um, angle, ...)."""
@@ -469,7 +469,7 @@ class SyntheticScene:
                  & (cand["y_um"] >= y0_um) & (cand["y_um"] < y1_um))
         return {k: v[keep] for k, v in cand.items()}
 
-    def cells(self, x0: float, y0: float, x1: float, y1: float) -> dict:
+    def cells(self, x0: float, y0: float, *, x1: float, y1: float) -> dict:
         """Cells whose centre lies in level-0 px [x0, x1) x [y0, y1), pen-covered excluded.
 
         Returns a dict of 1-D arrays, one entry per cell: ``x_px``, ``y_px`` (float64,
@@ -481,7 +481,7 @@ class SyntheticScene:
         ``angle_rad`` (major axis from +x towards +y).
         """
         m = self.mpp
-        raw = self.cells_um(x0 * m - 1.0, y0 * m - 1.0, x1 * m + 1.0, y1 * m + 1.0)
+        raw = self.cells_um(x0 * m - 1.0, y0 * m - 1.0, x1_um=x1 * m + 1.0, y1_um=y1 * m + 1.0)
         x_px, y_px = raw["x_um"] / m, raw["y_um"] / m
         keep = (x_px >= x0) & (x_px < x1) & (y_px >= y0) & (y_px < y1)
         pen = self._pen_values(raw["y_um"], raw["x_um"], grid=False)
@@ -509,7 +509,7 @@ class SyntheticScene:
         return np.zeros(lymph.shape, bool)
 
     # -- rendering --------------------------------------------------------------------
-    def render(self, x: float, y: float, width: int, height: int, downsample: float = 1.0,
+    def render(self, x: float, y: float, *, width: int, height: int, downsample: float = 1.0,
                supersample_um: float | None = None) -> np.ndarray:
         """uint8 RGB (height, width, 3); output pixel (i, j) covers level-0
         [x + j*ds, x + (j+1)*ds) x [y + i*ds, y + (i+1)*ds).
@@ -537,7 +537,6 @@ class SyntheticScene:
         sigma = self.params.blur_sigma_px / d
         if sigma <= 0:
             return self._render_float(x, y, w, h, d)
-        import cv2
 
         m = int(math.ceil(3 * sigma)) + 1
         img = self._render_float(x - m * d, y - m * d, w + 2 * m, h + 2 * m, d)
@@ -553,16 +552,16 @@ class SyntheticScene:
         fy, fx = ys_um / FIELD_UM + _PAD, xs_um / FIELD_UM + _PAD
         necrosis = fibre = None  # appearance-only fields, where needed
         if np.any(labels == 3):
-            necrosis = sample_grid(self._fields["necrosis"], fy, fx) > 0
+            necrosis = sample_grid(self._fields["necrosis"], ypos=fy, xpos=fx) > 0
         if np.any(labels == 2):
-            fibre = (sample_grid(self._fields["fibre_c"], fy, fx),
-                     sample_grid(self._fields["fibre_s"], fy, fx))
+            fibre = (sample_grid(self._fields["fibre_c"], ypos=fy, xpos=fx),
+                     sample_grid(self._fields["fibre_s"], ypos=fy, xpos=fx))
         conc = paint_regions(self.stain, labels, necrosis=necrosis, fibre=fibre, ys_um=ys_um,
                              xs_um=xs_um,
                              tex=self._tex, offsets=self._tex_offset)
         s_um = d * self.mpp
         cells = self.cells_um(xs_um[0] - MARGIN_UM, ys_um[0] - MARGIN_UM,
-                              xs_um[-1] + MARGIN_UM, ys_um[-1] + MARGIN_UM)
+                              x1_um=xs_um[-1] + MARGIN_UM, y1_um=ys_um[-1] + MARGIN_UM)
         cells["positive"] = self._positive(cells)
         paint_nuclei(conc, cells, stain=self.stain, x0_um=xs_um[0], y0_um=ys_um[0], s_um=s_um,
                      tex=self._tex)
@@ -590,8 +589,6 @@ def _as_distance_um(field: np.ndarray, where: np.ndarray) -> np.ndarray:
 
 def _matern_keep(cand: dict) -> np.ndarray:
     """Matérn type-II thinning: drop a candidate when a higher-priority one overlaps it."""
-    from scipy.spatial import cKDTree
-
     n = cand["x_um"].size
     keep = np.ones(n, bool)
     if n < 2:

@@ -36,7 +36,7 @@ def iter_cell_strips(scene: SyntheticScene) -> Iterator[dict]:
     strip_px = max(1, int(BLOCK_UM / scene.mpp))
     for y0 in range(0, scene.height_px, strip_px):
         y1 = min(y0 + strip_px, scene.height_px)
-        yield scene.cells(0, y0, scene.width_px, y1)
+        yield scene.cells(0, y0, x1=scene.width_px, y1=y1)
 
 
 def _class_masks(scene: SyntheticScene, cells: dict) -> dict[str, np.ndarray]:

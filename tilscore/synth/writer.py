@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from tilscore.errors import UsageError
 from tilscore.synth.scene import SyntheticScene
@@ -173,14 +174,12 @@ def write_pyramid_tiff(scene: SyntheticScene, path: Path, *, tile_px: int = 512,
     JPEG tiles are YCbCr 4:2:0 inside the TIFF (photometric RGB in, converted by
     tifffile), which OpenSlide and tifffile decode identically. Resolution tags are
     pixels per centimetre (1e4 / mpp) at each level."""
-    import tifffile
-
     dims = level_dimensions(scene.width_px, scene.height_px)
     bigtiff = scene.width_px * scene.height_px * 3 > 2**32
     tile = tile_px
 
     def render_tile(r: int, c: int) -> np.ndarray:
-        return scene.render(c * tile, r * tile, tile, tile)
+        return scene.render(c * tile, r * tile, width=tile, height=tile)
 
     read_tile: Callable = render_tile
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp, \

@@ -14,10 +14,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
+from tilscore.errors import UsageError
+from tilscore.synth.scene import SyntheticScene
+from tilscore.training.importers.detect import load_folder
 from tilscore.training.importers.labelled import (
     CELL_CODES,
     IGNORE,
@@ -37,8 +42,6 @@ SYNTH_SCENE_MPP = 0.25
 
 def resample_tile(tile: LabelledTile, mpp: float) -> LabelledTile:
     """The tile at `mpp` µm/px: image area/linear, labels nearest, points scaled."""
-    import cv2
-
     scale = tile.mpp / mpp
     if abs(scale - 1.0) < 1e-3:
         return tile
@@ -74,8 +77,8 @@ def pad_to_multiple(tile: LabelledTile, multiple: int = 32) -> LabelledTile:
 
 def build_augment(crop_px: int, stain: str = "he"):
     """albumentations pipeline: crop, flips/rot90, scale, stain, colour, blur, JPEG."""
+    # lazy: albumentations (~3 s), only to augment (`tilscore eval` imports this module)
     import albumentations as A
-    import cv2
 
     # Stain augmentation strong enough for other labs and scanners (issue: the heatmap
     # scale moved between CRCHistoPhenotypes and CoNSeP): a random H&E stain matrix on
@@ -178,8 +181,6 @@ class SyntheticSource:
         self._scenes: dict[int, object] = {}
 
     def _scene(self, seed: int):
-        from tilscore.synth.scene import SyntheticScene
-
         if seed not in self._scenes:
             rng = np.random.default_rng(seed)
             knobs = dict(  # vary what a model must be robust to
@@ -210,9 +211,10 @@ def synthetic_tile(scene, x0: float, *, y0: float, size_px: int, ds: float) -> L
     most the scene's own resolution): at 0.5 µm/px that is the full 0.25 µm/px scene, at
     2 µm/px it renders 1 µm/px (16x fewer pixels than rendering level 0 and averaging)."""
     supersample_um = max(scene.mpp, scene.mpp * ds / 2)
-    image = scene.render(x0, y0, size_px, size_px, downsample=ds, supersample_um=supersample_um)
-    region = scene.region_labels(x0, y0, size_px, size_px, downsample=ds)
-    cells = scene.cells(x0, y0, x0 + size_px * ds, y0 + size_px * ds)
+    image = scene.render(x0, y0, width=size_px, height=size_px, downsample=ds,
+                         supersample_um=supersample_um)
+    region = scene.region_labels(x0, y0, width=size_px, height=size_px, downsample=ds)
+    cells = scene.cells(x0, y0, x1=x0 + size_px * ds, y1=y0 + size_px * ds)
     pts = np.stack([(cells["x_px"] - x0) / ds, (cells["y_px"] - y0) / ds], axis=1)
     cls = np.array([CELL_CODES[c] for c in cells["type"]], dtype=np.int64)
     lymph = cls == CELL_CODES["lymphocyte"]
@@ -279,10 +281,6 @@ def split_tiles(tiles: list[LabelledTile], val_fraction: float, *, seed: int):
 def build_datasets(cfg) -> tuple[MixedTileDataset, dict[str, list[LabelledTile]], dict]:
     """Training stream, validation tiles per source (name → tiles at the model mpp,
     padded to /32; "synthetic" or the folder's name) and provenance."""
-    from pathlib import Path
-
-    from tilscore.errors import UsageError
-
     sources, val_sets, info = [], {}, []
     for k, src in enumerate(cfg.data):
         if src.kind == "synthetic":
@@ -299,7 +297,6 @@ def build_datasets(cfg) -> tuple[MixedTileDataset, dict[str, list[LabelledTile]]
             continue
         if not src.path:
             raise UsageError(f"data[{k}]: a {src.kind!r} source needs a path")
-        from tilscore.training.importers.detect import load_folder
 
         tiles = load_folder(src.path, mpp=src.mpp, fmt=src.kind)
         train_tiles, val = split_tiles(tiles, src.val_fraction, seed=cfg.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,6 @@ def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, *, radius: float) -> 
 
     Returns int (n_pred,) index of the matched true point, or -1.
     """
-    from scipy.spatial import cKDTree
-
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
     true_xy = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
     match = np.full(len(pred_xy), -1, dtype=np.int64)

@@ -100,7 +100,7 @@ def load_mask_tiles(folder: Path, lut: dict[int, int], *, default_mpp: float, mp
     return tiles
 
 
-def load_bcss(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_bcss(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
               ) -> list[LabelledTile]:
     """Region-only tiles: tumour (1, 19, 20), stroma (2, 3, 10, 11), IGNORE (0, 7, 15),
     other (all remaining codes); see BCSS_LUT. Codes not in BCSS → IGNORE (warned)."""

@@ -23,11 +23,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from tilscore.errors import InputError
 from tilscore.training.importers.crchp import typed_point_tiles
 from tilscore.training.importers.labelled import CELL_CODES, LabelledTile
-from tilscore.training.importers.native import LoadStats, begin, require_tiles
+from tilscore.training.importers.native import LoadStats, begin, read_mask, require_tiles
 
 DEFAULT_MPP = 0.2441
 CLASS_LISTS = {
@@ -51,9 +53,6 @@ def lymphocyte_nuclei(instances: np.ndarray, lymph_xy: np.ndarray) -> np.ndarray
     """uint8 (H, W): 1 on the instances whose centroid lies within MATCH_PX of a
     lymphocyte point. `instances`: int (H, W) instance ids (0 = none); `lymph_xy`: float
     (N, 2) centres in tile pixels (pixel centres at .5)."""
-    from scipy import ndimage
-    from scipy.spatial import cKDTree
-
     ids = np.unique(instances)
     ids = ids[ids > 0]
     if len(ids) == 0 or len(lymph_xy) == 0:
@@ -64,11 +63,9 @@ def lymphocyte_nuclei(instances: np.ndarray, lymph_xy: np.ndarray) -> np.ndarray
     return np.isin(instances, ids[dist <= MATCH_PX]).astype(np.uint8)
 
 
-def load_consep(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_consep(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles with typed points, weak regions and lymphocyte-nucleus masks (module doc)."""
-    from tilscore.training.importers.native import read_mask
-
     folder, stats = begin(folder, mpp, stats=stats)
     tiles = []
     for path, _, tile in typed_point_tiles(folder, mpp, default_mpp=DEFAULT_MPP,

@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
+from scipy.spatial import cKDTree
 
 from tilscore.errors import InputError
 from tilscore.training.importers.labelled import (
@@ -71,8 +73,6 @@ def _distance_px(points_xy: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray
     OpenCV's exact (DIST_MASK_PRECISE) transform: equal to
     scipy.ndimage.distance_transform_edt to 1e-5 px and ~4x faster.
     """
-    import cv2
-
     if len(points_xy) == 0:
         return np.full(shape_hw, np.inf, np.float32)
     seeds = np.ones(shape_hw, np.uint8)
@@ -119,13 +119,12 @@ def _unclassified(all_xy: np.ndarray, class_xy: np.ndarray) -> np.ndarray:
     """Rows of `all_xy` farther than MATCH_PX from every row of `class_xy`."""
     if len(all_xy) == 0 or len(class_xy) == 0:
         return all_xy
-    from scipy.spatial import cKDTree
 
     dist, _ = cKDTree(class_xy).query(all_xy, k=1)
     return all_xy[dist > MATCH_PX]
 
 
-def load_crchp(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_crchp(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Tiles with class points, UNCLASSIFIED extra nuclei and weak regions (see module doc).
 

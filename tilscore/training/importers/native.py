@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tilscore.errors import InputError, MissingMppError, TilscoreError, UsageError
+from tilscore.slide.base import validate_mpp
+from tilscore.slide.image_backend import ImageBackend
 from tilscore.training.importers.labelled import (
     CELL_CODES,
     IGNORE,
@@ -67,8 +70,6 @@ class LoadStats:
 # -- helpers shared by the importers -----------------------------------------------------
 def begin(folder: Path, mpp: float | None, *, stats: LoadStats | None) -> tuple[Path, LoadStats]:
     """Checks shared by every loader: `folder` exists, `mpp` (if given) is plausible."""
-    from tilscore.slide.base import validate_mpp
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
@@ -88,12 +89,10 @@ def list_images(folder: Path) -> list[Path]:
 
 def read_rgb(path: Path, stats: LoadStats) -> np.ndarray | None:
     """uint8 (H, W, 3) RGB, or None (warning logged, counted) when unreadable/not RGB."""
-    from tilscore.slide.image_backend import ImageBackend
-
     try:
         backend = ImageBackend(path)
         width, height = backend.level_dimensions[0]
-        return backend.read_level(0, 0, 0, width, height)
+        return backend.read_level(0, x=0, y=0, width=width, height=height)
     except TilscoreError as exc:
         log.warning("skipping %s: %s", path, exc)
         stats.skipped_images.append((str(path), str(exc)))
@@ -112,8 +111,6 @@ def read_json(path: Path):
 
 def read_mask(path: Path, shape_hw: tuple[int, int]) -> np.ndarray:
     """Label image as int64 (H, W) of raw codes; InputError if unreadable, colour or mis-sized."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             mask = np.asarray(image)
@@ -154,8 +151,6 @@ def clean_points(xy, cls, *, shape_hw, source: Path, stats: LoadStats):
 def resolve_mpp(arg: float | None, *metadata, source: str) -> float:
     """µm/px: `arg` (the user's --mpp, UsageError if implausible) else the first non-None
     `metadata` value (InputError naming `source` if implausible); none → MissingMppError."""
-    from tilscore.slide.base import validate_mpp
-
     if arg is not None:
         return validate_mpp(arg, "--mpp")
     for value in metadata:
@@ -210,7 +205,7 @@ def _read_cells(path: Path) -> tuple[list, list, float | None]:
     return xy, cls, data.get("mpp")
 
 
-def load_native(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_native(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles of a native folder (layout in the module docstring), sorted by id."""
     folder, stats = begin(folder, mpp, stats=stats)
@@ -267,8 +262,6 @@ def write_native(folder: Path, tiles: list[LabelledTile], *, name: str = "",
     Ids come from each tile's source file stem (made unique). UsageError if `folder`
     already holds a dataset.json (never mixes two datasets).
     """
-    from PIL import Image
-
     def save_png(sub: str, tile_id: str, array: np.ndarray) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(array, np.uint8)).save(folder / sub / f"{tile_id}.png")

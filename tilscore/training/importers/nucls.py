@@ -87,7 +87,7 @@ def read_boxes(path: Path, stats: LoadStats) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xy, np.float64), np.asarray(cls, np.int64)
 
 
-def load_nucls(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_nucls(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Point-only tiles (``region=None``) from NuCLS boxes; `mpp` overrides 0.2 µm/px."""
     folder, stats = begin(folder, mpp, stats=stats)

@@ -31,6 +31,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from shapely.geometry import shape
+from skimage.draw import polygon as fill
 
 from tilscore.errors import InputError
 from tilscore.training.importers.labelled import (
@@ -110,8 +112,6 @@ def _cell_code(name: str, source: Path, stats: LoadStats) -> int:
 
 def _paint(region: np.ndarray, geom, code: int) -> None:
     """Set pixels of uint8 (H, W) `region` whose centre lies in `geom` (holes excluded)."""
-    from skimage.draw import polygon as fill
-
     for poly in getattr(geom, "geoms", [geom]):
         inside = np.zeros(region.shape, bool)
         for ring, value in [(poly.exterior, True)] + [(r, False) for r in poly.interiors]:
@@ -123,8 +123,6 @@ def _paint(region: np.ndarray, geom, code: int) -> None:
 
 def parse_features(features: list[dict], shape_hw, *, path: Path, stats: LoadStats):
     """(uint8 region or None, float64 (N, 2) points, int64 (N,) codes, has_cells)."""
-    from shapely.geometry import shape
-
     areas, xy, cls, has_cells = [], [], [], False
     for i, feature in enumerate(features):
         kind, props = _object_type(feature), feature.get("properties") or {}
@@ -158,7 +156,7 @@ def parse_features(features: list[dict], shape_hw, *, path: Path, stats: LoadSta
     return region, xy, cls, has_cells
 
 
-def load_qupath(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_qupath(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                 ) -> list[LabelledTile]:
     """Tiles from QuPath GeoJSON (rules in the module docstring)."""
     folder, stats = begin(folder, mpp, stats=stats)

@@ -77,7 +77,7 @@ def read_coco(path: Path, stats: LoadStats) -> dict[str, tuple[tuple, np.ndarray
                    np.asarray(cells[i][1], np.int64)) for i, (name, size) in by_id.items()}
 
 
-def load_tiger(folder: Path, mpp: float | None = None, stats: LoadStats | None = None
+def load_tiger(folder: Path, mpp: float | None = None, *, stats: LoadStats | None = None
                ) -> list[LabelledTile]:
     """Tiles with TIGER regions and (where ``tiger-coco.json`` lists them) lymphocytes."""
     folder, stats = begin(folder, mpp, stats=stats)
