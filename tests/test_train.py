@@ -136,3 +136,21 @@ def test_region_model_selection_weighs_real_nuclei_and_synthetic_masks():
     assert _selection_score(val, 0.0, "region_dice") == pytest.approx(0.1)
     only_real = {"region_balanced_accuracy": 0.6, "sets": {}}
     assert _selection_score(only_real, 0.0, "regions") == pytest.approx(0.6)
+
+
+def test_augmented_training_samples_repeat_with_the_seed():
+    """The same seed gives the same augmented samples (albumentations seeded from the
+    dataset's generator); another seed gives others."""
+    from itertools import islice
+
+    from tilscore.training.data import MixedTileDataset, SyntheticSource
+
+    def first(seed: int, n: int = 3):
+        src = SyntheticSource("he", 0.5, range(1000, 1002), scene_px=512)
+        ds = MixedTileDataset([(1.0, src.sample)], 128, ("lymphocyte", "other"),
+                              sigma_um=1.5, lymph_radius_um=3.5, augment=True, seed=seed)
+        return [s["image"].numpy().copy() for s in islice(iter(ds), n)]
+
+    a, b, c = first(0), first(0), first(1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))

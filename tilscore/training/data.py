@@ -75,8 +75,11 @@ def pad_to_multiple(tile: LabelledTile, multiple: int = 32) -> LabelledTile:
                    nucleus_mask=pad(tile.nucleus_mask, 0))
 
 
-def build_augment(crop_px: int, stain: str = "he"):
-    """albumentations pipeline: crop, flips/rot90, scale, stain, colour, blur, JPEG."""
+def build_augment(crop_px: int, stain: str = "he", *, seed: int | None = None):
+    """albumentations pipeline: crop, flips/rot90, scale, stain, colour, blur, JPEG.
+
+    `seed` seeds albumentations' own generator (it does not draw from numpy's or
+    torch's), so a training run repeats with its config's seed."""
     # lazy: albumentations (~3 s), only to augment (`tilscore eval` imports this module)
     import albumentations as A
 
@@ -101,6 +104,7 @@ def build_augment(crop_px: int, stain: str = "he"):
         ],
         keypoint_params=A.KeypointParams(format="xy", label_fields=["cls"],
                                          remove_invisible=True),
+        seed=seed,
     )
 
 
@@ -246,7 +250,8 @@ class MixedTileDataset(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, wid, torch.initial_seed() % 2**31])
         weights = np.array([w for w, _ in self.sources], dtype=np.float64)
         weights /= weights.sum()
-        aug = build_augment(self.crop_px, self.stain) if self.augment else None
+        aug = (build_augment(self.crop_px, self.stain, seed=int(rng.integers(2**31)))
+               if self.augment else None)
         # Sample a little larger than the crop so rotation/scale never pads with nothing.
         fetch_px = int(math.ceil(self.crop_px * 1.15 / 32) * 32)
         while True:
