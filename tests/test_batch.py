@@ -321,7 +321,7 @@ def test_a_stop_signal_writes_the_tables_and_says_one_line(slides, tmp_path, sig
     assert len(lines) == 1 and lines[0].startswith(
         f"tilscore: interrupted by {signal.Signals(signum).name}: no new slide started; "), \
         stderr
-    assert "scores.csv and failures.csv written" in lines[0]
+    assert "scores.csv, samples.csv and failures.csv written" in lines[0]
     done = sorted(p.parent.name for p in out.glob("*/summary.json"))
     assert 1 <= len(done) < N_SLIDES
     assert sorted(r["slide"] for r in _rows(out)) == done  # the tables, for what is done

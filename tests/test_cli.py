@@ -150,3 +150,13 @@ def test_end_of_run_line_shows_the_stain_s_scores():
     line = _headline(ihc)
     assert line.startswith("percent_positive=12.5, densities_per_mm2.cd20_positive.tissue=256,")
     assert "h_score=31" in line and "tumour" not in line and "stromal" not in line
+
+
+def test_help_shows_the_computed_defaults():
+    """Defaults that depend on the device or the mode are shown as text (written in the
+    help as "[default: …]" they were taken for rich markup and vanished)."""
+    score = run("score", "--help").stdout
+    for text in ("(he-regions)", "(2 on CPU, the cores minus 2 on CUDA)", "(8 on CPU, 32 on CUDA)"):
+        assert text in " ".join(score.replace("│", " ").split()), text
+    demo = run("demo", "--help").stdout
+    assert "(4096; 1024 with --cohort)" in " ".join(demo.replace("│", " ").split())

@@ -110,15 +110,14 @@ def score(
         help="full, or fast (H&E): regions at 2 µm/px everywhere, lymphocytes searched only "
              "in the tumour bulk's stroma (what the sTIL score counts).")] = "full",
     region_model: Annotated[str | None, typer.Option(
-        help="Region model of --mode fast [default: he-regions].")] = None,
+        help="Region model of --mode fast.", show_default="he-regions")] = None,
     config: Annotated[Path | None, typer.Option(help="Score config YAML.")] = None,
     read_threads: Annotated[int | None, typer.Option(
-        min=1, max=1024, help="Tile decoding threads per slide [default: 2 on CPU, the "
-                               "cores minus 2 on CUDA].")] = None,
+        min=1, max=1024, help="Tile decoding threads per slide.",
+        show_default="2 on CPU, the cores minus 2 on CUDA")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, max=4096, help="Tiles per model batch [default: "
-                              f"{BATCH_SIZE['cpu']} on CPU, {BATCH_SIZE['cuda']} on CUDA].")
-    ] = None,
+        min=1, max=4096, help="Tiles per model batch.",
+        show_default=f"{BATCH_SIZE['cpu']} on CPU, {BATCH_SIZE['cuda']} on CUDA")] = None,
     decode: Annotated[str, typer.Option(
         help="Where JPEG tiles are decoded: auto (on the GPU with CUDA, where the slide "
              "allows it), host or device.")] = DEFAULT_DECODE,
@@ -304,8 +303,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
     *,
     size: Annotated[int | None, typer.Option(
-        help="Side of the synthetic slide(s) in px [default: 4096; 1024 with --cohort].")
-    ] = None,
+        help="Side of the synthetic slide(s) in px.",
+        show_default="4096; 1024 with --cohort")] = None,
     cohort: Annotated[bool, typer.Option(
         "--cohort", help="A small synthetic study instead: patients with H&E, CD20 and "
                          "FOXP3 slides and simulated survival, scored, with the study "
@@ -413,8 +412,8 @@ def _interrupted_line(exc: Interrupted) -> str:
         return f"interrupted by {exc.name}"
     return (f"interrupted by {exc.name}: no new slide started; {len(result.scored)} scored, "
             f"{len(result.skipped)} skipped, {len(result.failures)} failed before it; "
-            "scores.csv and failures.csv written, work folders removed; rerun the same "
-            "command to score the rest")
+            "scores.csv, samples.csv and failures.csv written, work folders removed; "
+            "rerun the same command to score the rest")
 
 
 def main(argv: list[str] | None = None) -> int:
