@@ -134,27 +134,12 @@ def _slide_digest(folder: Path) -> dict:
     return {
         "readable": {k: summary.get(k) for k in READABLE},
         "summary.json": _sha256(_canonical(_strip(summary), sort_keys=False)),
-        "cells.csv": _sha256(_cells_csv_bytes(folder / "cells.csv")),
+        "cells.csv": _sha256((folder / "cells.csv").read_bytes()),
         **{name: _sha256((folder / name).read_bytes())
            for name in ("cells.geojson", "regions.geojson")},
         "maps.zarr": _zarr_digest(folder / "maps.zarr"),
         "overlay.png": {"shape": list(overlay.shape), "sha256": _sha256(overlay.tobytes())},
     }
-
-
-def _cells_csv_bytes(path: Path) -> bytes:
-    """cells.csv as written, except ``tumour_distance_um`` rounded to 0.1 µm: its third
-    decimal flipped (-14.621 / -14.620) on 2 IHC cells in 1 of 11 identical runs (a float
-    jitter whose cause is not yet found: OpenCV's transform is bit-stable; see the
-    session-9 note). Everything else is compared byte for byte."""
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if rows and "tumour_distance_um" in rows[0]:
-        k = rows[0].index("tumour_distance_um")
-        for row in rows[1:]:
-            if row[k] not in ("", "nan"):
-                row[k] = f"{float(row[k]):.1f}"
-    return _canonical(rows, sort_keys=False)
 
 
 def _scores_digest(path: Path) -> str:

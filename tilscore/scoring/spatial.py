@@ -80,6 +80,19 @@ def check_edges(edges_um) -> tuple[float, ...]:
     return edges
 
 
+def _exact(d: np.ndarray) -> np.ndarray:
+    """`d` (float32 Euclidean distances between pixel centres, in place) as the correctly
+    rounded square root of its integer square. OpenCV's result can differ in the last bit
+    from run to run (its vector and scalar loops split where the array's alignment
+    falls), which flipped a rounded distance in cells.csv. The squared distance is an
+    integer, recovered exactly by rounding up to about 1,000 px (the default halo is
+    501 px; farther, the result is still within 0.001 px), and IEEE square roots are
+    correctly rounded on every path."""
+    np.multiply(d, d, out=d)
+    np.rint(d, out=d)
+    return np.sqrt(d, out=d)
+
+
 def _window_distance(window: np.ndarray, halo_px: int) -> np.ndarray:
     """Signed distance in px (float32) of every pixel of `window` (region codes), NaN
     where farther than `halo_px` from the border."""
@@ -89,8 +102,8 @@ def _window_distance(window: np.ndarray, halo_px: int) -> np.ndarray:
     # OpenCV's exact Euclidean transform (DIST_MASK_PRECISE; ~12x scipy's on 2 cores,
     # equal to scipy.ndimage.distance_transform_edt to float32 precision: tested)
     t8 = tumour.astype(np.uint8)
-    d_out = cv2.distanceTransform(1 - t8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # → tumour
-    d_in = cv2.distanceTransform(t8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # → non-tumour
+    d_out = _exact(cv2.distanceTransform(1 - t8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE))  # → tumour
+    d_in = _exact(cv2.distanceTransform(t8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE))  # → non-tumour
     far = np.where(tumour, d_in, d_out) > halo_px  # (few temporaries: windows are big)
     d_out -= 0.5
     np.subtract(0.5, d_in, out=d_in)  # −(d_in − 0.5)
