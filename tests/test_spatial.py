@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from tilscore.scoring.spatial import band_names, iter_signed_distance, spatial_measures
+from tilscore.scoring.spatial import (
+    _exact,
+    band_names,
+    iter_signed_distance,
+    spatial_measures,
+)
 
 MPP = 2.0
 
@@ -120,3 +125,14 @@ def test_distance_map_is_streamed_in_bounded_row_bands():
         rows += r1 - r0
     halo = int(np.ceil(200.0 / MPP)) + 1
     assert rows == 20000 and max(labels.reads) <= 512 + 2 * halo
+
+
+def test_distances_are_the_correctly_rounded_root_whatever_the_last_bit():
+    """OpenCV's transform may return a distance one bit off from run to run; the map is
+    taken back to the correctly rounded root of the integer square, so cells.csv repeats."""
+    squares = np.array([1, 2, 61, 1000, 250_000, 500_000], np.float32)
+    exact = np.sqrt(squares)
+    for direction in (np.inf, -np.inf):
+        off = np.nextafter(exact, np.float32(direction)).astype(np.float32)
+        assert not np.array_equal(off, exact)
+        assert np.array_equal(_exact(off.copy()), exact)
