@@ -82,9 +82,10 @@ def check_edges(edges_um) -> tuple[float, ...]:
 
 def _exact(d: np.ndarray) -> np.ndarray:
     """`d` (float32 Euclidean distances between pixel centres, in place) as the correctly
-    rounded square root of its integer square. OpenCV's result can differ in the last bit
-    from run to run (its vector and scalar loops split where the array's alignment
-    falls), which flipped a rounded distance in cells.csv. The squared distance is an
+    rounded square root of its integer square. OpenCV's result differed in the last bit
+    between identical runs of the golden slides (exact in isolation; its parallel or
+    vector code paths are the likely source), which flipped a rounded distance in
+    cells.csv. The squared distance is an
     integer, recovered exactly by rounding up to about 1,000 px (the default halo is
     501 px; farther, the result is still within 0.001 px), and IEEE square roots are
     correctly rounded on every path."""
